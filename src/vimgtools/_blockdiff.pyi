@@ -1,0 +1,17 @@
+"""Type stub for the native block engine (see _blockdiff.pyx)."""
+
+from collections.abc import Buffer
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+MIN_BLOCK_SIZE: int
+MAX_BLOCK_SIZE: int
+ALGORITHMS: tuple[str, ...]
+
+def hash_blocks(
+    buf: Buffer, block_size: int, algorithm: Literal["xxh128", "xxh64"] | str = "xxh128", seed: int = 0
+) -> npt.NDArray[np.uint64]: ...
+def diff_blocks(a: Buffer, b: Buffer, block_size: int) -> npt.NDArray[np.int64]: ...
+def zero_blocks(buf: Buffer, block_size: int) -> npt.NDArray[np.bool_]: ...

@@ -1,0 +1,71 @@
+"""Every exception vimgtools raises on purpose.
+
+VimgError               base; catch this to catch everything            exit 1
+├── InvalidInput        the caller's fault: bad path, block size, option exit 2 (also a ValueError)
+├── ImageError          the image: unreadable, short, sizes differ, full  exit 1
+│   └── ImageRefused    refused before any write: same file, held by QEMU exit 2
+├── JournalError        a journal/undo file: corrupt, foreign, unreadable exit 1
+├── TransportError      the sync peer: gone, or speaks another wire version exit 1
+├── GuestError          libguestfs: launch, inspect, mount, write-back     exit 1
+├── KernelError         the --from tree: no kernel, modules do not match   exit 2
+├── BootloaderError     unknown loader, cannot restamp here, restamp failed exit 2
+└── Interrupted         SIGINT/SIGTERM: stopped at a consistent point      exit 130
+
+Library code raises these; the CLIs print ``prog: error: <message>`` and exit
+with the class's ``exit_code`` (DESIGN.md: 2 = refused before any change,
+1 = failed with the target as it was or recoverable as documented).
+"""
+
+from __future__ import annotations
+
+
+class VimgError(Exception):
+    """Base of every error vimgtools raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidInput(VimgError, ValueError):
+    """The caller's fault: a bad path, block size or option. Nothing was changed."""
+
+    exit_code = 2
+
+
+class ImageError(VimgError):
+    """An image could not be read or written as needed."""
+
+
+class ImageRefused(ImageError):
+    """An image was refused before anything was written (same file, in use, too small)."""
+
+    exit_code = 2
+
+
+class JournalError(VimgError):
+    """A journal, undo or state file is corrupt, foreign or unreadable."""
+
+
+class TransportError(VimgError):
+    """The sync peer went away or speaks another protocol."""
+
+
+class GuestError(VimgError):
+    """libguestfs failed: launch, inspection, mount or write-back."""
+
+
+class KernelError(VimgError):
+    """The kernel tree given with --from is unusable."""
+
+    exit_code = 2
+
+
+class BootloaderError(VimgError):
+    """The guest's bootloader cannot be restamped."""
+
+    exit_code = 2
+
+
+class Interrupted(VimgError):
+    """Stopped by a signal at a consistent point; the message says how to resume."""
+
+    exit_code = 130

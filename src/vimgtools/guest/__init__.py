@@ -1,0 +1,1 @@
+"""Guest layer: one libguestfs appliance over one disk image."""
