@@ -1,10 +1,10 @@
 """Type stub for the native block engine (see _blockdiff.pyx)."""
 
-from collections.abc import Buffer
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer
 
 MIN_BLOCK_SIZE: int
 MAX_BLOCK_SIZE: int

@@ -5,11 +5,14 @@ The tests' reference and the reader's explanation; never used on a hot path.
 
 from __future__ import annotations
 
-from collections.abc import Buffer
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 16 * 1024 * 1024

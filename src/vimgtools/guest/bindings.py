@@ -68,7 +68,7 @@ def load_guestfs() -> ModuleType:
     try:
         import guestfs
 
-        return guestfs
+        return guestfs  # type: ignore[no-any-return]
     except ImportError:
         pass
     found = find_system_bindings()
