@@ -9,8 +9,9 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from vimgtools.errors import VimgError
 
@@ -71,13 +72,16 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def entry(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
+MainFn = TypeVar("MainFn", bound=Callable[..., int])
+
+
+def entry(prog: str) -> Callable[[MainFn], MainFn]:
     """Wrap a CLI ``main``: VimgError -> one line and its exit code; Ctrl-C -> 130; EPIPE -> quiet.
 
     The traceback is shown only with ``-v`` (anything not a VimgError is a bug and shows it always).
     """
 
-    def wrap(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    def wrap(main: MainFn) -> MainFn:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
             args = sys.argv[1:] if argv is None else argv
@@ -104,6 +108,48 @@ def entry(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[
                     return 1
                 raise
 
-        return run
+        return cast(MainFn, run)
 
     return wrap
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second. Call it with (done, total)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-6)
+        rate = done / elapsed
+        pct = 100.0 * done / total if total else 100.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        width = 30
+        fill = int(width * pct / 100)
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% "
+            f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(rate)}/s ETA {eta:4.0f}s "
+        )
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.drawn = False

@@ -1,0 +1,276 @@
+"""Disk images as files or block devices: size, allocation map, windowed reads, hole punching, locks.
+
+References: lseek(2) SEEK_DATA/SEEK_HOLE, fallocate(2) FALLOC_FL_PUNCH_HOLE, preadv2(2) RWF_NOWAIT,
+posix_fadvise(2), fcntl(2) open file description locks (what QEMU takes on its images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vimgtools.errors import ImageError, ImageRefused, InvalidInput
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLKGETSIZE64 = 0x80081272
+
+# QEMU's file-posix driver locks single bytes of the image with OFD locks:
+# 100 + bit for the permissions it holds, 200 + bit for those it refuses to share.
+QEMU_LOCK_PERM_BASE = 100
+QEMU_LOCK_SHARED_BASE = 200
+QEMU_PERM_WRITE_BIT = 1  # BLK_PERM_WRITE = 1 << 1
+_QEMU_LOCK_SPAN = 100  # bytes 100..299 cover every permission bit QEMU knows
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def describe_os_error(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+class Image:
+    """An open image: a regular file or a block device.
+
+    Args:
+        path: the file or device.
+        write: open for writing (O_RDWR) instead of read-only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, write: bool = False) -> None:
+        self.path = Path(path)
+        self.write = write
+        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            raise InvalidInput(f"{self.path}: no such file or device") from None
+        except IsADirectoryError:
+            raise InvalidInput(f"{self.path}: is a directory, not an image") from None
+        except OSError as e:
+            mode = "writing" if write else "reading"
+            raise ImageError(f"{self.path}: cannot open for {mode}: {describe_os_error(e)}") from e
+        st = os.fstat(self.fd)
+        self.stat = st
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        if not (self.is_block or stat.S_ISREG(st.st_mode)):
+            os.close(self.fd)
+            raise InvalidInput(f"{self.path}: not a regular file or block device")
+        self.size = self._block_size_bytes() if self.is_block else st.st_size
+        self._seek_data_ok = not self.is_block
+        self._nowait_ok = True
+
+    # -- identity -------------------------------------------------------
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) for files; (0, rdev) for block devices."""
+        if self.is_block:
+            return (0, self.stat.st_rdev)
+        return (self.stat.st_dev, self.stat.st_ino)
+
+    def same_as(self, other: Image) -> bool:
+        return self.identity == other.identity
+
+    def still_at_path(self) -> bool:
+        """Whether the path still names the file we hold open (not deleted or replaced)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        if self.is_block:
+            return stat.S_ISBLK(st.st_mode) and st.st_rdev == self.stat.st_rdev
+        return (st.st_dev, st.st_ino) == (self.stat.st_dev, self.stat.st_ino)
+
+    def _block_size_bytes(self) -> int:
+        buf = bytearray(8)
+        fcntl.ioctl(self.fd, _BLKGETSIZE64, buf)
+        return int(struct.unpack("Q", buf)[0])
+
+    def refresh_size(self) -> int:
+        self.stat = os.fstat(self.fd)
+        self.size = self._block_size_bytes() if self.is_block else self.stat.st_size
+        return self.size
+
+    # -- allocation -----------------------------------------------------
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True when [offset, offset+length) holds no data (a hole, or past the end)."""
+        if offset >= self.size:
+            return True
+        if not self._seek_data_ok:
+            return False
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after offset
+                return True
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                self._seek_data_ok = False
+                return False
+            raise ImageError(f"{self.path}: SEEK_DATA at {offset}: {describe_os_error(e)}") from e
+        return data >= offset + length
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """Allocated (offset, length) extents; the whole image when the filesystem cannot tell."""
+        if not self._seek_data_ok:
+            return [(0, self.size)] if self.size else []
+        out: list[tuple[int, int]] = []
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise ImageError(f"{self.path}: SEEK_DATA: {describe_os_error(e)}") from e
+            end = os.lseek(self.fd, start, os.SEEK_HOLE)
+            out.append((start, min(end, self.size) - start))
+            pos = end
+        return out
+
+    # -- reading --------------------------------------------------------
+    def read_into(self, buf: memoryview, offset: int) -> tuple[int, bool]:
+        """Fill ``buf`` from ``offset``; bytes past the end read as zeros.
+
+        Returns (bytes read from the image, whether all of it came from the page cache).
+        The second value lets a caller evict what it alone brought in (see ``drop_cache``).
+        """
+        want = len(buf)
+        got = 0
+        cached = True
+        if self._nowait_ok and not self.is_block:
+            try:
+                got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise self._read_error(offset, e) from e
+                self._nowait_ok = False
+        end_in_file = max(0, min(want, self.size - offset))
+        if got < end_in_file:
+            cached = False
+        while got < end_in_file:
+            try:
+                n = os.preadv(self.fd, [buf[got:end_in_file]], offset + got)
+            except OSError as e:
+                raise self._read_error(offset + got, e) from e
+            if n == 0:
+                raise ImageError(f"{self.path}: unexpected end of image at offset {offset + got}")
+            got += n
+        if got < want:
+            buf[got:] = bytes(want - got)
+        return got, cached
+
+    def _read_error(self, offset: int, e: OSError) -> ImageError:
+        return ImageError(f"{self.path}: read error at offset {offset}: {describe_os_error(e)}")
+
+    def drop_cache(self, offset: int, length: int) -> None:
+        """Tell the kernel we are done with this range (a nightly run must not evict the host's cache)."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    # -- writing --------------------------------------------------------
+    def pwrite_all(self, data: Buffer, offset: int) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as e:
+                raise ImageError(
+                    f"{self.path}: write error at offset {offset + done}: {describe_os_error(e)}"
+                ) from e
+        return done
+
+    def zero_range(self, offset: int, length: int) -> int:
+        """Make [offset, offset+length) read as zeros: punch a hole, else write zeros.
+
+        Returns the bytes written (0 when punched).
+        """
+        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return 0
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+            raise ImageError(f"{self.path}: punching a hole at offset {offset}: {os.strerror(err)}")
+        zeros = bytes(min(length, 1 << 20))
+        done = 0
+        while done < length:
+            n = min(len(zeros), length - done)
+            self.pwrite_all(memoryview(zeros)[:n], offset + done)
+            done += n
+        return length
+
+    def truncate(self, size: int) -> None:
+        if self.is_block:
+            return
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise ImageError(f"{self.path}: resizing to {size} bytes: {describe_os_error(e)}") from e
+        self.size = size
+
+    def fsync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise ImageError(f"{self.path}: flushing to disk: {describe_os_error(e)}") from e
+
+    # -- QEMU locks -----------------------------------------------------
+    def qemu_lock(self) -> str | None:
+        """Who holds QEMU-style OFD locks on this image: None, "reader" or "writer".
+
+        QEMU locks byte 100 + n for each permission n it holds; byte 101 is "write".
+        """
+        if self._ofd_conflict(QEMU_LOCK_PERM_BASE + QEMU_PERM_WRITE_BIT, 1):
+            return "writer"
+        if self._ofd_conflict(QEMU_LOCK_PERM_BASE, 2 * _QEMU_LOCK_SPAN):
+            return "reader"
+        return None
+
+    def _ofd_conflict(self, start: int, length: int) -> bool:
+        # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        try:
+            res = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, req)
+        except OSError:
+            return False
+        return bool(struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK)
+
+    def lock_exclusive(self, what: str) -> None:
+        """flock() the image so that two vimgtools runs never write it at once (QEMU uses OFD locks)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImageRefused(f"{self.path}: another vimgtools {what} is using this image") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a created, renamed or removed directory entry durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,173 @@
+"""python -m vimgtools.sync: replicate a disk image by writing only the blocks that changed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from vimgtools import _cli
+from vimgtools.errors import InvalidInput
+from vimgtools.sync import SyncResult, recover, rollback, sync
+
+log = logging.getLogger("vimgtools.sync")
+
+DESCRIPTION = """\
+Make DST a byte-identical copy of SRC, writing only the blocks that differ.
+
+SRC and DST are raw images (files) or block devices. A missing DST is created
+sparse; a DST file of another size is resized (shrinking needs --allow-shrink).
+Blocks that are all zeros in SRC become holes in a DST file; holes in both are
+never read.
+
+Nothing is lost: changed blocks go to a journal (DST.vimg-journal) that is made
+durable before DST is touched. If the run is killed, the next run (or --recover)
+completes a committed update, or resumes an interrupted scan where it stopped;
+until then DST holds its old content. With --undo FILE the old content of every
+overwritten block is kept, and --rollback DST --undo FILE restores it later.
+"""
+
+EPILOG = (
+    """\
+examples:
+  python -m vimgtools.sync /var/lib/libvirt/images/mail.img /backup/mail.img
+  python -m vimgtools.sync --json --undo /backup/mail.undo /dev/vg0/mail /dev/vg1/mail
+  python -m vimgtools.sync --recover /backup/mail.img
+  python -m vimgtools.sync --rollback /backup/mail.img --undo /backup/mail.undo
+
+"""
+    + _cli.EXIT_CODES_HELP
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vimgtools.sync",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="*", metavar="SRC DST", help="source and replica (file or block device)")
+    p.add_argument(
+        "-b",
+        "--block-size",
+        type=_cli.parse_size,
+        default=4096,
+        metavar="SIZE",
+        help="comparison unit, a power of two from 4K to 16M (default: 4K)",
+    )
+    p.add_argument("--verify", action="store_true", help="re-read DST afterwards and compare with SRC")
+    p.add_argument("--undo", metavar="FILE", help="keep the old content of overwritten blocks in FILE")
+    p.add_argument("--allow-shrink", action="store_true", help="cut a larger DST file to SRC's size")
+    p.add_argument("--force", action="store_true", help="write DST even when a running VM holds it open")
+    p.add_argument("--journal", metavar="FILE", help="journal path (default: DST.vimg-journal)")
+    p.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep what this run reads in the page cache (default: evict what it brought in)",
+    )
+    p.add_argument("--recover", metavar="DST", help="complete an update an interrupted run committed")
+    p.add_argument("--rollback", metavar="DST", help="restore DST from the --undo FILE of a previous sync")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _cli.add_common_options(p)
+    return p
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second signal: give up at once
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        log.warning("stopping at the next consistent point (again to abort)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _summary(r: SyncResult) -> str:
+    h = _cli.human_bytes
+    verb = "would write" if r.dry_run else "wrote"
+    parts = [
+        f"{r.src} -> {r.dst}: {h(r.size)}, {r.changed} of {r.blocks} blocks of {h(r.block_size)} changed",
+        f"({r.zero} now zero)",
+        f"{verb} {h(r.changed * r.block_size if r.dry_run else r.bytes_written)}",
+        f"read {h(r.bytes_read)}",
+    ]
+    if r.journal_bytes:
+        parts.append(f"journal {h(r.journal_bytes)}")
+    if r.created:
+        parts.append("created")
+    if r.resized_from is not None:
+        parts.append(f"resized from {h(r.resized_from)}")
+    if r.dst_extra_bytes:
+        parts.append(f"the device's last {h(r.dst_extra_bytes)} left as they were")
+    if r.verified:
+        parts.append("verified")
+    return ", ".join(parts) + f" in {r.seconds:.2f} s"
+
+
+@_cli.entry("vimgtools.sync")
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _cli.setup_logging(args.verbose, args.quiet)
+    if args.recover:
+        if args.images:
+            parser.error("--recover takes only DST")
+        written = recover(args.recover, journal=args.journal)
+        if written is None:
+            log.info("%s: no committed update to complete", args.recover)
+        else:
+            log.info("%s: completed the interrupted update (%s written)", args.recover, written)
+        if args.json:
+            _cli.print_json({"recovered": written is not None, "bytes_written": written or 0})
+        return 0
+    if args.rollback:
+        if not args.undo or args.images:
+            parser.error("--rollback DST needs --undo FILE and no other images")
+        written = rollback(args.rollback, args.undo)
+        log.info("%s: rolled back with %s (%d bytes written)", args.rollback, args.undo, written)
+        if args.json:
+            _cli.print_json({"rolled_back": True, "bytes_written": written})
+        return 0
+    if len(args.images) != 2:
+        parser.error("give SRC and DST (or --recover DST, or --rollback DST --undo FILE)")
+    src, dst = args.images
+    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = _cli.ProgressBar("sync") if show_bar and not args.quiet else None
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        result = sync(
+            src,
+            dst,
+            block_size=args.block_size,
+            dry_run=args.dry_run,
+            verify=args.verify,
+            undo=args.undo,
+            allow_shrink=args.allow_shrink,
+            force=args.force,
+            journal=args.journal,
+            keep_cache=args.keep_cache,
+            progress=bar,
+            stop=stop,
+        )
+    except InvalidInput:
+        raise
+    finally:
+        if bar:
+            bar.close()
+    log.info("%s", _summary(result))
+    if args.json:
+        _cli.print_json(result.to_dict())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+"""Redo journal and undo file: the on-disk record format, crash-safe apply and recovery.
+
+How an update reaches an image (see docs/sync.md, "Nothing lost"):
+
+1. Scan: every changed range is appended to the journal (``DST.vimg-journal``) as a
+   DATA or ZERO record, with a CHECKPOINT record after each chunk. The image is
+   not touched, so a crash here leaves it as it was; the next run resumes from
+   the last checkpoint.
+2. Commit: a COMMIT record is appended and the journal is fsynced. From this
+   instant the update is decided: a crash is repaired by replaying the journal.
+3. Apply: the records are written in place, the image is fsynced, the journal
+   removed. Replaying is idempotent, so a crash here is repaired the same way.
+
+An undo file has the same format under another magic: its records hold the old
+content of what an update overwrote, and ``aux`` the checksum of the new content,
+so a rollback can check that the image still holds that generation.
+
+File layout (little endian): a 4096-byte header (``HEADER`` then its XXH3-64),
+then records, each ``RECORD`` followed by its XXH3-64 and, for DATA, ``length``
+payload bytes. A torn tail (bad checksum) ends the readable part.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vimgtools.blocks import checksum64
+from vimgtools.errors import ImageError, JournalError
+from vimgtools.image import Image, describe_os_error, fsync_dir
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+JOURNAL_MAGIC = b"VIMGJRNL"
+UNDO_MAGIC = b"VIMGUNDO"
+FORMAT_VERSION = 1
+HASH_NAME = b"xxh3-64"
+HEADER_SIZE = 4096
+MAX_RECORD = 16 << 20  # a DATA record's payload; checksum64 covers at most this
+
+# magic, version, block_size, flags, old_size, new_size,
+# src_size, src_dev, src_ino, src_mtime_ns, dst_dev, dst_ino, dst_mtime_ns, created_ns, hash name
+HEADER = struct.Struct("<8sIIQQQQQQQQQQQ16s")
+# magic, kind, offset, length, payload checksum, aux, sequence number
+RECORD = struct.Struct("<4sB3xQQQQQ")
+_SUM = struct.Struct("<Q")
+RECORD_MAGIC = b"RCRD"
+RECORD_SIZE = RECORD.size + _SUM.size
+
+DATA, ZERO, CHECKPOINT, COMMIT = 1, 2, 3, 4
+FLAG_SHRINK = 1  # new_size < old_size was allowed
+
+JOURNAL_SUFFIX = ".vimg-journal"
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a journal or undo file is about."""
+
+    magic: bytes
+    block_size: int
+    old_size: int
+    new_size: int
+    flags: int = 0
+    src_size: int = 0
+    src_id: tuple[int, int, int] = (0, 0, 0)  # dev, ino, mtime_ns: to resume only on the same source
+    dst_id: tuple[int, int, int] = (0, 0, 0)
+    created_ns: int = field(default_factory=time.time_ns)
+
+    def pack(self) -> bytes:
+        raw = HEADER.pack(
+            self.magic,
+            FORMAT_VERSION,
+            self.block_size,
+            self.flags,
+            self.old_size,
+            self.new_size,
+            self.src_size,
+            *self.src_id,
+            *self.dst_id,
+            self.created_ns,
+            HASH_NAME,
+        )
+        raw += _SUM.pack(checksum64(raw))
+        return raw.ljust(HEADER_SIZE, b"\0")
+
+    @classmethod
+    def unpack(cls, raw: bytes, path: Path, magic: bytes) -> Header:
+        if len(raw) < HEADER.size + _SUM.size:
+            raise JournalError(f"{path}: truncated header ({len(raw)} bytes)")
+        fields = HEADER.unpack_from(raw)
+        if fields[0] != magic:
+            kind = {JOURNAL_MAGIC: "a vimgtools journal", UNDO_MAGIC: "a vimgtools undo file"}[magic]
+            raise JournalError(f"{path}: not {kind} (magic {fields[0]!r})")
+        if fields[1] != FORMAT_VERSION:
+            raise JournalError(f"{path}: format version {fields[1]}, this vimgtools reads {FORMAT_VERSION}")
+        if fields[-1].rstrip(b"\0") != HASH_NAME:
+            name = fields[-1].rstrip(b"\0")
+            raise JournalError(f"{path}: unknown checksum {name!r}")
+        (stored,) = _SUM.unpack_from(raw, HEADER.size)
+        if checksum64(raw[: HEADER.size]) != stored:
+            raise JournalError(f"{path}: header checksum mismatch (file damaged)")
+        (_, _, block_size, flags, old_size, new_size, src_size, *ids, created, _) = fields
+        return cls(
+            magic,
+            block_size,
+            old_size,
+            new_size,
+            flags,
+            src_size,
+            (ids[0], ids[1], ids[2]),
+            (ids[3], ids[4], ids[5]),
+            created,
+        )
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: int
+    offset: int
+    length: int
+    aux: int = 0
+    payload_at: int = 0  # position of the payload in the file (DATA)
+
+
+class JournalWriter:
+    """Appends records to a new (or resumed) journal or undo file."""
+
+    def __init__(
+        self,
+        path: Path,
+        header: Header,
+        *,
+        resume_at: int | None = None,
+        seq: int = 0,
+        records: list[Record] | None = None,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.seq = seq
+        self.records: list[Record] = list(records or [])  # one per run, never per block
+        self.data_bytes = sum(r.length for r in self.records if r.kind == DATA)
+        self.committed = False
+        try:
+            if resume_at is None:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                os.write(self.fd, header.pack())
+                self.pos = HEADER_SIZE
+                fsync_dir(path.parent)  # the journal's name must survive a crash too
+            else:
+                self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                os.ftruncate(self.fd, resume_at)
+                self.pos = resume_at
+        except OSError as e:
+            raise ImageError(f"{path}: cannot write the journal: {describe_os_error(e)}") from e
+
+    def _append(self, kind: int, offset: int, length: int, payload: memoryview | None, aux: int) -> None:
+        psum = checksum64(payload) if payload is not None else 0
+        rec = RECORD.pack(RECORD_MAGIC, kind, offset, length, psum, aux, self.seq)
+        parts: list[Buffer] = [rec, _SUM.pack(checksum64(rec))]
+        if payload is not None:
+            parts.append(payload)
+        total = RECORD_SIZE + (len(payload) if payload is not None else 0)
+        try:
+            written = os.pwritev(self.fd, parts, self.pos)
+            while written < total:  # short writes: finish the rest
+                rest = (b"".join(bytes(p) for p in parts))[written:]
+                written += os.pwrite(self.fd, rest, self.pos + written)
+        except OSError as e:
+            raise ImageError(f"{self.path}: writing the journal: {describe_os_error(e)}") from e
+        if kind in (DATA, ZERO):
+            self.records.append(Record(kind, offset, length, aux, self.pos + RECORD_SIZE))
+        self.pos += total
+        self.seq += 1
+
+    def data(self, offset: int, payload: Buffer, aux: int = 0) -> None:
+        view = memoryview(payload).cast("B")
+        for start in range(0, len(view), MAX_RECORD):
+            piece = view[start : start + MAX_RECORD]
+            self._append(DATA, offset + start, len(piece), piece, aux if start == 0 else 0)
+            self.data_bytes += len(piece)
+
+    def zero(self, offset: int, length: int, aux: int = 0) -> None:
+        self._append(ZERO, offset, length, None, aux)
+
+    def checkpoint(self, position: int) -> None:
+        self._append(CHECKPOINT, position, 0, None, 0)
+
+    def commit(self) -> None:
+        """Make every record durable, then the decision to apply them."""
+        self._append(COMMIT, self.seq, self.data_bytes, None, 0)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise ImageError(f"{self.path}: flushing the journal: {describe_os_error(e)}") from e
+        self.committed = True
+
+    def contents(self) -> JournalContents:
+        """What a reader would find: the committed journal, without reading it back."""
+        return JournalContents(self.header, self.records, self.committed, 0, self.pos, self.seq)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class JournalContents:
+    header: Header
+    records: list[Record]  # DATA and ZERO records, in order, up to the last checkpoint or the commit
+    committed: bool
+    checkpoint: int  # source position covered by the last CHECKPOINT (0: none)
+    resume_at: int  # file position just after that checkpoint
+    seq: int  # next sequence number there
+
+
+def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
+    """Parse and verify a journal or undo file; a torn tail is ignored (it was never committed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise JournalError(f"{path}: cannot read: {describe_os_error(e)}") from e
+    try:
+        size = os.fstat(fd).st_size
+        header = Header.unpack(os.pread(fd, HEADER_SIZE, 0), path, magic)
+        pending: list[Record] = []
+        kept: list[Record] = []
+        pos = HEADER_SIZE
+        checkpoint, resume_at, seq, expect, committed = 0, HEADER_SIZE, 0, 0, False
+        while pos + RECORD_SIZE <= size:
+            raw = os.pread(fd, RECORD_SIZE, pos)
+            magic_r, kind, offset, length, psum, aux, rseq = RECORD.unpack_from(raw)
+            (rsum,) = _SUM.unpack_from(raw, RECORD.size)
+            if magic_r != RECORD_MAGIC or checksum64(raw[: RECORD.size]) != rsum or rseq != expect:
+                break
+            expect += 1
+            if kind == DATA:
+                if length > MAX_RECORD or pos + RECORD_SIZE + length > size:
+                    break
+                payload = os.pread(fd, length, pos + RECORD_SIZE)
+                if len(payload) != length or checksum64(payload) != psum:
+                    break
+                pending.append(Record(DATA, offset, length, aux, pos + RECORD_SIZE))
+            elif kind == ZERO:
+                pending.append(Record(ZERO, offset, length, aux))
+            elif kind in (CHECKPOINT, COMMIT):
+                kept.extend(pending)
+                pending = []
+                checkpoint = offset if kind == CHECKPOINT else checkpoint
+                committed = kind == COMMIT
+                resume_at = pos + RECORD_SIZE + (length if kind == DATA else 0)
+                seq = rseq + 1
+                if committed:
+                    break
+            else:
+                break
+            pos += RECORD_SIZE + (length if kind == DATA else 0)
+        return JournalContents(header, kept, committed, checkpoint, resume_at, seq)
+    except OSError as e:
+        raise JournalError(f"{path}: read error: {describe_os_error(e)}") from e
+    finally:
+        os.close(fd)
+
+
+def iter_payloads(path: Path, records: Iterable[Record]) -> Iterator[tuple[Record, bytes | None]]:
+    """Each record with its payload (None for ZERO), read back from the file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for r in records:
+            yield r, (os.pread(fd, r.length, r.payload_at) if r.kind == DATA else None)
+    except OSError as e:
+        raise JournalError(f"{path}: read error: {describe_os_error(e)}") from e
+    finally:
+        os.close(fd)
+
+
+def journal_path_for(dst: Image) -> Path:
+    """Where the journal of ``dst`` lives: beside a file; under /var/lib/vimgtools for a device."""
+    if dst.is_block:
+        name = f"dev-{os.major(dst.stat.st_rdev)}-{os.minor(dst.stat.st_rdev)}{JOURNAL_SUFFIX}"
+        return Path(os.environ.get("VIMGTOOLS_STATE_DIR", "/var/lib/vimgtools")) / name
+    return dst.path.with_name(dst.path.name + JOURNAL_SUFFIX)
+
+
+def replay(dst: Image, path: Path, contents: JournalContents) -> int:
+    """Apply a committed journal to ``dst`` in place, flush, then remove the journal.
+
+    Idempotent: a crash anywhere in here is repaired by calling it again.
+    Returns the bytes written into ``dst`` (punched holes count zero).
+    """
+    h = contents.header
+    if not contents.committed:
+        raise JournalError(f"{path}: not committed; nothing to replay")
+    written = 0
+    try:
+        if not dst.is_block and dst.size < h.new_size:
+            dst.truncate(h.new_size)
+        for rec, payload in iter_payloads(path, contents.records):
+            if rec.offset + rec.length > max(h.new_size, h.old_size):
+                raise JournalError(f"{path}: record at {rec.offset} lies outside the image")
+            if payload is None:
+                written += dst.zero_range(rec.offset, rec.length)
+            else:
+                written += dst.pwrite_all(payload, rec.offset)
+        if not dst.is_block and dst.size > h.new_size:
+            dst.truncate(h.new_size)
+        dst.fsync()
+    except (ImageError, JournalError) as e:
+        raise type(e)(
+            f"{e}; the update is committed in {path}: run again, or --recover {dst.path}, to complete it"
+        ) from e
+    remove_journal(path)
+    return written
+
+
+def remove_journal(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
+def apply_runs(
+    dst: str | os.PathLike[str],
+    runs: Iterable[tuple[int, Buffer | None]],
+    *,
+    new_size: int | None = None,
+    journal: str | os.PathLike[str] | None = None,
+) -> int:
+    """Write ``runs`` into ``dst`` crash-atomically: all of them, or (after a crash) none until recovery.
+
+    Args:
+        dst: image file or block device.
+        runs: (offset, data) pairs, consumed lazily and streamed into the journal.
+        new_size: resize a file image to this size (grow or shrink).
+        journal: journal path (default: beside ``dst``, see ``journal_path_for``).
+
+    Returns:
+        Bytes written into ``dst``.
+
+    Raises:
+        ImageError: ``dst`` cannot be written; it is as it was, or the journal completes it.
+        JournalError: an existing journal for ``dst`` is unreadable.
+    """
+    with Image(dst, write=True) as img:
+        img.lock_exclusive("update")
+        jpath = Path(journal) if journal is not None else journal_path_for(img)
+        recover_image(img, jpath)
+        size = img.size if new_size is None else new_size
+        flags = FLAG_SHRINK if size < img.size else 0
+        writer = JournalWriter(jpath, Header(JOURNAL_MAGIC, 4096, img.size, size, flags))
+        try:
+            for offset, data in runs:
+                if data is None:
+                    raise ValueError("apply_runs takes data for every run; write zeros explicitly")
+                writer.data(offset, data)
+            writer.commit()
+        except BaseException:
+            writer.close()
+            remove_journal(jpath)
+            raise
+        writer.close()
+        return replay(img, jpath, writer.contents())
+
+
+def recover_image(img: Image, jpath: Path) -> int | None:
+    """Finish an update a crash interrupted. Returns bytes written, or None when there was nothing to do.
+
+    An uncommitted journal is left for a sync to resume (the image is untouched by it).
+    """
+    if not jpath.exists():
+        return None
+    contents = read_journal(jpath)
+    if not contents.committed:
+        return None
+    if contents.header.dst_id[:2] != (0, 0) and contents.header.dst_id[:2] != img.identity:
+        raise JournalError(f"{jpath}: belongs to another image than {img.path}")
+    return replay(img, jpath, contents)
