@@ -121,6 +121,32 @@ class Image:
             raise ImageError(f"{self.path}: SEEK_DATA at {offset}: {describe_os_error(e)}") from e
         return data >= offset + length
 
+    def data_in(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The allocated (offset, length) pieces of [offset, offset+length); all of it when unknown."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return []
+        if not self._seek_data_ok:
+            return [(offset, end - offset)]
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    self._seek_data_ok = False
+                    return [(offset, end - offset)]
+                raise ImageError(f"{self.path}: SEEK_DATA at {pos}: {describe_os_error(e)}") from e
+            if start >= end:
+                break
+            stop = min(os.lseek(self.fd, start, os.SEEK_HOLE), end)
+            out.append((start, stop - start))
+            pos = stop
+        return out
+
     def data_extents(self) -> list[tuple[int, int]]:
         """Allocated (offset, length) extents; the whole image when the filesystem cannot tell."""
         if not self._seek_data_ok:

@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from vimgtools.blocks import Run, changed_runs, diff_blocks, zero_blocks
 from vimgtools.image import Image
 
@@ -69,38 +67,38 @@ def scan(
 
     def work(offset: int) -> Chunk:
         length = min(chunk_size, end - offset)
-        src_hole = src.is_hole(offset, length)
-        dst_hole = dst is None or offset >= dst_size or dst.is_hole(offset, length)
-        if src_hole and dst_hole:
+        segments = _union(
+            src.data_in(offset, length),
+            dst.data_in(offset, min(length, dst_size - offset)) if dst is not None else [],
+            offset,
+            block_size,
+        )
+        if not segments:  # holes on both sides: nothing to read
             z = _ZEROS[:length]
             return Chunk(offset, length, [], z, z, 0)
         bufs = pool.get()
         sview = memoryview(bufs[0])[:length]
         dview = memoryview(bufs[1])[:length]
         read = 0
-        if src_hole:
-            sview = _ZEROS[:length]
-        else:
-            read += _read(src, sview, offset, length, keep_cache)
-        if dst_hole:
-            dview = _ZEROS[:length]
-        else:
-            assert dst is not None
-            # Past dst's end it reads as zeros: only the part inside dst comes from disk.
-            inside = max(0, min(length, dst_size - offset))
-            read += _read(dst, dview[:inside], offset, inside, keep_cache)
-            if inside < length:
-                dview[inside:] = _ZEROS[: length - inside]
-        if dst_hole:  # everything non-zero in src changed
-            zero = zero_blocks(sview, block_size)
-            idx = np.flatnonzero(~zero).astype(np.int64)
-            runs = changed_runs(idx, np.zeros(len(idx), dtype=np.bool_))
-        elif src_hole:  # everything non-zero in dst must become zeros
-            idx = np.flatnonzero(~zero_blocks(dview, block_size)).astype(np.int64)
-            runs = changed_runs(idx, np.ones(len(idx), dtype=np.bool_))
-        else:
-            idx = diff_blocks(sview, dview, block_size)
-            runs = changed_runs(idx, zero_blocks(sview, block_size)[idx]) if len(idx) else []
+        runs: list[Run] = []
+        for rel, n in segments:
+            # Only where either side has data; each segment compared while it is still in cache.
+            s_seg, d_seg = sview[rel : rel + n], dview[rel : rel + n]
+            read += _read(src, s_seg, offset + rel, keep_cache)
+            if dst is not None and offset + rel < dst_size:
+                inside = min(n, dst_size - offset - rel)
+                read += _read(dst, d_seg[:inside], offset + rel, keep_cache)
+                if inside < n:
+                    d_seg[inside:] = _ZEROS[: n - inside]
+            else:
+                d_seg[:] = _ZEROS[:n]
+            idx = diff_blocks(s_seg, d_seg, block_size)
+            if len(idx):
+                base = rel // block_size
+                runs += [
+                    (b0 + base, b1 + base, z)
+                    for b0, b1, z in changed_runs(idx, zero_blocks(s_seg, block_size)[idx])
+                ]
         return Chunk(offset, length, runs, sview, dview, read, bufs, pool)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vimg-scan") as ex:
@@ -123,9 +121,28 @@ def scan(
                         f.result().release()
 
 
-def _read(img: Image, view: memoryview, offset: int, length: int, keep_cache: bool) -> int:
-    got, cached = img.read_into(view[:length], offset)
+SEGMENT = 1 << 20  # compare in pieces that stay in the CPU cache between read and compare
+
+
+def _union(a: list[tuple[int, int]], b: list[tuple[int, int]], base: int, bs: int) -> list[tuple[int, int]]:
+    """Merge two extent lists into chunk-relative, block-aligned segments of at most SEGMENT bytes."""
+    spans = sorted((((o - base) // bs * bs), -(-(o - base + n) // bs) * bs) for o, n in (*a, *b) if n > 0)
+    merged: list[list[int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    out = []
+    for lo, hi in merged:
+        for p in range(lo, hi, SEGMENT):
+            out.append((p, min(SEGMENT, hi - p)))
+    return out
+
+
+def _read(img: Image, view: memoryview, offset: int, keep_cache: bool) -> int:
+    got, cached = img.read_into(view, offset)
     if not cached and not keep_cache:
         # We brought these pages in; give them back so a nightly run does not evict the host's cache.
-        img.drop_cache(offset, length)
+        img.drop_cache(offset, len(view))
     return got
