@@ -1,0 +1,85 @@
+"""Helpers for the sync tests: real sparse files, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MiB = 1 << 20
+
+
+def write_image(path: Path, size: int, extents: Iterable[tuple[int, int]], seed: int = 0) -> Path:
+    """A sparse file of ``size`` with random data in ``extents`` (the rest are holes)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, n in extents:
+            f.seek(off)
+            f.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    return path
+
+
+def poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """Allocated extents by SEEK_DATA/SEEK_HOLE: allocation, not content."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end - start))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def cli(*args: str | Path, check: int | None = 0, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m vimgtools.sync`` and (optionally) check its exit code."""
+    p = subprocess.run(
+        [sys.executable, "-m", "vimgtools.sync", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}, stderr: {p.stderr}"
+    return p
+
+
+def cli_json(*args: str | Path) -> dict[str, object]:
+    p = cli("--json", *args)
+    return json.loads(p.stdout)  # type: ignore[no-any-return]
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts)")
