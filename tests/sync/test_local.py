@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def test_library_api_and_progress(pair: tuple[Path, Path]) -> None:
     seen: list[tuple[int, int]] = []
     r = vimgtools.sync.sync(src, dst, progress=lambda done, total: seen.append((done, total)))
     assert r.changed == 1 and seen[-1] == (SIZE, SIZE)
-    assert all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
+    assert all(a <= b for (a, _), (b, _) in itertools.pairwise(seen))
     with pytest.raises(InvalidInput):
         sync(src, dst, block_size=1000)
     with pytest.raises(ImageRefused) as e:
