@@ -1,0 +1,224 @@
+"""Kernel(version, image, modules_dir, arch, ...): find and validate a kernel in a --from BOOTDIR.
+
+The version and the architecture come from the kernel image itself, not from file names, which
+can lie. References: the Linux x86 boot protocol (Documentation/arch/x86/boot.rst): the setup
+header's "HdrS" magic at 0x202, the protocol version at 0x206, ``kernel_version`` at 0x20E (a
+pointer to a NUL-terminated string, 0x200 bytes further on) and ``xloadflags`` at 0x236
+(bit 0: XLF_KERNEL_64, a 64-bit kernel, protocol 2.12+).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vimgtools.errors import KernelError
+
+HDRS_OFFSET = 0x202
+HDRS_MAGIC = b"HdrS"
+XLF_KERNEL_64 = 1 << 0
+
+IMAGE_NAMES = ("vmlinuz-*", "vmlinuz", "bzImage", "bzImage-*", "kernel-*", "linux-*", "Image-*", "Image")
+INITRAMFS_NAMES = (
+    "initrd.img-{v}",
+    "initramfs-{v}.img",
+    "initrd-{v}",
+    "initrd-{v}.img",
+    "initrd.img",
+    "initrd",
+)
+MODULES_DIRS = ("modules", "lib/modules", "usr/lib/modules")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the kernel image says about itself."""
+
+    version: str  # first word of the kernel_version string, as `uname -r` prints it
+    banner: str  # the whole kernel_version string
+    arch: str  # "x86_64" or "i386"
+    protocol: tuple[int, int]
+
+
+def read_bzimage_header(data: bytes, *, name: str = "kernel image") -> ImageHeader:
+    """Parse the x86 boot protocol header of a bzImage.
+
+    Args:
+        data: at least the first 64 KiB of the image (the version string sits in the setup code).
+        name: what to call the image in error messages.
+
+    Raises:
+        KernelError: not an x86 bzImage, or no version string in it.
+    """
+    if len(data) < 0x240 or data[HDRS_OFFSET : HDRS_OFFSET + 4] != HDRS_MAGIC:
+        raise KernelError(f"{name}: not an x86 bzImage (no 'HdrS' boot header at 0x202)")
+    (proto,) = struct.unpack_from("<H", data, 0x206)
+    protocol = (proto >> 8, proto & 0xFF)
+    (ptr,) = struct.unpack_from("<H", data, 0x20E)
+    start = ptr + 0x200
+    if ptr == 0 or start >= len(data):
+        raise KernelError(f"{name}: the boot header has no kernel version string")
+    end = data.find(b"\0", start, start + 512)
+    banner = data[start : end if end >= 0 else start + 512].decode("ascii", "replace").strip()
+    if not banner:
+        raise KernelError(f"{name}: empty kernel version string")
+    arch = "i386"
+    if protocol >= (2, 12):
+        (xloadflags,) = struct.unpack_from("<H", data, 0x236)
+        if xloadflags & XLF_KERNEL_64:
+            arch = "x86_64"
+    return ImageHeader(version=banner.split()[0], banner=banner, arch=arch, protocol=protocol)
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """``CONFIG_X=y|m|"..."`` lines of a kernel .config -> {"CONFIG_X": "y"}; unset options are absent."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"(CONFIG_[A-Za-z0-9_]+)=(.*)$", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel found in a BOOTDIR, checked against its own modules."""
+
+    version: str
+    arch: str
+    image: Path
+    modules_dir: Path  # BOOTDIR/.../VER
+    banner: str = ""
+    initramfs: Path | None = None
+    config: Path | None = None
+    system_map: Path | None = None
+    options: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def files(self) -> list[tuple[Path, str]]:
+        """(host file, name in the guest's /boot) for the image, config, System.map, initramfs."""
+        v = self.version
+        out = [(self.image, f"vmlinuz-{v}")]
+        if self.config:
+            out.append((self.config, f"config-{v}"))
+        if self.system_map:
+            out.append((self.system_map, f"System.map-{v}"))
+        if self.initramfs:
+            out.append((self.initramfs, f"initrd.img-{v}"))
+        return out
+
+    def modules_size(self) -> int:
+        """Bytes of the modules tree (regular files; symlinks are not followed)."""
+        return sum(
+            p.lstat().st_size for p in self.modules_dir.rglob("*") if p.is_file() and not p.is_symlink()
+        )
+
+    def module_path(self, name: str) -> str | None:
+        """``kernel/drivers/block/virtio_blk.ko`` for ``virtio_blk`` if the tree has it as a module."""
+        want = {name.replace("-", "_")}
+        for p in self.modules_dir.rglob("*.ko*"):
+            stem = p.name.split(".ko")[0].replace("-", "_")
+            if stem in want:
+                return str(p.relative_to(self.modules_dir))
+        return None
+
+    def builtin(self, name: str) -> bool:
+        """Whether ``modules.builtin`` lists ``name`` (the kernel has it compiled in)."""
+        f = self.modules_dir / "modules.builtin"
+        if not f.is_file():
+            return False
+        n = name.replace("-", "_")
+        return any(
+            Path(line.strip()).name.split(".ko")[0].replace("-", "_") == n
+            for line in f.read_text().splitlines()
+        )
+
+    def driver_state(self, symbol: str, module: str) -> str:
+        """``"builtin"``, ``"module"`` or ``"missing"`` for a driver, by .config and then by the tree."""
+        value = self.options.get(symbol)
+        if value == "y" or (value is None and self.builtin(module)):
+            return "builtin"
+        if self.module_path(module):
+            return "module"
+        return "missing"
+
+
+def _first(d: Path, patterns: tuple[str, ...], version: str) -> Path | None:
+    for pat in patterns:
+        p = d / pat.format(v=version)
+        if p.is_file():
+            return p
+    return None
+
+
+def find_kernel(bootdir: Path, *, version: str | None = None) -> Kernel:
+    """Find the kernel, its modules and companions in ``bootdir``.
+
+    Args:
+        bootdir: the --from directory.
+        version: pick this version when ``bootdir`` holds several kernels.
+
+    Raises:
+        KernelError: no kernel, several without ``version``, modules missing or for another version.
+    """
+    if not bootdir.is_dir():
+        raise KernelError(f"{bootdir}: not a directory")
+    headers: dict[str, tuple[Path, ImageHeader]] = {}
+    problems: list[str] = []
+    for pat in IMAGE_NAMES:
+        for p in sorted(bootdir.glob(pat)):
+            if not p.is_file() or p.name.endswith((".sig", ".sha256", ".hmac")):
+                continue
+            try:
+                with open(p, "rb") as f:
+                    hdr = read_bzimage_header(f.read(1 << 16), name=str(p))
+            except KernelError as e:
+                problems.append(str(e))
+                continue
+            headers.setdefault(hdr.version, (p, hdr))
+    if not headers:
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        raise KernelError(f"{bootdir}: no x86 kernel image (vmlinuz-VER, vmlinuz, bzImage){detail}")
+    if version is not None:
+        if version not in headers:
+            raise KernelError(f"{bootdir}: no kernel {version}; the images say {', '.join(sorted(headers))}")
+        image, hdr = headers[version]
+    elif len(headers) > 1:
+        raise KernelError(
+            f"{bootdir}: several kernels ({', '.join(sorted(headers))}); choose one with --version"
+        )
+    else:
+        ((image, hdr),) = headers.values()
+    v = hdr.version
+    if image.name.startswith("vmlinuz-") and image.name != f"vmlinuz-{v}":
+        raise KernelError(f"{image}: the file name says {image.name[8:]} but the image says {v}")
+    mods: Path | None = None
+    found: list[str] = []
+    for sub in MODULES_DIRS:
+        base = bootdir / sub
+        if (base / v).is_dir():
+            mods = base / v
+            break
+        if base.is_dir():
+            found += [p.name for p in base.iterdir() if p.is_dir()]
+    if mods is None:
+        if found:
+            raise KernelError(
+                f"{bootdir}: the kernel image is {v} but the modules are for {', '.join(sorted(found))}"
+            )
+        raise KernelError(f"{bootdir}: no modules for {v} (expected modules/{v}/ or lib/modules/{v}/)")
+    if not (mods / "kernel").is_dir() and not any(mods.rglob("*.ko*")):
+        raise KernelError(f"{mods}: holds no kernel modules")
+    config = _first(bootdir, ("config-{v}", "config"), v)
+    return Kernel(
+        version=v,
+        arch=hdr.arch,
+        image=image,
+        modules_dir=mods,
+        banner=hdr.banner,
+        initramfs=_first(bootdir, INITRAMFS_NAMES, v),
+        config=config,
+        system_map=_first(bootdir, ("System.map-{v}", "System.map"), v),
+        options=parse_config(config.read_text(errors="replace")) if config else {},
+    )

@@ -1,0 +1,353 @@
+"""Facts + Kernel -> Plan: the preflight checks and the steps of a kernel swap, as data (no I/O).
+
+The modules convention: ``/lib/modules`` (with usrmerge really ``/usr/lib/modules``) becomes an
+absolute symlink to ``/boot/modules``, so that ``/boot`` carries each kernel with its modules. With a
+separate ``/boot``, ``/lib/modules`` points nowhere until ``/boot`` is mounted, while udev loads the
+drivers of coldplugged devices before that; a small systemd unit (``BOOT_MODULES_UNIT``) loads what
+was missed once ``/boot`` is mounted, before ``sysinit.target``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from vimgtools.boot import Bootloader
+from vimgtools.guest.facts import GuestFacts
+from vimgtools.guest.steps import InstallModules, Mkdir, Move, RemoveDir, Run, Step, Symlink, Upload, Write
+from vimgtools.kernel import Kernel
+
+MODULES_HOME = "/boot/modules"
+STATE_FILE = "/boot/vimgtools/rekernel.json"
+MiB = 1 << 20
+# When the initramfs is regenerated in the guest, room to keep for it (Debian's is 30-60 MiB).
+INITRAMFS_ESTIMATE = 64 * MiB
+SPACE_MARGIN = 4 * MiB
+
+# Drivers the new kernel needs to mount the guest's root on the target hypervisor.
+DISK_DRIVERS = {
+    "kvm": (
+        ("CONFIG_VIRTIO_PCI", "virtio_pci"),
+        ("CONFIG_VIRTIO_BLK", "virtio_blk"),
+        ("CONFIG_SCSI_VIRTIO", "virtio_scsi"),
+    ),
+    "xen": (("CONFIG_XEN_BLKDEV_FRONTEND", "xen-blkfront"),),
+}
+FS_DRIVERS = {
+    "ext4": ("CONFIG_EXT4_FS", "ext4"),
+    "ext3": ("CONFIG_EXT4_FS", "ext4"),
+    "ext2": ("CONFIG_EXT2_FS", "ext2"),
+    "xfs": ("CONFIG_XFS_FS", "xfs"),
+    "btrfs": ("CONFIG_BTRFS_FS", "btrfs"),
+}
+
+BOOT_MODULES_UNIT_NAME = "vimgtools-boot-modules.service"
+BOOT_MODULES_UNIT = f"""# Installed by vimgtools rekernel. /lib/modules is a symlink to {MODULES_HOME}
+# on a separate /boot: udev coldplug and systemd's early module loaders run before /boot is
+# mounted and miss their
+# drivers. Once /boot is mounted, create the static device nodes, load what they wanted, and
+# replay the udev "add" events so that every device gets its driver.
+[Unit]
+Description=Load kernel modules missed while /boot (which holds /lib/modules) was not mounted
+DefaultDependencies=no
+RequiresMountsFor={MODULES_HOME}
+After=systemd-udev-trigger.service local-fs.target
+Before=sysinit.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=-/bin/kmod static-nodes --format=tmpfiles --output=/run/tmpfiles.d/static-nodes.conf
+ExecStart=-/bin/systemd-tmpfiles --prefix=/dev --create --boot
+ExecStart=-/sbin/modprobe -a -q configfs dm_mod drm efi_pstore fuse loop
+ExecStart=-/lib/systemd/systemd-modules-load
+ExecStart=/bin/udevadm trigger --action=add
+ExecStart=-/bin/udevadm settle --timeout=60
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight check: ``ok``, or an error (refuses) or a warning (``--force`` goes on)."""
+
+    name: str
+    ok: bool
+    message: str
+    severity: str = "error"  # "error" or "warning"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "severity": self.severity, "message": self.message}
+
+
+@dataclass
+class Options:
+    """What the caller chose (CLI flags, library keywords)."""
+
+    target: str = "kvm"  # "kvm" or "xen"
+    force: bool = False
+    regenerate_initramfs: bool | None = None  # None: only when BOOTDIR has none
+    make_default: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything rekernel will do to one guest, decided before anything changes."""
+
+    disk: str
+    root: str
+    version: str
+    previous: str | None  # the kernel the guest boots by default now
+    loader: str
+    initramfs: str  # "supplied" or "regenerate:<tool>"
+    checks: tuple[Check, ...]
+    steps: tuple[Step, ...]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and c.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok and c.severity == "warning"]
+
+    def describe(self, *, diffs: bool = False) -> str:
+        lines = [
+            f"rekernel {self.disk} ({self.root}): {self.previous or '?'} -> {self.version}",
+            f"  bootloader {self.loader}; initramfs {self.initramfs}",
+            "  checks:",
+        ]
+        for c in self.checks:
+            mark = "ok  " if c.ok else ("FAIL" if c.severity == "error" else "WARN")
+            lines.append(f"    [{mark}] {c.name}: {c.message}")
+        lines.append("  steps:")
+        for i, s in enumerate(self.steps, 1):
+            lines.append(f"    {i:2}. {s.describe()}")
+            if diffs and isinstance(s, Write) and s.old is not None:
+                lines.extend("        " + d for d in s.diff().splitlines())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "disk": self.disk,
+            "root": self.root,
+            "version": self.version,
+            "previous": self.previous,
+            "loader": self.loader,
+            "initramfs": self.initramfs,
+            "checks": [c.to_dict() for c in self.checks],
+            "steps": [
+                {"op": type(s).__name__, "describe": s.describe()}
+                | ({"diff": s.diff()} if isinstance(s, Write) and s.old is not None else {})
+                for s in self.steps
+            ],
+            "facts": self.facts,
+        }
+
+
+def initramfs_tool(facts: GuestFacts, version: str) -> tuple[str, ...] | None:
+    """The guest's own initramfs command for ``version`` (the appliance's uname -r is not the guest's)."""
+    if t := facts.has_tool("update-initramfs"):
+        return (t, "-c", "-k", version)
+    if t := facts.has_tool("dracut"):
+        return (t, "-f", f"/boot/initramfs-{version}.img", version)
+    if t := facts.has_tool("mkinitrd"):
+        return (t, "-k", f"/boot/vmlinuz-{version}", "-i", f"/boot/initrd-{version}")
+    return None
+
+
+def preflight(
+    facts: GuestFacts,
+    kernel: Kernel,
+    options: Options,
+    *,
+    initrd_files: list[str] | None,
+    regenerate: bool,
+) -> list[Check]:
+    """The checks that must pass before anything changes (pure: everything comes in as data).
+
+    Args:
+        initrd_files: the supplied initramfs's file list (read on the host), or None when regenerating.
+    """
+    checks: list[Check] = []
+    guest_arch = facts.arch
+    same = guest_arch == kernel.arch or (guest_arch in ("i386", "i686") and kernel.arch == "i386")
+    checks.append(
+        Check(
+            "arch", same, f"kernel {kernel.arch}, guest {guest_arch}" + ("" if same else ": they must match")
+        )
+    )
+    # Space on the filesystem holding /boot: kernel files, new modules, initramfs, moved module trees.
+    files = sum(p.stat().st_size for p, _ in kernel.files())
+    mods = kernel.modules_size()
+    initrd = 0 if kernel.initramfs and not regenerate else INITRAMFS_ESTIMATE
+    moved = 0
+    if facts.boot_separate and not facts.modules_on_boot:
+        moved = sum(size for v, size in facts.module_versions.items() if v != kernel.version)
+    need = files + mods + initrd + moved + SPACE_MARGIN
+    msg = (
+        f"/boot has {facts.boot_free // MiB} MiB free, needs {need // MiB} MiB (kernel files {files // MiB}, "
+        f"modules {mods // MiB}, initramfs {initrd // MiB}, guest's module trees moved {moved // MiB}, "
+        f"margin {SPACE_MARGIN // MiB})"
+    )
+    fix = "" if need <= facts.boot_free else "; grow /boot or remove old kernels from it"
+    checks.append(Check("space", need <= facts.boot_free, msg + fix))
+    # Drivers to mount the root on the target hypervisor.
+    root_fs = facts.fs_types.get("/", "unknown")
+    wanted = list(DISK_DRIVERS.get(options.target, ()))
+    if root_fs in FS_DRIVERS:
+        wanted.append(FS_DRIVERS[root_fs])
+    else:
+        checks.append(Check("root-fs", False, f"root filesystem {root_fs}: driver not known", "warning"))
+    for symbol, module in wanted:
+        state = kernel.driver_state(symbol, module)
+        if state == "missing":
+            checks.append(
+                Check(
+                    f"driver:{module}",
+                    False,
+                    f"{symbol} is neither built in nor a module of {kernel.version}",
+                )
+            )
+        elif state == "builtin":
+            checks.append(Check(f"driver:{module}", True, "built in"))
+        elif initrd_files is None:
+            checks.append(
+                Check(
+                    f"driver:{module}", True, "module; the regenerated initramfs is checked after it is made"
+                )
+            )
+        else:
+            found = initramfs_has(initrd_files, module)
+            checks.append(
+                Check(
+                    f"driver:{module}",
+                    found,
+                    "module, in the supplied initramfs"
+                    if found
+                    else f"module, but the supplied initramfs lacks {module}.ko: rebuild it with the driver, "
+                    "or leave it out of BOOTDIR to regenerate one in the guest",
+                )
+            )
+    if regenerate:
+        tool = initramfs_tool(facts, kernel.version)
+        checks.append(
+            Check(
+                "initramfs-tool",
+                tool is not None,
+                f"{tool[0]}"
+                if tool
+                else "the guest has no update-initramfs, dracut or mkinitrd: put an initramfs in BOOTDIR",
+            )
+        )
+        if tool and "update-initramfs" in tool[0] and kernel.config is None:
+            checks.append(
+                Check(
+                    "config",
+                    False,
+                    f"update-initramfs needs /boot/config-{kernel.version}: "
+                    f"put config-{kernel.version} in BOOTDIR",
+                )
+            )
+    code = facts.boot_code
+    checks.append(
+        Check(
+            "boot-code",
+            code is not None,
+            f"sector 0 holds {code} boot code"
+            if code
+            else "no boot code in sector 0: the guest must be booted another way (direct kernel boot, "
+            "a loader on another disk); --force to go on",
+            "warning",
+        )
+    )
+    if kernel.version in facts.boot_kernels:
+        checks.append(
+            Check("replace", False, f"/boot/vmlinuz-{kernel.version} exists and is replaced", "warning")
+        )
+    return checks
+
+
+def initramfs_has(files: list[str], module: str) -> bool:
+    names = {module.replace("-", "_"), module.replace("_", "-")}
+    for f in files:
+        base = f.rsplit("/", 1)[-1]
+        if ".ko" in base and base.split(".ko")[0] in names:
+            return True
+    return False
+
+
+def plan_rekernel(
+    facts: GuestFacts,
+    kernel: Kernel,
+    loader: Bootloader,
+    *,
+    disk: str,
+    previous: str | None,
+    options: Options,
+    initrd_files: list[str] | None,
+) -> Plan:
+    """Decide the checks and the steps. Pure: the caller gathered ``facts`` and ``initrd_files``."""
+    v = kernel.version
+    regenerate = (
+        options.regenerate_initramfs if options.regenerate_initramfs is not None else not kernel.initramfs
+    )
+    checks = preflight(
+        facts, kernel, options, initrd_files=None if regenerate else initrd_files, regenerate=regenerate
+    )
+    steps: list[Step] = [Mkdir("/boot")]
+    for src, name in kernel.files():
+        if name.startswith("initrd") and regenerate:
+            continue
+        steps.append(Upload(str(src), f"/boot/{name}"))
+    # The modules convention.
+    if not facts.modules_on_boot:
+        steps.append(Mkdir(MODULES_HOME))
+        for old in sorted(facts.module_versions):
+            if old != v:
+                steps.append(Move(f"{facts.modules_path}/{old}", f"{MODULES_HOME}/{old}"))
+        link = facts.modules_path  # the real directory: /usr/lib/modules with usrmerge
+        if v in facts.module_versions:
+            steps.append(Run(("rm", "-rf", f"{link}/{v}"), "replaced by the new tree"))
+        steps.append(RemoveDir(link))
+        steps.append(Symlink(MODULES_HOME, link))
+    steps.append(InstallModules(str(kernel.modules_dir), f"{MODULES_HOME}/{v}", v))
+    if facts.boot_separate:
+        unit = f"/etc/systemd/system/{BOOT_MODULES_UNIT_NAME}"
+        steps.append(Write(unit, BOOT_MODULES_UNIT, facts.text(unit)))
+        steps.append(Mkdir("/etc/systemd/system/sysinit.target.wants"))
+        steps.append(Symlink(unit, f"/etc/systemd/system/sysinit.target.wants/{BOOT_MODULES_UNIT_NAME}"))
+    initramfs = "supplied"
+    if regenerate:
+        tool = initramfs_tool(facts, v)
+        if tool:
+            if v in facts.boot_kernels:
+                steps.append(Run(("rm", "-f", f"/boot/initrd.img-{v}", f"/boot/initramfs-{v}.img")))
+            steps.append(Run(tool, "make the initramfs with the guest's own tool"))
+            initramfs = "regenerate:" + tool[0].rsplit("/", 1)[-1]
+        else:
+            initramfs = "regenerate:none"
+    steps.extend(loader.steps(facts, v, initrd=True))
+    state = {"version": v, "previous": previous, "loader": loader.name, "tool": "vimgtools.rekernel"}
+    steps.append(Mkdir("/boot/vimgtools"))
+    steps.append(
+        Write(STATE_FILE, json.dumps(state, indent=1, sort_keys=True) + "\n", facts.text(STATE_FILE))
+    )
+    if facts.selinux == "enforcing":
+        steps.append(Write("/.autorelabel", "", None))
+    return Plan(
+        disk=disk,
+        root=facts.root,
+        version=v,
+        previous=previous,
+        loader=loader.name,
+        initramfs=initramfs,
+        checks=tuple(checks),
+        steps=tuple(steps),
+        facts=facts.summary(),
+    )
