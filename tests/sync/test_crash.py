@@ -61,7 +61,7 @@ def test_kill_9_anywhere_then_recover(generations: tuple[Path, Path, str, str], 
     assert digest(dst) == new_sum
     seen: dict[str, int] = {}
     points = [full * k / 14 for k in range(1, 14)]
-    for attempt in range(3):
+    for _attempt in range(3):
         for delay in points:
             shutil.copyfile(old, dst)
             p = start(src, dst)

@@ -285,7 +285,12 @@ def journal_path_for(dst: Image) -> Path:
     """Where the journal of ``dst`` lives: beside a file; under /var/lib/vimgtools for a device."""
     if dst.is_block:
         name = f"dev-{os.major(dst.stat.st_rdev)}-{os.minor(dst.stat.st_rdev)}{JOURNAL_SUFFIX}"
-        return Path(os.environ.get("VIMGTOOLS_STATE_DIR", "/var/lib/vimgtools")) / name
+        state = Path(os.environ.get("VIMGTOOLS_STATE_DIR", "/var/lib/vimgtools"))
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ImageError(f"{state}: cannot create the journal directory: {describe_os_error(e)}") from e
+        return state / name
     return dst.path.with_name(dst.path.name + JOURNAL_SUFFIX)
 
 
