@@ -1,0 +1,67 @@
+"""A replica that a running QEMU holds open is refused; a source it writes gets a warning."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from synchelp import MiB, cli, digest, write_image
+
+from vimgtools.image import Image
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
+)
+
+
+@pytest.fixture
+def running_vm(tmp_path: Path) -> Iterator[Path]:
+    """A real (paused, TCG) qemu-system-x86_64 with a virtio disk on ``vm.img``."""
+    disk = write_image(tmp_path / "vm.img", 8 * MiB, [(0, 8 * MiB)], seed=21)
+    vm = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
+            "-m", "64", "-drive", f"file={disk},format=raw,if=virtio",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        with Image(disk) as img:
+            while img.qemu_lock() is None:
+                assert vm.poll() is None, f"qemu exited: {vm.stderr.read() if vm.stderr else ''!r}"
+                assert time.monotonic() < deadline, "qemu never locked its disk"
+                time.sleep(0.1)
+        yield disk
+    finally:
+        vm.kill()
+        vm.communicate()
+
+
+def test_dst_held_by_qemu_is_refused(running_vm: Path, tmp_path: Path) -> None:
+    src = write_image(tmp_path / "src.img", 8 * MiB, [(0, 8 * MiB)], seed=22)
+    before = digest(running_vm)
+    p = cli(src, running_vm, check=2)
+    assert "running VM" in p.stderr and "--force" in p.stderr and str(running_vm) in p.stderr
+    assert digest(running_vm) == before
+    cli("--force", src, running_vm)
+    assert digest(running_vm) == digest(src)
+
+
+def test_src_written_by_qemu_warns(running_vm: Path, tmp_path: Path) -> None:
+    p = cli("--json", running_vm, tmp_path / "copy.img")
+    assert "crash-consistent" in p.stderr
+    assert "crash-consistent" in p.stdout  # in the JSON warnings too
+    with Image(running_vm) as img:
+        assert img.qemu_lock() == "writer"
+
+
+def test_no_lock_without_qemu(tmp_path: Path) -> None:
+    disk = write_image(tmp_path / "idle.img", MiB, [(0, MiB)])
+    with Image(disk) as img:
+        assert img.qemu_lock() is None
