@@ -25,9 +25,9 @@ from vimgtools.sync.journal import (
     JOURNAL_MAGIC,
     UNDO_MAGIC,
     Header,
+    JournalContents,
     JournalWriter,
-    Record,
-    iter_payloads,
+    iter_records,
     journal_path_for,
     read_journal,
     recover_image,
@@ -329,10 +329,10 @@ def _sync_existing(
         if not d.still_at_path():
             raise ImageError(f"{d.path}: vanished or was replaced during the sync; nothing written")
         if undo is not None:
-            res.undo_bytes = _write_undo(Path(undo), d, jpath, writer.records, header)
+            res.undo_bytes = _write_undo(Path(undo), d, read_journal(jpath), header)
         writer.commit()
         writer.close()
-        res.bytes_written = replay(d, jpath, writer.contents())
+        res.bytes_written = replay(d, jpath, read_journal(jpath))
     except BaseException as e:
         if writer is not None:
             writer.close()
@@ -373,7 +373,7 @@ def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
             if same and old.checkpoint:
                 log.info("resuming an interrupted sync at %d bytes", old.checkpoint)
                 writer = JournalWriter(
-                    jpath, old.header, resume_at=old.resume_at, seq=old.seq, records=old.records
+                    jpath, old.header, resume_at=old.resume_at, seq=old.seq, data_bytes=old.data_bytes
                 )
                 return writer, old.checkpoint
             log.info("%s: left by a sync of other images or an older source; starting over", jpath)
@@ -381,13 +381,13 @@ def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
     return JournalWriter(jpath, header), 0
 
 
-def _write_undo(path: Path, d: Image, jpath: Path, records: list[Record], header: Header) -> int:
+def _write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -> int:
     """Keep the old content of everything the journal will overwrite (durable before any write)."""
     uheader = Header(UNDO_MAGIC, header.block_size, d.size, header.new_size, 0, dst_id=header.dst_id)
     undo = JournalWriter(path, uheader)
     try:
         buf = bytearray(CHUNK_SIZE)
-        for rec, payload in iter_payloads(jpath, records):
+        for rec, payload in iter_records(journal):
             new_sum = checksum64(payload if payload is not None else bytes(rec.length))
             view = memoryview(buf)[: rec.length]
             d.read_into(view, rec.offset)
@@ -431,7 +431,7 @@ def rollback(dst: str | os.PathLike[str], undo: str | os.PathLike[str]) -> int:
         if d.size != h.new_size and not d.is_block:
             raise ImageRefused(f"{d.path}: is {d.size} bytes, the undo file is for {h.new_size} bytes")
         buf = bytearray(CHUNK_SIZE)
-        for rec in contents.records:
+        for rec, _ in iter_records(contents):
             view = memoryview(buf)[: rec.length]
             d.read_into(view, rec.offset)
             if checksum64(view) != rec.aux:
@@ -442,7 +442,7 @@ def rollback(dst: str | os.PathLike[str], undo: str | os.PathLike[str]) -> int:
         flags = FLAG_SHRINK if h.old_size < d.size else 0
         writer = JournalWriter(jpath, Header(JOURNAL_MAGIC, h.block_size, d.size, h.old_size, flags))
         try:
-            for rec, payload in iter_payloads(upath, contents.records):
+            for rec, payload in iter_records(contents):
                 if rec.kind == DATA and payload is not None:
                     writer.data(rec.offset, payload)
                 else:

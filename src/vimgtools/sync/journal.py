@@ -139,13 +139,12 @@ class JournalWriter:
         *,
         resume_at: int | None = None,
         seq: int = 0,
-        records: list[Record] | None = None,
+        data_bytes: int = 0,
     ) -> None:
         self.path = path
         self.header = header
         self.seq = seq
-        self.records: list[Record] = list(records or [])  # one per run, never per block
-        self.data_bytes = sum(r.length for r in self.records if r.kind == DATA)
+        self.data_bytes = data_bytes
         self.committed = False
         try:
             if resume_at is None:
@@ -174,8 +173,6 @@ class JournalWriter:
                 written += os.pwrite(self.fd, rest, self.pos + written)
         except OSError as e:
             raise ImageError(f"{self.path}: writing the journal: {describe_os_error(e)}") from e
-        if kind in (DATA, ZERO):
-            self.records.append(Record(kind, offset, length, aux, self.pos + RECORD_SIZE))
         self.pos += total
         self.seq += 1
 
@@ -201,10 +198,6 @@ class JournalWriter:
             raise ImageError(f"{self.path}: flushing the journal: {describe_os_error(e)}") from e
         self.committed = True
 
-    def contents(self) -> JournalContents:
-        """What a reader would find: the committed journal, without reading it back."""
-        return JournalContents(self.header, self.records, self.committed, 0, self.pos, self.seq)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -213,16 +206,42 @@ class JournalWriter:
 
 @dataclass
 class JournalContents:
+    """A verified journal or undo file. Its records are not held in memory (see ``iter_records``)."""
+
+    path: Path
+    magic: bytes
     header: Header
-    records: list[Record]  # DATA and ZERO records, in order, up to the last checkpoint or the commit
     committed: bool
     checkpoint: int  # source position covered by the last CHECKPOINT (0: none)
-    resume_at: int  # file position just after that checkpoint
+    resume_at: int  # file position just after the last CHECKPOINT or the COMMIT
     seq: int  # next sequence number there
+    data_bytes: int  # DATA payload bytes up to there
+
+
+def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int]]:
+    """Each intact record: (kind, record, sequence). Stops at the first torn or damaged one."""
+    pos, expect = HEADER_SIZE, 0
+    while pos + RECORD_SIZE <= size:
+        raw = os.pread(fd, RECORD_SIZE, pos)
+        magic_r, kind, offset, length, psum, aux, rseq = RECORD.unpack_from(raw)
+        (rsum,) = _SUM.unpack_from(raw, RECORD.size)
+        if magic_r != RECORD_MAGIC or checksum64(raw[: RECORD.size]) != rsum or rseq != expect:
+            return
+        payload_len = length if kind == DATA else 0
+        if kind == DATA:
+            if length > MAX_RECORD or pos + RECORD_SIZE + length > size:
+                return
+            if checksum64(os.pread(fd, length, pos + RECORD_SIZE)) != psum:
+                return
+        elif kind not in (ZERO, CHECKPOINT, COMMIT):
+            return
+        yield kind, Record(kind, offset, length, aux, pos + RECORD_SIZE), rseq
+        pos += RECORD_SIZE + payload_len
+        expect += 1
 
 
 def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
-    """Parse and verify a journal or undo file; a torn tail is ignored (it was never committed)."""
+    """Verify a journal or undo file from end to end; a torn tail is ignored (it was never committed)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -230,55 +249,53 @@ def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
     try:
         size = os.fstat(fd).st_size
         header = Header.unpack(os.pread(fd, HEADER_SIZE, 0), path, magic)
-        pending: list[Record] = []
-        kept: list[Record] = []
-        pos = HEADER_SIZE
-        checkpoint, resume_at, seq, expect, committed = 0, HEADER_SIZE, 0, 0, False
-        while pos + RECORD_SIZE <= size:
-            raw = os.pread(fd, RECORD_SIZE, pos)
-            magic_r, kind, offset, length, psum, aux, rseq = RECORD.unpack_from(raw)
-            (rsum,) = _SUM.unpack_from(raw, RECORD.size)
-            if magic_r != RECORD_MAGIC or checksum64(raw[: RECORD.size]) != rsum or rseq != expect:
-                break
-            expect += 1
+        checkpoint, resume_at, seq, committed = 0, HEADER_SIZE, 0, False
+        data_bytes = pending = 0
+        for kind, rec, rseq in _walk(fd, size):
             if kind == DATA:
-                if length > MAX_RECORD or pos + RECORD_SIZE + length > size:
-                    break
-                payload = os.pread(fd, length, pos + RECORD_SIZE)
-                if len(payload) != length or checksum64(payload) != psum:
-                    break
-                pending.append(Record(DATA, offset, length, aux, pos + RECORD_SIZE))
-            elif kind == ZERO:
-                pending.append(Record(ZERO, offset, length, aux))
+                pending += rec.length
             elif kind in (CHECKPOINT, COMMIT):
-                kept.extend(pending)
-                pending = []
-                checkpoint = offset if kind == CHECKPOINT else checkpoint
-                committed = kind == COMMIT
-                resume_at = pos + RECORD_SIZE + (length if kind == DATA else 0)
+                data_bytes += pending
+                pending = 0
+                checkpoint = rec.offset if kind == CHECKPOINT else checkpoint
+                resume_at = rec.payload_at
                 seq = rseq + 1
-                if committed:
+                if kind == COMMIT:
+                    committed = True
                     break
-            else:
-                break
-            pos += RECORD_SIZE + (length if kind == DATA else 0)
-        return JournalContents(header, kept, committed, checkpoint, resume_at, seq)
+        return JournalContents(path, magic, header, committed, checkpoint, resume_at, seq, data_bytes)
     except OSError as e:
         raise JournalError(f"{path}: read error: {describe_os_error(e)}") from e
     finally:
         os.close(fd)
 
 
-def iter_payloads(path: Path, records: Iterable[Record]) -> Iterator[tuple[Record, bytes | None]]:
-    """Each record with its payload (None for ZERO), read back from the file."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def iter_records(contents: JournalContents) -> Iterator[tuple[Record, bytes | None]]:
+    """The DATA and ZERO records of a verified file, with payloads (None for ZERO), streamed."""
+    path = contents.path
     try:
-        for r in records:
-            yield r, (os.pread(fd, r.length, r.payload_at) if r.kind == DATA else None)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise JournalError(f"{path}: cannot read: {describe_os_error(e)}") from e
+    try:
+        walked = _walk(fd, contents.resume_at)
+        for kind, rec, _ in walked:
+            if kind == DATA:
+                payload = os.pread(fd, rec.length, rec.payload_at)
+                if checksum64(payload) != _payload_sum(fd, rec):
+                    raise JournalError(f"{path}: changed while being read (record at {rec.offset})")
+                yield rec, payload
+            elif kind == ZERO:
+                yield rec, None
     except OSError as e:
         raise JournalError(f"{path}: read error: {describe_os_error(e)}") from e
     finally:
         os.close(fd)
+
+
+def _payload_sum(fd: int, rec: Record) -> int:
+    raw = os.pread(fd, RECORD.size, rec.payload_at - RECORD_SIZE)
+    return int(RECORD.unpack_from(raw)[4])
 
 
 def journal_path_for(dst: Image) -> Path:
@@ -307,7 +324,7 @@ def replay(dst: Image, path: Path, contents: JournalContents) -> int:
     try:
         if not dst.is_block and dst.size < h.new_size:
             dst.truncate(h.new_size)
-        for rec, payload in iter_payloads(path, contents.records):
+        for rec, payload in iter_records(contents):
             if rec.offset + rec.length > max(h.new_size, h.old_size):
                 raise JournalError(f"{path}: record at {rec.offset} lies outside the image")
             if payload is None:
@@ -373,7 +390,7 @@ def apply_runs(
             remove_journal(jpath)
             raise
         writer.close()
-        return replay(img, jpath, writer.contents())
+        return replay(img, jpath, read_journal(jpath))
 
 
 def recover_image(img: Image, jpath: Path) -> int | None:
