@@ -202,6 +202,15 @@ class Image:
     def _read_error(self, offset: int, e: OSError) -> ImageError:
         return ImageError(f"{self.path}: read error at offset {offset}: {describe_os_error(e)}")
 
+    def no_readahead(self) -> None:
+        """Read exactly what is asked (our reads are MiB-sized and pipelined already).
+
+        Kernel readahead would bring in pages beyond what we read, making them look
+        "cached before we came" to ``read_into`` and so never given back.
+        """
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+
     def drop_cache(self, offset: int, length: int) -> None:
         """Tell the kernel we are done with this range (a nightly run must not evict the host's cache)."""
         with contextlib.suppress(OSError):

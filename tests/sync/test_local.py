@@ -208,3 +208,34 @@ def test_recover_with_nothing_to_do(pair: tuple[Path, Path]) -> None:
     _, dst = pair
     r = cli_json("--recover", dst)
     assert r["recovered"] is False
+
+
+def _resident(path: Path) -> int:
+    import subprocess
+
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.split()[0])
+
+
+def test_page_cache_left_as_found(tmp_path: Path) -> None:
+    """Pages a run brought in are given back; pages that were cached before stay cached."""
+    src = write_image(tmp_path / "src.img", 32 * MiB, [(0, 32 * MiB)], seed=31)
+    dst = write_image(tmp_path / "dst.img", 32 * MiB, [(0, 32 * MiB)], seed=32)
+    os.sync()
+    for p in (src, dst):
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert _resident(src) < MiB
+    cli("-n", src, dst)  # cold: what it reads, it gives back
+    assert _resident(src) < 2 * MiB and _resident(dst) < 2 * MiB
+    src.read_bytes()  # warm: the host had it cached; it stays cached
+    cli("-n", src, dst)
+    assert _resident(src) == 32 * MiB
+    cli("-n", "--keep-cache", src, dst)
+    assert _resident(dst) == 32 * MiB

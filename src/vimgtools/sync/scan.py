@@ -60,6 +60,10 @@ def scan(
     ``dst`` None (or past ``dst_size``) reads as zeros. ``start`` must be chunk-aligned.
     Each yielded chunk must be ``release()``d by the caller.
     """
+    if not keep_cache:
+        for img in (src, dst):
+            if img is not None:
+                img.no_readahead()
     pool: queue.SimpleQueue[tuple[bytearray, bytearray]] = queue.SimpleQueue()
     depth = workers * 2
     for _ in range(depth + 1):
