@@ -1,0 +1,195 @@
+"""End to end: rekernel real Debian 12 guests with Debian's cloud kernel, then boot them in QEMU (TCG).
+
+Each test copies a cached guest (guestbuild.py), runs the CLI as a user would, and boots the result:
+the serial console must show the new kernel running and the ``dummy`` module (=m in the cloud
+kernel, loaded by nobody) loading from ``/boot/modules``. Failures and refusals must leave the
+disk byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from qemuboot import boot, copy_image, sha256
+
+from vimgtools.rekernel.__main__ import main
+
+pytestmark = [pytest.mark.guestfs, pytest.mark.slow]
+
+CLI = [sys.executable, "-m", "vimgtools.rekernel"]
+
+
+def cloud_version(bootdir: Path) -> str:
+    (k,) = bootdir.glob("vmlinuz-*")
+    return k.name[len("vmlinuz-") :]
+
+
+def run_cli(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    t0 = time.monotonic()
+    p = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    print(f"rekernel {' '.join(args)}: rc={p.returncode} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    print(p.stderr[-4000:], file=sys.stderr)
+    return p
+
+
+def assert_booted(report: dict[str, str], version: str) -> None:
+    assert report["KERNEL"] == version
+    assert report["MODULES-LINK"] == "/boot/modules"
+    mod = report["MODULE"]
+    assert "loaded=yes" in mod, mod
+    assert f"file=/boot/modules/{version}/" in mod, mod
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(1800)
+def test_grub2_usrmerge_supplied_initramfs_then_rollback(
+    grub2_image: Path, cloud_bootdir_initrd: Path, guest_version: str, tmp_path: Path
+) -> None:
+    disk = copy_image(grub2_image, tmp_path / "grub2.raw")
+    new = cloud_version(cloud_bootdir_initrd)
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["committed"] and out["bytes_committed"] > 0
+    assert out["plan"]["version"] == new and out["plan"]["previous"] == guest_version
+    assert out["plan"]["loader"] == "grub2" and out["plan"]["initramfs"] == "supplied"
+    assert out["verified"]["default_entry"]["kernel"] == f"/boot/vmlinuz-{new}"
+    assert out["verified"]["fallback_entry"], "the old kernel keeps an entry"
+    print("timings", out["seconds"], file=sys.stderr)
+    report = boot(disk)
+    print(f"boot to report: {report.seconds:.0f} s", file=sys.stderr)
+    assert_booted(report.values, new)
+
+    p = run_cli("--json", "--rollback", str(disk))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["verified"]["default_entry"]["kernel"] == f"/boot/vmlinuz-{guest_version}"
+    report = boot(disk)
+    assert report["KERNEL"] == guest_version
+    # The old kernel's modules moved to /boot/modules and still load from there.
+    assert report["MODULES-LINK"] == "/boot/modules"
+    assert f"file=/boot/modules/{guest_version}/" in report["MODULE"]
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(1800)
+def test_separate_boot_no_driver_left_unloaded(
+    sepboot_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path
+) -> None:
+    """With /boot separate, /lib/modules is dangling until /boot is mounted; no driver may be missed."""
+    disk = copy_image(sepboot_image, tmp_path / "sepboot.raw")
+    new = cloud_version(cloud_bootdir_initrd)
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["plan"]["facts"]["boot_separate"] is True
+    assert out["verified"]["default_entry"]["kernel"] == f"/boot/vmlinuz-{new}"
+    report = boot(disk)
+    assert_booted(report.values, new)
+    assert report["BOOT-MOUNT"] == "/dev/vda1"
+    count, *names = report["UNLOADED"].split()
+    assert count == "0", f"drivers udev wanted but never loaded: {names}"
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(2400)
+def test_extlinux_regenerated_initramfs(extlinux_image: Path, cloud_bootdir: Path, tmp_path: Path) -> None:
+    """No initramfs in BOOTDIR: the guest's update-initramfs makes one in the appliance (minutes, TCG)."""
+    disk = copy_image(extlinux_image, tmp_path / "extlinux.raw")
+    new = cloud_version(cloud_bootdir)
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir), timeout=2000)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["plan"]["loader"] == "extlinux"
+    assert out["plan"]["initramfs"] == "regenerate:update-initramfs"
+    assert out["verified"]["initramfs"] == f"/boot/initrd.img-{new}"
+    assert out["verified"]["initramfs_files"] > 0
+    print("timings", out["seconds"], file=sys.stderr)
+    report = boot(disk)
+    assert_booted(report.values, new)
+
+
+def test_failure_in_the_guest_leaves_disk_byte_identical(
+    grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """update-grub fails inside the guest after the files were copied: the disk must not change."""
+    from vimgtools.guest.session import GuestImage
+
+    disk = copy_image(grub2_image, tmp_path / "broken.raw")
+    with GuestImage(disk, write=True) as gi:
+        gi.mount_root(gi.roots()[0])
+        gi.write("/etc/default/grub", b'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX="unterminated\n')
+    before = sha256(disk)
+    rc = main([str(disk), "--from", str(cloud_bootdir_initrd)])
+    assert rc == 1
+    assert "update-grub" in capsys.readouterr().err
+    assert sha256(disk) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.raw"], "the overlay is removed"
+
+
+def test_refusals_leave_disk_byte_identical(
+    grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = copy_image(grub2_image, tmp_path / "g.raw")
+    before = sha256(disk)
+    # An initramfs without the virtio drivers: refused in preflight (exit 2), nothing written.
+    bad = tmp_path / "bootdir"
+    subprocess.run(["cp", "-a", str(cloud_bootdir_initrd), str(bad)], check=True)
+    (initrd,) = bad.glob("initrd.img-*")
+    tiny = tmp_path / "tiny"
+    (tiny / "etc").mkdir(parents=True)
+    (tiny / "etc" / "hello").write_text("hi\n")
+    cpio = subprocess.run(
+        "find . | cpio -o -H newc", shell=True, cwd=tiny, capture_output=True, check=True
+    ).stdout
+    initrd.write_bytes(cpio)
+    assert main([str(disk), "--from", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "virtio_blk" in err and "lacks" in err
+    # --dry-run rehearses the whole plan and writes nothing.
+    assert main(["--dry-run", str(disk), "--from", str(cloud_bootdir_initrd)]) == 0
+    out = capsys.readouterr().out
+    assert "GRUB_DEFAULT=saved" in out and "dry run" in out
+    assert sha256(disk) == before
+    # Modules for another version: refused before any launch.
+    wrong = tmp_path / "wrong"
+    subprocess.run(["cp", "-a", str(cloud_bootdir_initrd), str(wrong)], check=True)
+    (mods,) = (wrong / "modules").iterdir()
+    mods.rename(mods.parent / "9.9.9-other")
+    assert main([str(disk), "--from", str(wrong)]) == 2
+    assert "modules are for 9.9.9-other" in capsys.readouterr().err
+    assert sha256(disk) == before
+
+
+def test_refuses_an_image_a_running_vm_holds(
+    grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path
+) -> None:
+    disk = copy_image(grub2_image, tmp_path / "busy.raw")
+    vm = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-S",  # paused: holds the image like a running guest, burns no CPU
+            "-machine",
+            "accel=tcg",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-drive",
+            f"file={disk},format=raw,if=virtio",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(3)
+        assert vm.poll() is None
+        p = run_cli(str(disk), "--from", str(cloud_bootdir_initrd))
+        assert p.returncode == 2
+        assert "running QEMU holds this image" in p.stderr
+    finally:
+        vm.terminate()
+        vm.wait(30)
