@@ -5,6 +5,8 @@ Public names are re-exported here; this module never imports guestfs.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vimgtools.errors import (
     BootloaderError,
     GuestError,
@@ -28,6 +30,17 @@ except ImportError as e:  # one engine, no silent fallback (STYLE.md §2)
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `vimgtools.rekernel(disk, from_dir, **options)` without loading the guest layer (or
+    # guestfs, which is only loaded when an appliance is launched) on `import vimgtools`.
+    if name == "rekernel":
+        import vimgtools.rekernel as module
+
+        return module  # a callable module: vimgtools.rekernel(...) calls rekernel.rekernel(...)
+    raise AttributeError(f"module 'vimgtools' has no attribute {name!r}")
+
+
 __all__ = [
     "BootloaderError",
     "GuestError",
@@ -41,5 +54,6 @@ __all__ = [
     "VimgError",
     "diff_blocks",
     "hash_blocks",
+    "rekernel",
     "zero_blocks",
 ]

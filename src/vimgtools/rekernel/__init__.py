@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,8 @@ def rekernel(
         raise InvalidInput(f"--target {target}: use kvm or xen")
     t_start = time.monotonic()
     disk = Path(disk)
+    if not disk.exists():
+        raise InvalidInput(f"{disk}: no such file or device")
     kernel: Kernel = find_kernel(Path(from_dir), version=version)
     log.info("kernel %s (%s) from %s", kernel.version, kernel.arch, kernel.image)
     options = Options(target=target, force=force, regenerate_initramfs=regenerate_initramfs)
@@ -251,5 +255,14 @@ def rollback(
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     return result
 
+
+class _CallableModule(types.ModuleType):
+    """Lets ``vimgtools.rekernel(disk, from_dir)`` work although ``vimgtools.rekernel`` is this package."""
+
+    def __call__(self, *args: Any, **kw: Any) -> Result:
+        return rekernel(*args, **kw)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["Result", "VimgError", "rekernel", "rollback"]
