@@ -133,7 +133,16 @@ def cloud_key() -> str:
 
 
 def image_key() -> str:
-    return _key(tree_key(), guest_image, _tarball, _install_report, REPORT_SCRIPT, REPORT_UNIT, TEST_MODULE)
+    return _key(
+        tree_key(),
+        guest_image,
+        _install_loader,
+        _tarball,
+        _install_report,
+        REPORT_SCRIPT,
+        REPORT_UNIT,
+        TEST_MODULE,
+    )
 
 
 @contextlib.contextmanager
@@ -286,6 +295,47 @@ def _install_report(g: Any) -> None:
     )
 
 
+def _install_loader(guestfs: Any, img: Path, layout: str, tree: Path) -> None:
+    g = guestfs.GuestFS(python_return_dict=True)
+    try:
+        g.add_drive_opts(str(img), format="raw", readonly=False)
+        g.launch()
+        if layout == "grub2-sepboot":
+            g.mount("/dev/sda2", "/")
+            g.mount("/dev/sda1", "/boot")
+        else:
+            g.mount("/dev/sda1", "/")
+        if layout.startswith("grub2"):
+            g.command(["grub-install", "--target=i386-pc", "/dev/sda"])
+            g.command(["update-grub"])
+        elif layout == "extlinux":
+            uuid = g.vfs_uuid("/dev/sda1")
+            ver = guest_kernel_version(tree)
+            g.mkdir_p("/boot/extlinux")
+            g.write(
+                "/boot/extlinux/extlinux.conf",
+                "SERIAL 0 115200\n"
+                "DEFAULT debian\n"
+                "TIMEOUT 1\n"
+                "PROMPT 0\n\n"
+                "LABEL debian\n"
+                f"    MENU LABEL Debian GNU/Linux, kernel {ver}\n"
+                f"    KERNEL /boot/vmlinuz-{ver}\n"
+                f"    INITRD /boot/initrd.img-{ver}\n"
+                f"    APPEND root=UUID={uuid} ro console=ttyS0,115200n8 net.ifnames=0 quiet\n",
+            )
+            g.command(["extlinux", "--install", "/boot/extlinux"])
+            mbr = g.read_file("/usr/lib/syslinux/mbr/mbr.bin")
+            g.pwrite_device("/dev/sda", mbr[:440], 0)
+        else:
+            raise ValueError(layout)
+        g.sync()
+        g.umount_all()
+        g.shutdown()
+    finally:
+        g.close()
+
+
 def guest_image(layout: str) -> Path:
     """A raw bootable image of ``layout`` ("grub2", "grub2-sepboot", "extlinux"), cached."""
     img = cached(f"{layout}.raw", image_key())
@@ -341,43 +391,16 @@ def guest_image(layout: str) -> Path:
             g.umount_all()
             g.shutdown()
             g.close()
-        # Launch 2 (fresh, FIELD-NOTES: grub-install is flaky right after mkfs): install the loader.
-        g = guestfs.GuestFS(python_return_dict=True)
-        g.add_drive_opts(str(img), format="raw", readonly=False)
-        g.launch()
-        if layout == "grub2-sepboot":
-            g.mount("/dev/sda2", "/")
-            g.mount("/dev/sda1", "/boot")
-        else:
-            g.mount("/dev/sda1", "/")
-        if layout.startswith("grub2"):
-            g.command(["grub-install", "--target=i386-pc", "/dev/sda"])
-            g.command(["update-grub"])
-        elif layout == "extlinux":
-            uuid = g.vfs_uuid("/dev/sda1")
-            ver = guest_kernel_version(tree)
-            g.mkdir_p("/boot/extlinux")
-            g.write(
-                "/boot/extlinux/extlinux.conf",
-                "SERIAL 0 115200\n"
-                "DEFAULT debian\n"
-                "TIMEOUT 1\n"
-                "PROMPT 0\n\n"
-                "LABEL debian\n"
-                f"    MENU LABEL Debian GNU/Linux, kernel {ver}\n"
-                f"    KERNEL /boot/vmlinuz-{ver}\n"
-                f"    INITRD /boot/initrd.img-{ver}\n"
-                f"    APPEND root=UUID={uuid} ro console=ttyS0,115200n8 net.ifnames=0 quiet\n",
-            )
-            g.command(["extlinux", "--install", "/boot/extlinux"])
-            mbr = g.read_file("/usr/lib/syslinux/mbr/mbr.bin")
-            g.pwrite_device("/dev/sda", mbr[:440], 0)
-        else:
-            raise ValueError(layout)
-        g.sync()
-        g.umount_all()
-        g.shutdown()
-        g.close()
+        # Launch 2 (fresh, FIELD-NOTES: grub-install is flaky right after mkfs, and now and then in a
+        # fresh appliance too): install the loader, retrying in a new appliance.
+        for attempt in range(1, 4):
+            try:
+                _install_loader(guestfs, img, layout, tree)
+                break
+            except RuntimeError as e:
+                log(f"installing the loader failed (attempt {attempt}): {e}")
+                if attempt == 3:
+                    raise
         done.touch()
     return img
 

@@ -52,10 +52,14 @@ class GuestImage:
     # -- plumbing ---------------------------------------------------------------------------------
     def _call(self, op: str, *args: Any, **kw: Any) -> Any:
         log.debug("guestfs %s%s%s", op, args, f" {kw}" if kw else "")
+        t0 = time.monotonic()
         try:
             return getattr(self._g, op)(*args, **kw)
         except RuntimeError as e:
             raise GuestError(f"{op}{args!r}: {e}") from e
+        finally:
+            if (dt := time.monotonic() - t0) > 1.0:
+                log.debug("guestfs %s took %.1f s", op, dt)
 
     def __getattr__(self, op: str) -> Any:
         """Any other guestfs call, with the same error wrapping: ``gi.is_file("/boot/x")``."""
