@@ -40,6 +40,8 @@ cdef const unsigned char[::1] _bytes_view(buf):
     cdef memoryview m = memoryview(buf)
     if not m.c_contiguous:
         raise ValueError("buffer must be C-contiguous")
+    if m.nbytes == 0:
+        return b""  # memoryview.cast refuses shapes with a zero in them, e.g. numpy (0, 5)
     if m.format != "B" or m.ndim != 1:
         m = m.cast("B")
     return m

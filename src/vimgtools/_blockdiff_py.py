@@ -34,6 +34,8 @@ def _bytes(buf: Buffer) -> bytes:
     m = memoryview(buf)
     if not m.c_contiguous:
         raise ValueError("buffer must be C-contiguous")
+    if m.nbytes == 0:
+        return b""  # memoryview.cast refuses shapes with a zero in them, e.g. numpy (0, 5)
     return m.cast("B").tobytes() if m.format != "B" or m.ndim != 1 else m.tobytes()
 
 
