@@ -2,7 +2,8 @@
 
 ``sync(src, dst)``: compare both images block by block (reading each once, skipping
 holes), journal the changed blocks, commit, then write them in place (see
-``journal``). ``recover(dst)`` finishes an update a crash interrupted;
+``journal`` and ``replica``). Either side may be ``[user@]host:path`` (see
+``remote``). ``recover(dst)`` finishes an update a crash interrupted;
 ``rollback(dst, undo)`` returns a replica to the generation before a sync.
 """
 
@@ -16,16 +17,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vimgtools.blocks import checksum64, zero_blocks
+from vimgtools.blocks import Run, checksum64, zero_blocks
 from vimgtools.errors import ImageError, ImageRefused, Interrupted, InvalidInput, JournalError
-from vimgtools.image import Image, fsync_dir
+from vimgtools.image import Image
 from vimgtools.sync.journal import (
     DATA,
     FLAG_SHRINK,
     JOURNAL_MAGIC,
     UNDO_MAGIC,
     Header,
-    JournalContents,
     JournalWriter,
     iter_records,
     journal_path_for,
@@ -34,6 +34,7 @@ from vimgtools.sync.journal import (
     remove_journal,
     replay,
 )
+from vimgtools.sync.replica import Replica, source_of
 from vimgtools.sync.scan import CHUNK_SIZE, scan
 
 __all__ = ["SyncResult", "recover", "rollback", "sync"]
@@ -41,7 +42,6 @@ __all__ = ["SyncResult", "recover", "rollback", "sync"]
 log = logging.getLogger("vimgtools.sync")
 
 Progress = Callable[[int, int], None]
-NEW_SUFFIX = ".vimg-new"
 
 
 @dataclass
@@ -55,7 +55,7 @@ class SyncResult:
     blocks: int = 0
     changed: int = 0  # blocks whose content differed
     zero: int = 0  # of those, blocks now all zero: punched (files) or zeroed (devices)
-    bytes_read: int = 0  # from both images
+    bytes_read: int = 0  # from the image(s) on this host; with a remote peer, its reads are added
     bytes_written: int = 0  # into dst itself (punched holes count 0)
     journal_bytes: int = 0  # written to the redo journal
     undo_bytes: int = 0  # written to the undo file
@@ -68,11 +68,31 @@ class SyncResult:
     dst_extra_bytes: int = 0  # a block device dst larger than src: this tail was left alone
     verified: bool | None = None
     warnings: list[str] = field(default_factory=list)
+    bytes_sent: int | None = None  # remote sync only: bytes this side wrote to / read from the pipe
+    bytes_received: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["seconds"] = round(self.seconds, 3)
+        if self.bytes_sent is None:
+            del d["bytes_sent"], d["bytes_received"]
         return d
+
+    def count(self, runs: list[Run]) -> None:
+        for b0, b1, zero in runs:
+            self.changed += b1 - b0
+            if zero:
+                self.zero += b1 - b0
+
+    def take_replica(self, rep: Replica) -> None:
+        self.created = rep.created
+        self.resized_from = rep.resized_from
+        self.resumed_from = rep.resume_from
+        self.recovered = rep.recovered
+        self.dst_extra_bytes = rep.dst_extra_bytes
+        self.bytes_written = rep.bytes_written
+        self.journal_bytes = rep.journal_bytes
+        self.undo_bytes = rep.undo_bytes
 
 
 def _check_block_size(block_size: int) -> None:
@@ -130,21 +150,23 @@ def sync(
     with Image(src_path) as s:
         res.size = s.size
         res.blocks = -(-s.size // block_size)
-        if s.qemu_lock() == "writer":
-            msg = (
-                f"{src_path}: a running VM has it open for writing; the copy is only crash-consistent "
-                "(snapshot the VM first, see docs/sync.md)"
-            )
-            log.warning("warning: %s", msg)
-            res.warnings.append(msg)
-        if not dst_path.exists() and not dst_path.is_symlink():
-            _sync_new(s, dst_path, res, progress, stop, workers, keep_cache)
-        else:
-            with Image(dst_path, write=not dry_run) as d:
-                _refuse(s, d, res, allow_shrink, force)
-                if not dry_run:
-                    d.lock_exclusive("sync")
-                _sync_existing(s, d, res, journal, undo, progress, stop, workers, keep_cache)
+        warn_if_written_by_vm(s, res)
+        with Replica(
+            dst_path,
+            source_of(s),
+            block_size=block_size,
+            dry_run=dry_run,
+            allow_shrink=allow_shrink,
+            force=force,
+            journal=journal,
+        ) as rep:
+            try:
+                _compare_into(s, rep, res, progress, stop, workers, keep_cache)
+                rep.finish(undo)
+            except BaseException as e:
+                rep.abort(keep_for_resume=isinstance(e, (Interrupted, KeyboardInterrupt)))
+                raise
+            res.take_replica(rep)
         if verify and not dry_run:
             res.verified = _verify(s, dst_path, block_size, workers)
             if not res.verified:
@@ -153,252 +175,70 @@ def sync(
     return res
 
 
-def _refuse(s: Image, d: Image, res: SyncResult, allow_shrink: bool, force: bool) -> None:
-    """Every reason to refuse before writing anything (exit 2)."""
-    if s.same_as(d):
-        raise ImageRefused(f"{d.path}: is the same file as {s.path}")
-    holder = d.qemu_lock()
-    if holder and not force:
-        raise ImageRefused(
-            f"{d.path}: a running VM (QEMU) holds this image open as {holder}; "
-            "stop it first, or use --force to write it anyway"
+def warn_if_written_by_vm(s: Image, res: SyncResult) -> None:
+    if s.qemu_lock() == "writer":
+        msg = (
+            f"{s.path}: a running VM has it open for writing; the copy is only crash-consistent "
+            "(snapshot the VM first, see docs/sync.md)"
         )
-    if d.is_block:
-        if d.size < s.size:
-            raise ImageRefused(f"{d.path}: device is {d.size} bytes, smaller than {s.path} ({s.size} bytes)")
-        res.dst_extra_bytes = d.size - s.size
-    elif d.size > s.size and not allow_shrink:
-        raise ImageRefused(
-            f"{d.path}: is {d.size} bytes, larger than {s.path} ({s.size} bytes); "
-            "use --allow-shrink to cut it to the source's size"
-        )
+        log.warning("warning: %s", msg)
+        res.warnings.append(msg)
 
 
-def _runs_bytes(chunk_offset: int, chunk_length: int, b0: int, b1: int, bs: int) -> tuple[int, int]:
+def run_bytes(chunk_offset: int, chunk_length: int, b0: int, b1: int, bs: int) -> tuple[int, int]:
+    """Byte (offset, length) of the run of blocks [b0, b1) of a chunk (the last block may be short)."""
     start = b0 * bs
     return chunk_offset + start, min(b1 * bs, chunk_length) - start
 
 
-def _sync_new(
+def stopped(rep: Replica, position: int, end: int) -> Interrupted:
+    state = "not created yet" if rep.created else "unchanged"
+    return Interrupted(
+        f"{rep.path}: {state}; stopped at {position} of {end} bytes; run the same command again to resume"
+    )
+
+
+def _compare_into(
     s: Image,
-    dst_path: Path,
+    rep: Replica,
     res: SyncResult,
     progress: Progress | None,
     stop: threading.Event | None,
     workers: int,
     keep_cache: bool,
 ) -> None:
-    """A missing replica: build it under a temporary name, then rename (atomic, resumable)."""
-    res.created = True
-    if not dst_path.parent.is_dir():
-        raise InvalidInput(f"{dst_path}: directory {dst_path.parent} does not exist")
+    """The local case: both images here, compared byte for byte, changes handed to the replica."""
     bs = res.block_size
-    if res.dry_run:
-        for chunk in scan(s, None, start=0, end=s.size, block_size=bs, dst_size=0, workers=workers):
-            _count(chunk.runs, chunk.offset, chunk.length, bs, res)
-            res.bytes_read += chunk.bytes_read
-            chunk.release()
-        return
-    tmp = dst_path.with_name(dst_path.name + NEW_SUFFIX)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, s.stat.st_mode & 0o777)
-        os.close(fd)
-    except OSError as e:
-        raise ImageError(f"{dst_path}: cannot create: {e.strerror}") from e
-    with Image(tmp, write=True) as d:
-        d.lock_exclusive("sync")
-        old = d.size
-        if old:
-            res.resumed_from = -1  # an earlier interrupted copy: compared, not copied again
-        d.truncate(s.size)
-        for chunk in scan(
-            s,
-            d,
-            start=0,
-            end=s.size,
-            block_size=bs,
-            dst_size=old,
-            workers=workers,
-            keep_cache=keep_cache,
-            stop=stop,
-        ):
-            try:
+    end = s.size
+    for chunk in scan(
+        s,
+        rep.image,
+        start=rep.resume_from,
+        end=end,
+        block_size=bs,
+        dst_size=rep.dst_size,
+        workers=workers,
+        keep_cache=keep_cache,
+        stop=stop,
+    ):
+        try:
+            if not rep.dry_run:
                 for b0, b1, zero in chunk.runs:
-                    off, n = _runs_bytes(chunk.offset, chunk.length, b0, b1, bs)
+                    off, n = run_bytes(chunk.offset, chunk.length, b0, b1, bs)
                     if zero:
-                        res.bytes_written += d.zero_range(off, n)
+                        rep.zero(off, n)
                     else:
                         rel = off - chunk.offset
-                        res.bytes_written += d.pwrite_all(chunk.src[rel : rel + n], off)
-                _count(chunk.runs, chunk.offset, chunk.length, bs, res)
-                res.bytes_read += chunk.bytes_read
-            finally:
-                chunk.release()
-            if progress:
-                progress(chunk.offset + chunk.length, s.size)
-            if stop is not None and stop.is_set() and chunk.offset + chunk.length < s.size:
-                raise Interrupted(
-                    f"{dst_path}: not created yet (partial copy kept in {tmp}); "
-                    "run the same command again to resume"
-                )
-        d.fsync()
-    os.replace(tmp, dst_path)
-    fsync_dir(dst_path.parent)
-
-
-def _count(runs: list[tuple[int, int, bool]], offset: int, length: int, bs: int, res: SyncResult) -> None:
-    for b0, b1, zero in runs:
-        res.changed += b1 - b0
-        if zero:
-            res.zero += b1 - b0
-
-
-def _sync_existing(
-    s: Image,
-    d: Image,
-    res: SyncResult,
-    journal: str | os.PathLike[str] | None,
-    undo: str | os.PathLike[str] | None,
-    progress: Progress | None,
-    stop: threading.Event | None,
-    workers: int,
-    keep_cache: bool,
-) -> None:
-    bs = res.block_size
-    jpath = Path(journal) if journal is not None else journal_path_for(d)
-    new_size = d.size if d.is_block else s.size
-    header = Header(
-        JOURNAL_MAGIC,
-        bs,
-        d.size,
-        new_size,
-        FLAG_SHRINK if new_size < d.size else 0,
-        s.size,
-        (*s.identity, s.stat.st_mtime_ns),
-        (*d.identity, d.stat.st_mtime_ns),
-    )
-    writer: JournalWriter | None = None
-    start = 0
-    if not res.dry_run:
-        if recover_image(d, jpath) is not None:
-            log.info("%s: completed the update an interrupted run had committed", d.path)
-            res.recovered = True
-            d.refresh_size()
-            header = _with_dst(header, d)
-        writer, start = _open_journal(jpath, header)
-        res.resumed_from = start
-    if new_size != d.size:
-        res.resized_from = d.size
-    try:
-        end = s.size
-        for chunk in scan(
-            s,
-            d,
-            start=start,
-            end=end,
-            block_size=bs,
-            dst_size=d.size,
-            workers=workers,
-            keep_cache=keep_cache,
-            stop=stop,
-        ):
-            try:
-                if writer is not None:
-                    for b0, b1, zero in chunk.runs:
-                        off, n = _runs_bytes(chunk.offset, chunk.length, b0, b1, bs)
-                        if zero:
-                            writer.zero(off, n)
-                        else:
-                            rel = off - chunk.offset
-                            writer.data(off, chunk.src[rel : rel + n])
-                    writer.checkpoint(chunk.offset + chunk.length)
-                _count(chunk.runs, chunk.offset, chunk.length, bs, res)
-                res.bytes_read += chunk.bytes_read
-            finally:
-                chunk.release()
-            if progress:
-                progress(chunk.offset + chunk.length, end)
-            if stop is not None and stop.is_set() and chunk.offset + chunk.length < end:
-                raise Interrupted(
-                    f"{d.path}: unchanged; stopped at {chunk.offset + chunk.length} of {end} bytes; "
-                    "run the same command again to resume"
-                )
-        if writer is None:
-            return
-        res.journal_bytes = writer.data_bytes
-        if not d.still_at_path():
-            raise ImageError(f"{d.path}: vanished or was replaced during the sync; nothing written")
-        if undo is not None:
-            res.undo_bytes = _write_undo(Path(undo), d, read_journal(jpath), header)
-        writer.commit()
-        writer.close()
-        res.bytes_written = replay(d, jpath, read_journal(jpath))
-    except BaseException as e:
-        if writer is not None:
-            writer.close()
-            if not writer.committed and not isinstance(e, (Interrupted, KeyboardInterrupt)):
-                remove_journal(jpath)  # dst untouched; do not leave a big file on a full disk
-        raise
-
-
-def _with_dst(header: Header, d: Image) -> Header:
-    return Header(
-        header.magic,
-        header.block_size,
-        d.size,
-        header.new_size,
-        FLAG_SHRINK if header.new_size < d.size else 0,
-        header.src_size,
-        header.src_id,
-        (*d.identity, d.stat.st_mtime_ns),
-    )
-
-
-def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
-    """A new journal, or the one an interrupted run left, if it is about the same two images."""
-    if jpath.exists():
-        try:
-            old = read_journal(jpath)
-        except JournalError as e:
-            log.warning("warning: %s; starting over", e)
-        else:
-            same = (
-                old.header.src_id == header.src_id
-                and old.header.dst_id == header.dst_id
-                and old.header.block_size == header.block_size
-                and old.header.new_size == header.new_size
-                and old.header.src_size == header.src_size
-                and old.checkpoint % CHUNK_SIZE == 0
-            )
-            if same and old.checkpoint:
-                log.info("resuming an interrupted sync at %d bytes", old.checkpoint)
-                writer = JournalWriter(
-                    jpath, old.header, resume_at=old.resume_at, seq=old.seq, data_bytes=old.data_bytes
-                )
-                return writer, old.checkpoint
-            log.info("%s: left by a sync of other images or an older source; starting over", jpath)
-        remove_journal(jpath)
-    return JournalWriter(jpath, header), 0
-
-
-def _write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -> int:
-    """Keep the old content of everything the journal will overwrite (durable before any write)."""
-    uheader = Header(UNDO_MAGIC, header.block_size, d.size, header.new_size, 0, dst_id=header.dst_id)
-    undo = JournalWriter(path, uheader)
-    try:
-        buf = bytearray(CHUNK_SIZE)
-        for rec, payload in iter_records(journal):
-            new_sum = checksum64(payload if payload is not None else bytes(rec.length))
-            view = memoryview(buf)[: rec.length]
-            d.read_into(view, rec.offset)
-            if not zero_blocks(view, 1 << 24).all():
-                undo.data(rec.offset, view, aux=new_sum)
-            else:
-                undo.zero(rec.offset, rec.length, aux=new_sum)
-        undo.commit()
-        return undo.data_bytes
-    finally:
-        undo.close()
+                        rep.data(off, chunk.src[rel : rel + n])
+                rep.end_chunk(chunk.offset + chunk.length)
+            res.count(chunk.runs)
+            res.bytes_read += chunk.bytes_read
+        finally:
+            chunk.release()
+        if progress:
+            progress(chunk.offset + chunk.length, end)
+        if stop is not None and stop.is_set() and chunk.offset + chunk.length < end:
+            raise stopped(rep, chunk.offset + chunk.length, end)
 
 
 def recover(dst: str | os.PathLike[str], *, journal: str | os.PathLike[str] | None = None) -> int | None:

@@ -1,0 +1,289 @@
+"""The receiving end of a sync, local or remote: refusals, the journal, resume, undo, apply.
+
+A ``Replica`` takes changed ranges (``data``/``zero``, a ``end_chunk`` after each
+chunk) and makes them reach the image crash-safely: through the redo journal for
+an existing image, or into ``DST.vimg-new`` renamed at the end for a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vimgtools.blocks import checksum64, zero_blocks
+from vimgtools.errors import ImageError, ImageRefused, InvalidInput, JournalError
+from vimgtools.image import Image, fsync_dir
+from vimgtools.sync.journal import (
+    FLAG_SHRINK,
+    JOURNAL_MAGIC,
+    UNDO_MAGIC,
+    Header,
+    JournalContents,
+    JournalWriter,
+    iter_records,
+    journal_path_for,
+    read_journal,
+    recover_image,
+    remove_journal,
+    replay,
+)
+from vimgtools.sync.scan import CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+log = logging.getLogger("vimgtools.sync")
+
+NEW_SUFFIX = ".vimg-new"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the replica needs to know of the source (which may be on another host)."""
+
+    size: int
+    identity: tuple[int, int, int] = (0, 0, 0)  # dev, ino, mtime_ns: an interrupted run resumes only for it
+    token: str = ""  # boot id + device + inode: refuses syncing a file onto itself, across ssh too
+    mode: int = 0o600
+
+
+class Replica:
+    """Open (or prepare to create) ``path`` to receive a copy of ``source``.
+
+    Every refusal happens here, before anything is written (ImageRefused / InvalidInput, exit 2).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        source: Source,
+        *,
+        block_size: int,
+        dry_run: bool = False,
+        allow_shrink: bool = False,
+        force: bool = False,
+        journal: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.source = source
+        self.block_size = block_size
+        self.dry_run = dry_run
+        self.created = False
+        self.resized_from: int | None = None
+        self.resume_from = 0
+        self.recovered = False
+        self.dst_extra_bytes = 0
+        self.bytes_written = 0
+        self.journal_bytes = 0
+        self.undo_bytes = 0
+        self.image: Image | None = None
+        self._writer: JournalWriter | None = None
+        self._tmp: Path | None = None
+        self.jpath: Path | None = None
+        if not self.path.exists() and not self.path.is_symlink():
+            self._prepare_new()
+        else:
+            self._prepare_existing(allow_shrink, force, journal)
+
+    @property
+    def dst_size(self) -> int:
+        """Size of what the source is compared with (beyond it, the replica reads as zeros)."""
+        return self._compare_size
+
+    # -- preparation ----------------------------------------------------
+    def _prepare_new(self) -> None:
+        self.created = True
+        self._compare_size = 0
+        if not self.path.parent.is_dir():
+            raise InvalidInput(f"{self.path}: directory {self.path.parent} does not exist")
+        if self.dry_run:
+            return
+        self._tmp = self.path.with_name(self.path.name + NEW_SUFFIX)
+        try:
+            os.close(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, self.source.mode & 0o777))
+        except OSError as e:
+            raise ImageError(f"{self.path}: cannot create: {e.strerror}") from e
+        img = self.image = Image(self._tmp, write=True)
+        img.lock_exclusive("sync")
+        self._compare_size = img.size  # an earlier interrupted copy is compared, not copied again
+        img.truncate(self.source.size)
+
+    def _prepare_existing(
+        self, allow_shrink: bool, force: bool, journal: str | os.PathLike[str] | None
+    ) -> None:
+        img = self.image = Image(self.path, write=not self.dry_run)
+        try:
+            self._refuse(img, allow_shrink, force)
+            if self.dry_run:
+                self._compare_size = img.size
+                return
+            img.lock_exclusive("sync")
+            self.jpath = Path(journal) if journal is not None else journal_path_for(img)
+            if recover_image(img, self.jpath) is not None:
+                log.info("%s: completed the update an interrupted run had committed", img.path)
+                self.recovered = True
+                img.refresh_size()
+                img.stat = os.fstat(img.fd)
+            self._compare_size = img.size
+            new_size = img.size if img.is_block else self.source.size
+            if new_size != img.size:
+                self.resized_from = img.size
+            header = Header(
+                JOURNAL_MAGIC,
+                self.block_size,
+                img.size,
+                new_size,
+                FLAG_SHRINK if new_size < img.size else 0,
+                self.source.size,
+                self.source.identity,
+                (*img.identity, img.stat.st_mtime_ns),
+            )
+            self._writer, self.resume_from = _open_journal(self.jpath, header)
+        except BaseException:
+            img.close()
+            raise
+
+    def _refuse(self, d: Image, allow_shrink: bool, force: bool) -> None:
+        if self.source.token and self.source.token == identity_token(d):
+            raise ImageRefused(f"{d.path}: is the same file as the source")
+        holder = d.qemu_lock()
+        if holder and not force:
+            raise ImageRefused(
+                f"{d.path}: a running VM (QEMU) holds this image open as {holder}; "
+                "stop it first, or use --force to write it anyway"
+            )
+        size = self.source.size
+        if d.is_block:
+            if d.size < size:
+                raise ImageRefused(
+                    f"{d.path}: device is {d.size} bytes, smaller than the source ({size} bytes)"
+                )
+            self.dst_extra_bytes = d.size - size
+        elif d.size > size and not allow_shrink:
+            raise ImageRefused(
+                f"{d.path}: is {d.size} bytes, larger than the source ({size} bytes); "
+                "use --allow-shrink to cut it to the source's size"
+            )
+
+    # -- receiving changes ----------------------------------------------
+    def data(self, offset: int, payload: Buffer) -> None:
+        if self._writer is not None:
+            self._writer.data(offset, payload)
+        elif self._tmp is not None and self.image is not None:
+            self.bytes_written += self.image.pwrite_all(payload, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        if self._writer is not None:
+            self._writer.zero(offset, length)
+        elif self._tmp is not None and self.image is not None:
+            self.bytes_written += self.image.zero_range(offset, length)
+
+    def end_chunk(self, position: int) -> None:
+        """Everything before ``position`` has been received: a resume point."""
+        if self._writer is not None:
+            self._writer.checkpoint(position)
+
+    # -- the end --------------------------------------------------------
+    def finish(self, undo: str | os.PathLike[str] | None = None) -> None:
+        """Make the update durable and visible: commit and apply the journal, or rename the new file."""
+        if self.dry_run or self.image is None:
+            return
+        img = self.image
+        if self._tmp is not None:
+            img.fsync()
+            os.replace(self._tmp, self.path)
+            fsync_dir(self.path.parent)
+            return
+        writer, jpath = self._writer, self.jpath
+        assert writer is not None and jpath is not None
+        self.journal_bytes = writer.data_bytes
+        if not img.still_at_path():
+            raise ImageError(f"{img.path}: vanished or was replaced during the sync; nothing written")
+        if undo is not None:
+            self.undo_bytes = _write_undo(Path(undo), img, read_journal(jpath), writer.header)
+        writer.commit()
+        writer.close()
+        self.bytes_written = replay(img, jpath, read_journal(jpath))
+
+    def abort(self, *, keep_for_resume: bool) -> None:
+        """Give up before the commit: the image is untouched. Keep the journal only to resume."""
+        writer = self._writer
+        if writer is not None:
+            writer.close()
+            if not writer.committed and not keep_for_resume and self.jpath is not None:
+                remove_journal(self.jpath)  # do not leave a big file on a full disk
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self.image is not None:
+            self.image.close()
+
+    def __enter__(self) -> Replica:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def identity_token(img: Image) -> str:
+    """Names one file on one running system: boot id, device, inode (or rdev for devices)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = os.uname().nodename
+    return f"{boot}:{img.identity[0]}:{img.identity[1]}"
+
+
+def source_of(img: Image) -> Source:
+    return Source(img.size, (*img.identity, img.stat.st_mtime_ns), identity_token(img), img.stat.st_mode)
+
+
+def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
+    """A new journal, or the one an interrupted run left, if it is about the same two images."""
+    if jpath.exists():
+        try:
+            old = read_journal(jpath)
+        except JournalError as e:
+            log.warning("warning: %s; starting over", e)
+        else:
+            same = (
+                old.header.src_id == header.src_id
+                and old.header.dst_id == header.dst_id
+                and old.header.block_size == header.block_size
+                and old.header.new_size == header.new_size
+                and old.header.src_size == header.src_size
+                and old.checkpoint % CHUNK_SIZE == 0
+            )
+            if same and old.checkpoint:
+                log.info("resuming an interrupted sync at %d bytes", old.checkpoint)
+                writer = JournalWriter(
+                    jpath, old.header, resume_at=old.resume_at, seq=old.seq, data_bytes=old.data_bytes
+                )
+                return writer, old.checkpoint
+            log.info("%s: left by a sync of other images or an older source; starting over", jpath)
+        remove_journal(jpath)
+    return JournalWriter(jpath, header), 0
+
+
+def _write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -> int:
+    """Keep the old content of everything the journal will overwrite (durable before any write)."""
+    uheader = Header(UNDO_MAGIC, header.block_size, d.size, header.new_size, 0, dst_id=header.dst_id)
+    undo = JournalWriter(path, uheader)
+    try:
+        buf = bytearray(CHUNK_SIZE)
+        for rec, payload in iter_records(journal):
+            new_sum = checksum64(payload if payload is not None else bytes(rec.length))
+            view = memoryview(buf)[: rec.length]
+            d.read_into(view, rec.offset)
+            if not zero_blocks(view, 1 << 24).all():
+                undo.data(rec.offset, view, aux=new_sum)
+            else:
+                undo.zero(rec.offset, rec.length, aux=new_sum)
+        undo.commit()
+        return undo.data_bytes
+    finally:
+        undo.close()

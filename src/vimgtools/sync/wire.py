@@ -1,0 +1,168 @@
+"""The sync wire protocol: small checksummed frames over a pipe (ssh's stdin/stdout).
+
+Every frame is ``FRAME`` (magic, type, payload length) + payload + XXH3-64 of both.
+A frame longer than ``MAX_PAYLOAD`` is refused before anything is allocated; a
+peer silent for longer than the timeout is given up on. See docs/remote.md.
+
+Conversation (the client starts the far side with ``python3 -m vimgtools.sync --server``):
+
+    client -> server   HELLO    json: version, role of the server, path, block size, hash, seed, ...
+    server -> client   READY    json: image size, resume position, ...   (or ERROR json: message, exit code)
+    receiver -> sender DIGESTS  offset, then one digest per block of a chunk | HOLES offset, length
+    sender -> receiver DATA     offset + bytes | ZERO offset, length | CHUNK_END offset
+    sender -> receiver DONE     json: figures of the sender
+    receiver -> sender RESULT   json: figures of the receiver (or ERROR)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vimgtools.blocks import checksum64
+from vimgtools.errors import TransportError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+WIRE_MAGIC = b"VIMGSYNC"
+WIRE_VERSION = 1
+FRAME_MAGIC = b"VS"
+FRAME = struct.Struct("<2sBxI")  # magic, type, payload length
+_SUM = struct.Struct("<Q")
+MAX_PAYLOAD = (8 << 20) + 64  # one chunk of data plus its offset
+DEFAULT_TIMEOUT = 300.0
+
+HELLO, READY, ERROR, DIGESTS, HOLES, DATA, ZERO, CHUNK_END, DONE, RESULT = range(1, 11)
+NAMES = {
+    HELLO: "HELLO",
+    READY: "READY",
+    ERROR: "ERROR",
+    DIGESTS: "DIGESTS",
+    HOLES: "HOLES",
+    DATA: "DATA",
+    ZERO: "ZERO",
+    CHUNK_END: "CHUNK_END",
+    DONE: "DONE",
+    RESULT: "RESULT",
+}
+OFFSET = struct.Struct("<Q")
+RANGE = struct.Struct("<QQ")
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    received: int = 0
+
+
+class Channel:
+    """Frames over a pair of file descriptors (one reader thread, one writer thread at most)."""
+
+    def __init__(self, rfd: int, wfd: int, *, peer: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.peer = peer
+        self.timeout = timeout
+        self.counters = Counters()
+        self._buf = bytearray()
+
+    # -- sending --------------------------------------------------------
+    def send(self, ftype: int, *parts: Buffer) -> None:
+        length = sum(len(memoryview(p)) for p in parts)
+        if length > MAX_PAYLOAD:
+            raise ValueError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+        head = FRAME.pack(FRAME_MAGIC, ftype, length)
+        body = b"".join([head, *(bytes(memoryview(p)) for p in parts)]) if length < 65536 else None
+        if body is not None:
+            self._write_all(body + _SUM.pack(checksum64(body)))
+        else:
+            joined = bytearray(head)
+            for p in parts:
+                joined += memoryview(p)
+            self._write_all(memoryview(joined))
+            self._write_all(_SUM.pack(checksum64(joined)))
+        self.counters.sent += FRAME.size + length + _SUM.size
+
+    def send_json(self, ftype: int, obj: dict[str, Any]) -> None:
+        self.send(ftype, json.dumps(obj, sort_keys=True).encode())
+
+    def _write_all(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except BrokenPipeError:
+                raise TransportError(f"{self.peer}: connection closed by the far side") from None
+            except OSError as e:
+                raise TransportError(f"{self.peer}: sending: {e.strerror}") from e
+            view = view[n:]
+
+    # -- receiving ------------------------------------------------------
+    def _fill(self, want: int) -> None:
+        while len(self._buf) < want:
+            ready, _, _ = select.select([self.rfd], [], [], self.timeout)
+            if not ready:
+                raise TransportError(f"{self.peer}: no data for {self.timeout:.0f} s; giving up")
+            chunk = os.read(self.rfd, max(want - len(self._buf), 1 << 20))
+            if not chunk:
+                raise TransportError(f"{self.peer}: connection closed in the middle of the conversation")
+            self._buf += chunk
+
+    def recv(self, *expected: int) -> tuple[int, memoryview]:
+        """The next frame, checked; ``expected`` limits which types are acceptable here."""
+        self._fill(FRAME.size)
+        magic, ftype, length = FRAME.unpack_from(self._buf)
+        if magic != FRAME_MAGIC:
+            raise TransportError(f"{self.peer}: garbage on the wire (not a vimgtools.sync peer?)")
+        if length > MAX_PAYLOAD:
+            raise TransportError(f"{self.peer}: refused a frame of {length} bytes (limit {MAX_PAYLOAD})")
+        total = FRAME.size + length + _SUM.size
+        self._fill(total)
+        frame = bytes(self._buf[:total])
+        del self._buf[:total]
+        (stored,) = _SUM.unpack_from(frame, FRAME.size + length)
+        if checksum64(frame[: FRAME.size + length]) != stored:
+            raise TransportError(f"{self.peer}: frame checksum mismatch (corrupted stream)")
+        self.counters.received += total
+        payload = memoryview(frame)[FRAME.size : FRAME.size + length]
+        if ftype == ERROR and ERROR not in expected:
+            raise remote_error(self.peer, payload)
+        if expected and ftype not in expected:
+            want = "/".join(NAMES.get(t, str(t)) for t in expected)
+            raise TransportError(
+                f"{self.peer}: protocol error: got {NAMES.get(ftype, ftype)}, expected {want}"
+            )
+        return ftype, payload
+
+    def recv_json(self, *expected: int) -> tuple[int, dict[str, Any]]:
+        ftype, payload = self.recv(*expected)
+        try:
+            obj = json.loads(bytes(payload))
+        except ValueError as e:
+            raise TransportError(f"{self.peer}: malformed {NAMES.get(ftype, ftype)} message") from e
+        if not isinstance(obj, dict):
+            raise TransportError(f"{self.peer}: malformed {NAMES.get(ftype, ftype)} message")
+        return ftype, obj
+
+
+def remote_error(peer: str, payload: Buffer) -> Exception:
+    """An ERROR frame becomes the same exception class on this side, named after the peer."""
+    from vimgtools import errors
+
+    try:
+        obj = json.loads(bytes(memoryview(payload)))
+        cls = getattr(errors, str(obj.get("class", "")), None)
+        message = str(obj.get("message", "unknown error"))
+    except ValueError:
+        cls, message = None, "unreadable error message"
+    if not (isinstance(cls, type) and issubclass(cls, errors.VimgError)):
+        cls = TransportError
+    return cls(f"{peer}: {message}")
+
+
+def error_payload(e: Exception) -> dict[str, Any]:
+    return {"class": type(e).__name__, "message": str(e), "exit_code": getattr(e, "exit_code", 1)}
