@@ -14,11 +14,12 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 _DB = DirectoryBasedExampleDatabase(Path(__file__).resolve().parents[2] / ".cache" / "hypothesis")
 # Buffers of up to a few MiB are built per example: slow by hypothesis's standards, fine here.
-_COMMON = {
-    "database": _DB,
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-}
-settings.register_profile("default", max_examples=60, **_COMMON)
-settings.register_profile("thorough", max_examples=1000, **_COMMON)
+for _name, _examples in (("default", 60), ("thorough", 1000)):
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        database=_DB,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
