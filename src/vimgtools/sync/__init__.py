@@ -34,6 +34,7 @@ from vimgtools.sync.journal import (
     remove_journal,
     replay,
 )
+from vimgtools.sync.remote import split_remote, sync_remote
 from vimgtools.sync.replica import Replica, source_of
 from vimgtools.sync.scan import CHUNK_SIZE, scan
 
@@ -95,7 +96,7 @@ class SyncResult:
         self.undo_bytes = rep.undo_bytes
 
 
-def _check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int) -> None:
     try:
         zero_blocks(b"", block_size)
     except (ValueError, TypeError) as e:
@@ -117,6 +118,10 @@ def sync(
     stop: threading.Event | None = None,
     workers: int = 2,
     keep_cache: bool = False,
+    checksum: str = "xxh128",
+    rsh: str = "ssh",
+    remote_python: str = "python3",
+    timeout: float = 300.0,
 ) -> SyncResult:
     """Make ``dst`` a byte-identical copy of ``src``, writing only what differs.
 
@@ -134,6 +139,12 @@ def sync(
         stop: when set, stop at the next chunk boundary (resumable) and raise ``Interrupted``.
         workers: reader threads.
         keep_cache: keep the pages this run brought into the page cache.
+        checksum: remote only: block digest, ``"xxh128"`` (seeded per session) or ``"blake2b"`` (keyed).
+        rsh: remote only: the command that reaches the host (``ssh`` by default), split like a shell would.
+        remote_python: remote only: the Python that runs ``-m vimgtools.sync --server`` there.
+        timeout: remote only: seconds of silence from the far side before giving up.
+
+    Either ``src`` or ``dst`` may be ``[user@]host:path`` (see ``vimgtools.sync.remote``).
 
     Returns:
         A ``SyncResult`` with the figures.
@@ -144,7 +155,23 @@ def sync(
         Interrupted: stopped by ``stop``; run again to resume.
     """
     t0 = time.monotonic()
-    _check_block_size(block_size)
+    check_block_size(block_size)
+    if split_remote(str(src))[0] or split_remote(str(dst))[0]:
+        res = SyncResult(str(src), str(dst), block_size, dry_run=dry_run)
+        options = {
+            "dry_run": dry_run,
+            "undo": None if undo is None else str(undo),
+            "allow_shrink": allow_shrink,
+            "force": force,
+            "journal": None if journal is None else str(journal),
+            "keep_cache": keep_cache,
+        }
+        sync_remote(
+            str(src), str(dst), res, checksum=checksum, rsh=rsh, remote_python=remote_python,
+            timeout=timeout, options=options, progress=progress, stop=stop,
+        )  # fmt: skip
+        res.seconds = time.monotonic() - t0
+        return res
     src_path, dst_path = Path(src), Path(dst)
     res = SyncResult(str(src_path), str(dst_path), block_size, dry_run=dry_run)
     with Image(src_path) as s:

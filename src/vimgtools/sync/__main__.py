@@ -12,6 +12,7 @@ from types import FrameType
 from vimgtools import _cli
 from vimgtools.errors import InvalidInput
 from vimgtools.sync import SyncResult, recover, rollback, sync
+from vimgtools.sync.remote import serve
 
 log = logging.getLogger("vimgtools.sync")
 
@@ -37,6 +38,8 @@ examples:
   python -m vimgtools.sync --json --undo /backup/mail.undo /dev/vg0/mail /dev/vg1/mail
   python -m vimgtools.sync --recover /backup/mail.img
   python -m vimgtools.sync --rollback /backup/mail.img --undo /backup/mail.undo
+  python -m vimgtools.sync /dev/vg0/mail backup@dr-host:/dev/vg1/mail         (push over ssh)
+  python -m vimgtools.sync -e "ssh -p 2222" dr-host:/srv/mail.img /srv/mail.img (pull)
 
 """
     + _cli.EXIT_CODES_HELP
@@ -69,6 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep what this run reads in the page cache (default: evict what it brought in)",
     )
+    r = p.add_argument_group("remote (SRC or DST as [USER@]HOST:PATH; see docs/remote.md)")
+    r.add_argument(
+        "-e",
+        "--rsh",
+        default="ssh",
+        metavar="CMD",
+        help='command that reaches HOST, as in rsync (default: ssh), e.g. "ssh -p 2222 -i key"',
+    )
+    r.add_argument(
+        "--remote-python",
+        default="python3",
+        metavar="PY",
+        help="the Python on HOST that has vimgtools (default: python3)",
+    )
+    r.add_argument(
+        "--checksum",
+        choices=("xxh128", "blake2b"),
+        default="xxh128",
+        help="block digest: xxh128 with a random per-run seed (default), or keyed BLAKE2b "
+        "for replicas of guests whose owners are not trusted",
+    )
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up when the far side is silent this long (default: 300)",
+    )
+    r.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recover", metavar="DST", help="complete an update an interrupted run committed")
     p.add_argument("--rollback", metavar="DST", help="restore DST from the --undo FILE of a previous sync")
     bar = p.add_mutually_exclusive_group()
@@ -101,6 +133,8 @@ def _summary(r: SyncResult) -> str:
     ]
     if r.journal_bytes:
         parts.append(f"journal {h(r.journal_bytes)}")
+    if r.bytes_sent is not None:
+        parts.append(f"sent {h(r.bytes_sent)}, received {h(r.bytes_received or 0)}")
     if r.created:
         parts.append("created")
     if r.resized_from is not None:
@@ -116,6 +150,9 @@ def _summary(r: SyncResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.server:  # the far end of a remote sync: the protocol on stdin/stdout, logs on stderr
+        _cli.setup_logging(args.verbose, quiet=True)
+        return serve(timeout=args.timeout)
     _cli.setup_logging(args.verbose, args.quiet)
     if args.recover:
         if args.images:
@@ -157,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             keep_cache=args.keep_cache,
             progress=bar,
             stop=stop,
+            checksum=args.checksum,
+            rsh=args.rsh,
+            remote_python=args.remote_python,
+            timeout=args.timeout,
         )
     except InvalidInput:
         raise

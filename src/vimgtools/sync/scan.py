@@ -125,6 +125,22 @@ def scan(
                         f.result().release()
 
 
+def read_chunk(img: Image, offset: int, view: memoryview, keep_cache: bool) -> int:
+    """Fill ``view`` with the image from ``offset``: data extents read, holes zero-filled."""
+    length = len(view)
+    pos = 0
+    read = 0
+    for start, n in img.data_in(offset, length):
+        rel = start - offset
+        if rel > pos:
+            view[pos:rel] = _ZEROS[: rel - pos]
+        read += _read(img, view[rel : rel + n], start, keep_cache)
+        pos = rel + n
+    if pos < length:
+        view[pos:] = _ZEROS[: length - pos]
+    return read
+
+
 SEGMENT = 1 << 20  # compare in pieces that stay in the CPU cache between read and compare
 
 

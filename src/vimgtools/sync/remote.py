@@ -1,0 +1,603 @@
+"""Sync with an image on another host: ``ssh HOST python3 -m vimgtools.sync --server``.
+
+Each end reads and hashes its own image; the receiver (the end with DST) streams
+the digests of its blocks, the sender (the end with SRC) answers with the blocks
+that differ. The receiver writes them through the same ``Replica`` as a local sync
+(journal, resume, hole punching, size rules). Paths travel inside the protocol,
+never on a shell command line; the host is one argv element for ssh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import secrets
+import shlex
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vimgtools.blocks import changed_runs, hash_blocks, zero_blocks
+from vimgtools.errors import Interrupted, InvalidInput, TransportError, VimgError
+from vimgtools.image import Image
+from vimgtools.sync.replica import Replica, Source, source_of
+from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
+from vimgtools.sync.wire import (
+    CHUNK_END,
+    DATA,
+    DIGESTS,
+    DONE,
+    ERROR,
+    HELLO,
+    HOLES,
+    OFFSET,
+    RANGE,
+    READY,
+    RESULT,
+    WIRE_MAGIC,
+    WIRE_VERSION,
+    ZERO,
+    Channel,
+    error_payload,
+)
+
+log = logging.getLogger("vimgtools.sync")
+
+CHECKSUMS = ("xxh128", "blake2b")
+DIGEST_BYTES = 16
+_ZEROS = memoryview(bytes(CHUNK_SIZE))
+_REMOTE = re.compile(r"^(?P<host>(?:[^@/:\s]+@)?(?:\[[^\]/]+\]|[^:/\s\[\]]+)):(?P<path>.*)$")
+
+
+def split_remote(spec: str) -> tuple[str | None, str]:
+    """``[user@]host:path`` -> (host, path); anything else (``./a:b``, ``/x``) is a local path.
+
+    Like rsync: a colon before the first slash makes it remote.
+    """
+    m = _REMOTE.match(spec)
+    if not m or spec.startswith(("/", "./", "../")):
+        return None, spec
+    host, path = m.group("host"), m.group("path")
+    if host.startswith("-") or host.split("@")[-1].startswith("-"):
+        raise InvalidInput(f"{spec}: a host name cannot start with '-'")
+    if not path:
+        raise InvalidInput(f"{spec}: no path after the host name")
+    return host, path
+
+
+# -- digests --------------------------------------------------------------
+def block_digests(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
+    """One 128-bit digest per block: (n, 2) uint64. XXH3-128 seeded, or keyed BLAKE2b."""
+    if checksum == "xxh128":
+        return hash_blocks(view, bs, "xxh128", int.from_bytes(key[:8], "little"))
+    out = bytearray()
+    for i in range(0, len(view), bs):  # hashlib releases the GIL on each block
+        out += hashlib.blake2b(view[i : i + bs], digest_size=DIGEST_BYTES, key=key).digest()
+    return np.frombuffer(bytes(out), dtype=np.uint64).reshape(-1, 2)
+
+
+def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
+    """Digests of ``length`` zero bytes, computed from one block instead of hashing them all."""
+    n = -(-length // bs)
+    full = block_digests(_ZEROS[:bs], bs, checksum, key)[0]
+    out = np.tile(full, (n, 1))
+    if length % bs:
+        out[-1] = block_digests(_ZEROS[: length % bs], bs, checksum, key)[0]
+    return out
+
+
+# -- the transport ----------------------------------------------------------
+@dataclass
+class Peer:
+    """The far side: a process speaking the protocol on its stdin/stdout."""
+
+    host: str
+    proc: subprocess.Popen[bytes]
+    channel: Channel
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+    @classmethod
+    def start(cls, host: str, rsh: str, remote_python: str, timeout: float) -> Peer:
+        argv = [*shlex.split(rsh), host, f"{shlex.quote(remote_python)} -m vimgtools.sync --server"]
+        log.debug("starting %s", argv)
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as e:
+            raise InvalidInput(f"--rsh {rsh!r}: cannot run {argv[0]}: {e.strerror}") from e
+        assert proc.stdin is not None and proc.stdout is not None
+        peer = cls(host, proc, Channel(proc.stdout.fileno(), proc.stdin.fileno(), peer=host, timeout=timeout))
+        threading.Thread(target=peer._drain_stderr, daemon=True).start()
+        return peer
+
+    def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.stderr_tail.append(line)
+            log.debug("%s: %s", self.host, line)
+
+    def explain(self, e: TransportError) -> TransportError:
+        """Add what the far side printed (e.g. "No module named vimgtools") to a transport error."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        time.sleep(0.05)
+        said = " | ".join(line for line in self.stderr_tail if line)[-500:]
+        if "No module named" in said:
+            return TransportError(f"{self.host}: vimgtools is not installed for the remote Python ({said})")
+        return TransportError(f"{e}{' (remote said: ' + said + ')' if said else ''}")
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+# -- the two roles ----------------------------------------------------------
+@dataclass
+class Session:
+    """What both ends agreed on in HELLO/READY."""
+
+    block_size: int
+    checksum: str
+    key: bytes
+    start: int
+    end: int
+
+
+@dataclass
+class Figures:
+    bytes_read: int = 0
+    changed: int = 0
+    zero: int = 0
+
+
+def run_sender(
+    img: Image,
+    ch: Channel,
+    sess: Session,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+    keep_cache: bool = False,
+    dry_run: bool = False,
+) -> Figures:
+    """Read and hash SRC chunk by chunk, compare with the receiver's digests, send what differs."""
+    bs, fig = sess.block_size, Figures()
+    if not keep_cache:
+        img.no_readahead()
+
+    def prepare(offset: int) -> tuple[int, memoryview | None, Any, Any]:
+        length = min(CHUNK_SIZE, sess.end - offset)
+        if img.is_hole(offset, length):
+            return offset, None, None, None
+        buf = memoryview(bytearray(length))
+        fig.bytes_read += read_chunk(img, offset, buf, keep_cache)
+        return offset, buf, block_digests(buf, bs, sess.checksum, sess.key), zero_blocks(buf, bs)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vimg-hash") as ex:
+        ahead: deque[Future[tuple[int, memoryview | None, Any, Any]]] = deque()
+        offsets = iter(range(sess.start, sess.end, CHUNK_SIZE))
+        for off in offsets:
+            ahead.append(ex.submit(prepare, off))
+            if len(ahead) >= 3:
+                break
+        while ahead:
+            offset, buf, mine, zero = ahead.popleft().result()
+            nxt = next(offsets, None)
+            if nxt is not None:
+                ahead.append(ex.submit(prepare, nxt))
+            length = min(CHUNK_SIZE, sess.end - offset)
+            theirs = _recv_digests(ch, offset, length, bs)
+            nblocks = -(-length // bs)
+            if buf is None:  # our chunk is a hole: what the receiver has must become zeros
+                if theirs is None:
+                    changed = np.empty(0, dtype=np.int64)
+                else:
+                    holes = hole_digests(length, bs, sess.checksum, sess.key)
+                    changed = np.flatnonzero((theirs != holes).any(axis=1)).astype(np.int64)
+                runs = changed_runs(changed, np.ones(len(changed), dtype=np.bool_))
+            else:
+                if theirs is None:  # the receiver has a hole: all we have that is not zero
+                    changed = np.flatnonzero(~zero).astype(np.int64)
+                else:
+                    changed = np.flatnonzero((theirs != mine).any(axis=1)).astype(np.int64)
+                runs = changed_runs(changed, zero[changed])
+            assert len(changed) <= nblocks
+            for b0, b1, is_zero in runs:
+                fig.changed += b1 - b0
+                fig.zero += (b1 - b0) if is_zero else 0
+                if dry_run:
+                    continue
+                off = offset + b0 * bs
+                n = min(b1 * bs, length) - b0 * bs
+                if is_zero:
+                    ch.send(ZERO, RANGE.pack(off, n))
+                else:
+                    assert buf is not None
+                    ch.send(DATA, OFFSET.pack(off), buf[off - offset : off - offset + n])
+            ch.send(CHUNK_END, OFFSET.pack(offset + length))
+            if progress:
+                progress(offset + length, sess.end)
+            if stop is not None and stop.is_set() and offset + length < sess.end:
+                raise Interrupted(
+                    f"stopped at {offset + length} of {sess.end} bytes; run the same command again to resume"
+                )
+    return fig
+
+
+def _recv_digests(ch: Channel, offset: int, length: int, bs: int) -> npt.NDArray[np.uint64] | None:
+    ftype, payload = ch.recv(DIGESTS, HOLES)
+    if ftype == HOLES:
+        if len(payload) != RANGE.size or RANGE.unpack(payload) != (offset, length):
+            raise TransportError(f"{ch.peer}: HOLES for the wrong range")
+        return None
+    (got,) = OFFSET.unpack_from(payload)
+    want = -(-length // bs) * DIGEST_BYTES
+    if got != offset or len(payload) - OFFSET.size != want:
+        raise TransportError(f"{ch.peer}: digests for the wrong chunk (offset {got}, {len(payload)} bytes)")
+    return np.frombuffer(payload[OFFSET.size :], dtype=np.uint64).reshape(-1, 2)
+
+
+def run_receiver(
+    rep: Replica,
+    ch: Channel,
+    sess: Session,
+    *,
+    keep_cache: bool = False,
+    stop: threading.Event | None = None,
+) -> tuple[Figures, dict[str, Any]]:
+    """Stream DST's digests to the sender while taking its changes into the replica.
+
+    Every offset and length from the sender is checked against the chunk being sent:
+    a hostile or broken peer cannot make us write outside the image.
+    """
+    bs, fig = sess.block_size, Figures()
+    img = rep.image
+    failure: list[BaseException] = []
+    if img is not None and not keep_cache:
+        img.no_readahead()
+
+    def digests() -> None:
+        try:
+            for offset in range(sess.start, sess.end, CHUNK_SIZE):
+                length = min(CHUNK_SIZE, sess.end - offset)
+                inside = max(0, min(length, rep.dst_size - offset))
+                if img is None or inside == 0 or img.is_hole(offset, inside):
+                    ch.send(HOLES, RANGE.pack(offset, length))
+                    continue
+                buf = memoryview(bytearray(length))
+                fig.bytes_read += read_chunk(img, offset, buf[:inside], keep_cache)
+                ch.send(
+                    DIGESTS, OFFSET.pack(offset), block_digests(buf, bs, sess.checksum, sess.key).tobytes()
+                )
+        except BaseException as e:  # reported by the main loop
+            failure.append(e)
+
+    t = threading.Thread(target=digests, name="vimg-digests", daemon=True)
+    t.start()
+    chunk = sess.start
+    while True:
+        ftype, payload = ch.recv(DATA, ZERO, CHUNK_END, DONE)
+        if ftype == DONE:
+            if chunk < sess.end:
+                raise TransportError(f"{ch.peer}: DONE before the end ({chunk} of {sess.end} bytes)")
+            try:
+                done = json.loads(bytes(payload))
+            except ValueError:
+                done = None
+            if not isinstance(done, dict):
+                raise TransportError(f"{ch.peer}: malformed DONE message")
+            break
+        chunk_end = min(chunk + CHUNK_SIZE, sess.end)
+        if chunk >= sess.end:
+            raise TransportError(f"{ch.peer}: data past the end of the image")
+        if ftype == CHUNK_END:
+            if len(payload) != OFFSET.size or OFFSET.unpack(payload)[0] != chunk_end:
+                raise TransportError(f"{ch.peer}: chunk end out of order")
+            rep.end_chunk(chunk_end)
+            chunk = chunk_end
+            if stop is not None and stop.is_set() and chunk < sess.end:
+                raise Interrupted(
+                    f"{rep.path}: unchanged; stopped at {chunk} of {sess.end} bytes; "
+                    "run the same command again to resume"
+                )
+            continue
+        if ftype == DATA:
+            if len(payload) <= OFFSET.size:
+                raise TransportError(f"{ch.peer}: empty DATA frame")
+            (off,) = OFFSET.unpack_from(payload)
+            n = len(payload) - OFFSET.size
+        else:
+            if len(payload) != RANGE.size:
+                raise TransportError(f"{ch.peer}: malformed ZERO frame")
+            off, n = RANGE.unpack(payload)
+        if off % bs or not (chunk <= off and n > 0 and off + n <= chunk_end):
+            raise TransportError(
+                f"{ch.peer}: refused a write of {n} bytes at offset {off}, outside the chunk "
+                f"[{chunk}, {chunk_end}) being sent"
+            )
+        fig.changed += -(-n // bs)
+        if ftype == DATA:
+            rep.data(off, payload[OFFSET.size :])
+        else:
+            fig.zero += -(-n // bs)
+            rep.zero(off, n)
+    t.join()
+    if failure:
+        raise failure[0]
+    return fig, done
+
+
+# -- the client ---------------------------------------------------------------
+def hello(
+    role: str, path: str, sess: Session, options: dict[str, Any], source: Source | None
+) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "magic": WIRE_MAGIC.decode(),
+        "version": WIRE_VERSION,
+        "role": role,
+        "path": path,
+        "block_size": sess.block_size,
+        "chunk_size": CHUNK_SIZE,
+        "checksum": sess.checksum,
+        "key": sess.key.hex(),
+        "options": options,
+    }
+    if source is not None:
+        msg["source"] = source_to_json(source)
+    return msg
+
+
+def source_to_json(s: Source) -> dict[str, Any]:
+    return {"size": s.size, "identity": list(s.identity), "token": s.token, "mode": s.mode}
+
+
+def source_from_json(obj: Any, peer: str) -> Source:
+    try:
+        size, ident = int(obj["size"]), tuple(int(x) for x in obj["identity"])
+        if size < 0 or len(ident) != 3:
+            raise ValueError
+        return Source(size, (ident[0], ident[1], ident[2]), str(obj["token"]), int(obj["mode"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise TransportError(f"{peer}: malformed source description") from e
+
+
+def new_session(block_size: int, checksum: str, start: int, end: int) -> Session:
+    if checksum not in CHECKSUMS:
+        raise InvalidInput(f"--checksum {checksum!r}: known are {', '.join(CHECKSUMS)}")
+    # A fresh random key each session: collisions cannot be prepared in advance.
+    return Session(block_size, checksum, secrets.token_bytes(32), start, end)
+
+
+def failure_payload(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, VimgError):
+        return error_payload(e)
+    return {"class": "TransportError", "message": f"internal error: {type(e).__name__}: {e}", "exit_code": 1}
+
+
+def send_error(ch: Channel, e: BaseException) -> None:
+    with contextlib.suppress(TransportError, OSError):
+        ch.send_json(ERROR, failure_payload(e))
+
+
+def sync_remote(
+    src: str,
+    dst: str,
+    res: Any,
+    *,
+    checksum: str = "xxh128",
+    rsh: str = "ssh",
+    remote_python: str = "python3",
+    timeout: float = 300.0,
+    options: dict[str, Any],
+    progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Push (DST remote) or pull (SRC remote), filling ``res`` (a SyncResult)."""
+    host_s, path_s = split_remote(src)
+    host_d, path_d = split_remote(dst)
+    if host_s and host_d:
+        raise InvalidInput(f"{src}, {dst}: both are remote; one side must be on this host")
+    host = host_d or host_s
+    assert host is not None
+    keep_cache = bool(options.get("keep_cache"))
+    if host_d:  # push: we send SRC
+        with Image(Path(path_s)) as img:
+            res.size, res.blocks = img.size, -(-img.size // res.block_size)
+            from vimgtools.sync import warn_if_written_by_vm
+
+            warn_if_written_by_vm(img, res)
+            sess = new_session(res.block_size, checksum, 0, img.size)
+            peer = Peer.start(host, rsh, remote_python, timeout)
+            try:
+                ch = peer.channel
+                ch.send_json(HELLO, hello("receiver", path_d, sess, options, source_of(img)))
+                _, ready = ch.recv_json(READY)
+                sess.start = _resume_point(ready, sess, host)
+                fig = run_sender(
+                    img, ch, sess, progress=progress, stop=stop, keep_cache=keep_cache,
+                    dry_run=bool(options.get("dry_run")),
+                )  # fmt: skip
+                ch.send_json(DONE, {"bytes_read": fig.bytes_read})
+                _, result = ch.recv_json(RESULT)
+            except TransportError as e:
+                raise peer.explain(e) from e
+            finally:
+                peer.close()
+        res.changed, res.zero = fig.changed, fig.zero
+        res.bytes_read = fig.bytes_read + _int(result, "bytes_read")
+        for key in ("bytes_written", "journal_bytes", "undo_bytes", "resumed_from", "dst_extra_bytes"):
+            setattr(res, key, _int(result, key))
+        res.created, res.recovered = bool(result.get("created")), bool(result.get("recovered"))
+        res.resized_from = result.get("resized_from")
+    else:  # pull: we receive into DST
+        sess = new_session(res.block_size, checksum, 0, 0)
+        peer = Peer.start(host, rsh, remote_python, timeout)
+        try:
+            ch = peer.channel
+            ch.send_json(HELLO, hello("sender", path_s, sess, options, None))
+            _, ready = ch.recv_json(READY)
+            source = source_from_json(ready.get("source"), host)
+            res.size, res.blocks = source.size, -(-source.size // res.block_size)
+            sess.end = source.size
+            with Replica(
+                Path(path_d), source, block_size=res.block_size, dry_run=bool(options.get("dry_run")),
+                allow_shrink=bool(options.get("allow_shrink")), force=bool(options.get("force")),
+                journal=options.get("journal"),
+            ) as rep:  # fmt: skip
+                sess.start = rep.resume_from
+                ch.send_json(READY, {"resume_from": rep.resume_from})
+                try:
+                    fig, done = run_receiver(rep, ch, sess, keep_cache=keep_cache, stop=stop)
+                    rep.finish(options.get("undo"))
+                    ch.send_json(RESULT, {"bytes_written": rep.bytes_written})
+                except BaseException as e:
+                    resumable = isinstance(e, (Interrupted, KeyboardInterrupt, TransportError))
+                    rep.abort(keep_for_resume=resumable)
+                    raise
+                res.take_replica(rep)
+        except TransportError as e:
+            raise peer.explain(e) from e
+        finally:
+            peer.close()
+        res.changed, res.zero = fig.changed, fig.zero
+        res.bytes_read = fig.bytes_read + _int(done, "bytes_read")
+    res.bytes_sent, res.bytes_received = ch.counters.sent, ch.counters.received
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    v = obj.get(key, 0)
+    return int(v) if isinstance(v, int) and v >= 0 else 0
+
+
+def _resume_point(ready: dict[str, Any], sess: Session, peer: str) -> int:
+    start = ready.get("resume_from", 0)
+    if not isinstance(start, int) or start < 0 or start > sess.end or start % CHUNK_SIZE:
+        raise TransportError(f"{peer}: impossible resume position {start!r}")
+    return start
+
+
+# -- the server ---------------------------------------------------------------
+def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
+    """The far side: speak the protocol on stdin/stdout. Returns the exit code."""
+    ch = Channel(rfd, wfd, peer="client", timeout=timeout)
+    try:
+        _, msg = ch.recv_json(HELLO)
+        if msg.get("magic") != WIRE_MAGIC.decode() or msg.get("version") != WIRE_VERSION:
+            raise TransportError(
+                f"speaks wire version {msg.get('version')!r}, this vimgtools speaks {WIRE_VERSION}: "
+                "install the same vimgtools version on both hosts"
+            )
+        sess, opts = _session_from(msg)
+        path = Path(str(msg.get("path", "")))
+        if msg.get("role") == "receiver":
+            source = source_from_json(msg.get("source"), "client")
+            sess.end = source.size
+            with Replica(
+                path, source, block_size=sess.block_size, dry_run=bool(opts.get("dry_run")),
+                allow_shrink=bool(opts.get("allow_shrink")), force=bool(opts.get("force")),
+                journal=opts.get("journal"),
+            ) as rep:  # fmt: skip
+                sess.start = rep.resume_from
+                ch.send_json(READY, {"resume_from": rep.resume_from})
+                try:
+                    fig, _ = run_receiver(rep, ch, sess, keep_cache=bool(opts.get("keep_cache")))
+                    rep.finish(opts.get("undo"))
+                except BaseException as e:
+                    resumable = isinstance(e, (Interrupted, KeyboardInterrupt, TransportError))
+                    rep.abort(keep_for_resume=resumable)
+                    raise
+                ch.send_json(
+                    RESULT,
+                    {
+                        "bytes_read": fig.bytes_read, "bytes_written": rep.bytes_written,
+                        "journal_bytes": rep.journal_bytes, "undo_bytes": rep.undo_bytes,
+                        "resumed_from": rep.resume_from, "dst_extra_bytes": rep.dst_extra_bytes,
+                        "created": rep.created, "recovered": rep.recovered, "resized_from": rep.resized_from,
+                    },
+                )  # fmt: skip
+        elif msg.get("role") == "sender":
+            with Image(path) as img:
+                ch.send_json(READY, {"source": source_to_json(source_of(img))})
+                sess.end = img.size
+                _, start = ch.recv_json(READY)
+                sess.start = _resume_point(start, sess, "client")
+                fig = run_sender(
+                    img, ch, sess, keep_cache=bool(opts.get("keep_cache")), dry_run=bool(opts.get("dry_run"))
+                )
+                ch.send_json(DONE, {"bytes_read": fig.bytes_read})
+                ch.recv_json(RESULT)
+        else:
+            raise TransportError(f"unknown role {msg.get('role')!r}")
+        return 0
+    except VimgError as e:
+        log.debug("server failed", exc_info=True)
+        send_error(ch, e)
+        return e.exit_code
+    except Exception as e:
+        log.exception("server failed")
+        send_error(ch, e)
+        return 1
+
+
+def _session_from(msg: dict[str, Any]) -> tuple[Session, dict[str, Any]]:
+    from vimgtools.sync import check_block_size
+
+    bs = msg.get("block_size")
+    if not isinstance(bs, int):
+        raise TransportError("HELLO without a block size")
+    check_block_size(bs)
+    if msg.get("chunk_size") != CHUNK_SIZE:
+        raise TransportError(f"chunk size {msg.get('chunk_size')!r} differs from ours ({CHUNK_SIZE})")
+    checksum = msg.get("checksum")
+    if checksum not in CHECKSUMS:
+        raise TransportError(f"unknown checksum {checksum!r}")
+    try:
+        key = bytes.fromhex(str(msg.get("key")))
+    except ValueError as e:
+        raise TransportError("malformed session key") from e
+    if len(key) != 32:
+        raise TransportError("malformed session key")
+    opts = msg.get("options")
+    return Session(bs, str(checksum), key, 0, 0), opts if isinstance(opts, dict) else {}
+
+
+__all__ = [
+    "CHECKSUMS",
+    "HELLO",
+    "READY",
+    "RESULT",
+    "Peer",
+    "Session",
+    "block_digests",
+    "hello",
+    "new_session",
+    "run_receiver",
+    "run_sender",
+    "send_error",
+    "serve",
+    "source_from_json",
+    "split_remote",
+    "sync_remote",
+]
