@@ -66,8 +66,16 @@ def scan(
                 img.no_readahead()
     pool: queue.SimpleQueue[tuple[bytearray, bytearray]] = queue.SimpleQueue()
     depth = workers * 2
-    for _ in range(depth + 1):
-        pool.put((bytearray(chunk_size), bytearray(chunk_size)))
+    made = [0]
+    lock = threading.Lock()
+
+    def take() -> tuple[bytearray, bytearray]:
+        # Buffers are made on first need (a small image never pays for them), at most depth + 1 pairs.
+        with lock:
+            if pool.empty() and made[0] <= depth:
+                made[0] += 1
+                return bytearray(chunk_size), bytearray(chunk_size)
+        return pool.get()
 
     def work(offset: int) -> Chunk:
         length = min(chunk_size, end - offset)
@@ -80,7 +88,7 @@ def scan(
         if not segments:  # holes on both sides: nothing to read
             z = _ZEROS[:length]
             return Chunk(offset, length, [], z, z, 0)
-        bufs = pool.get()
+        bufs = take()
         sview = memoryview(bufs[0])[:length]
         dview = memoryview(bufs[1])[:length]
         read = 0
