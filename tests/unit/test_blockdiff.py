@@ -12,6 +12,7 @@ import ast
 import contextlib
 import inspect
 import mmap
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -559,3 +560,16 @@ def test_missing_native_build_is_a_clear_import_error(cause: str) -> None:
     assert "pip install" in message
     assert cause in message  # the underlying reason is kept
     assert chained == "ImportError"
+
+
+def test_unbuilt_checkout_is_a_clear_import_error(tmp_path: Path) -> None:
+    """For real: a copy of the package without the compiled .so, in an interpreter without site-packages."""
+    pkg = Path(vimgtools.__file__).parent
+    shutil.copytree(pkg, tmp_path / "vimgtools", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import vimgtools"
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: vimgtools: the native engine vimgtools._blockdiff is not built")
+    assert "libxxhash-dev" in last
+    assert "No module named 'vimgtools._blockdiff'" in last
