@@ -83,3 +83,8 @@ def cli_json(*args: str | Path) -> dict[str, object]:
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts)")
+
+
+FAKE_RSH = f"{sys.executable} {Path(__file__).with_name('fake_rsh.py')}"
+# The far side runs this venv's Python (it has vimgtools); `sh -c` execs it after `exec`.
+REMOTE = ("--rsh", FAKE_RSH, "--remote-python", sys.executable)

@@ -13,9 +13,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -113,9 +115,9 @@ class Peer:
         argv = [*shlex.split(rsh), host, f"{shlex.quote(remote_python)} -m vimgtools.sync --server"]
         log.debug("starting %s", argv)
         try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
+            # Its own session: Ctrl-C is ours to handle, and close() can end all it started.
+            pipe = subprocess.PIPE
+            proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, start_new_session=True)
         except OSError as e:
             raise InvalidInput(f"--rsh {rsh!r}: cannot run {argv[0]}: {e.strerror}") from e
         assert proc.stdin is not None and proc.stdout is not None
@@ -133,7 +135,7 @@ class Peer:
     def explain(self, e: TransportError) -> TransportError:
         """Add what the far side printed (e.g. "No module named vimgtools") to a transport error."""
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=2)
         time.sleep(0.05)
         said = " | ".join(line for line in self.stderr_tail if line)[-500:]
         if "No module named" in said:
@@ -144,11 +146,11 @@ class Peer:
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever it started, too
+        self.proc.wait()
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 

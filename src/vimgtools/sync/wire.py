@@ -20,6 +20,7 @@ import json
 import os
 import select
 import struct
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,7 @@ class Counters:
 
 
 class Channel:
-    """Frames over a pair of file descriptors (one reader thread, one writer thread at most)."""
+    """Frames over a pair of file descriptors: one reader; writers serialised by a lock."""
 
     def __init__(self, rfd: int, wfd: int, *, peer: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.rfd, self.wfd = rfd, wfd
@@ -69,23 +70,20 @@ class Channel:
         self.timeout = timeout
         self.counters = Counters()
         self._buf = bytearray()
+        self._send_lock = threading.Lock()  # the digest thread and the main thread both send
 
     # -- sending --------------------------------------------------------
     def send(self, ftype: int, *parts: Buffer) -> None:
         length = sum(len(memoryview(p)) for p in parts)
         if length > MAX_PAYLOAD:
             raise ValueError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
-        head = FRAME.pack(FRAME_MAGIC, ftype, length)
-        body = b"".join([head, *(bytes(memoryview(p)) for p in parts)]) if length < 65536 else None
-        if body is not None:
-            self._write_all(body + _SUM.pack(checksum64(body)))
-        else:
-            joined = bytearray(head)
-            for p in parts:
-                joined += memoryview(p)
-            self._write_all(memoryview(joined))
-            self._write_all(_SUM.pack(checksum64(joined)))
-        self.counters.sent += FRAME.size + length + _SUM.size
+        frame = bytearray(FRAME.pack(FRAME_MAGIC, ftype, length))
+        for p in parts:
+            frame += memoryview(p)
+        frame += _SUM.pack(checksum64(frame))
+        with self._send_lock:
+            self._write_all(frame)
+            self.counters.sent += len(frame)
 
     def send_json(self, ftype: int, obj: dict[str, Any]) -> None:
         self.send(ftype, json.dumps(obj, sort_keys=True).encode())
