@@ -40,6 +40,9 @@ examples:
   python -m vimgtools.sync --rollback /backup/mail.img --undo /backup/mail.undo
   python -m vimgtools.sync /dev/vg0/mail backup@dr-host:/dev/vg1/mail         (push over ssh)
   python -m vimgtools.sync -e "ssh -p 2222" dr-host:/srv/mail.img /srv/mail.img (pull)
+  python -m vimgtools.sync --signature /dr/mail.img -o mail.sig          (on the replica's host)
+  python -m vimgtools.sync /srv/mail.img --write-delta mail.delta --against mail.sig
+  python -m vimgtools.sync --apply-delta mail.delta /dr/mail.img          (back on the replica's host)
 
 """
     + _cli.EXIT_CODES_HELP
@@ -58,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-b",
         "--block-size",
         type=_cli.parse_size,
-        default=4096,
+        default=None,
         metavar="SIZE",
-        help="comparison unit, a power of two from 4K to 16M (default: 4K)",
+        help="comparison unit, a power of two from 4K to 16M (default: 4K; a delta uses its signature's)",
     )
     p.add_argument("--verify", action="store_true", help="re-read DST afterwards and compare with SRC")
     p.add_argument("--undo", metavar="FILE", help="keep the old content of overwritten blocks in FILE")
@@ -101,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up when the far side is silent this long (default: 300)",
     )
     r.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
+    f = p.add_argument_group(
+        "signatures and deltas (for another channel: a disk in the post, a one-way link)"
+    )
+    f.add_argument("--signature", metavar="IMAGE", help="write the block digests of IMAGE to -o FILE")
+    f.add_argument("-o", "--output", metavar="FILE", help="where --signature writes")
+    f.add_argument(
+        "--write-delta", metavar="DELTA", help="with SRC and --against SIGFILE: write SRC's changed blocks"
+    )
+    f.add_argument("--against", metavar="SIGFILE", help="the signature --write-delta compares with")
+    f.add_argument(
+        "--apply-delta",
+        metavar="DELTA",
+        help="with DST: apply DELTA, after checking DST is the image its signature was made of",
+    )
     p.add_argument("--recover", metavar="DST", help="complete an update an interrupted run committed")
     p.add_argument("--rollback", metavar="DST", help="restore DST from the --undo FILE of a previous sync")
     bar = p.add_mutually_exclusive_group()
@@ -146,6 +163,76 @@ def _summary(r: SyncResult) -> str:
     return ", ".join(parts) + f" in {r.seconds:.2f} s"
 
 
+def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--signature, --write-delta, --apply-delta."""
+    from vimgtools.sync.signature import apply_delta, write_delta, write_signature
+
+    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = _cli.ProgressBar("read") if show_bar and not args.quiet else None
+    h = _cli.human_bytes
+    try:
+        if args.signature:
+            if not args.output or args.images:
+                parser.error("--signature IMAGE needs -o SIGFILE and no other images")
+            info = write_signature(
+                args.signature,
+                args.output,
+                block_size=args.block_size or 4096,
+                checksum=args.checksum,
+                progress=bar,
+            )
+            log.info(
+                "%s: signature of %s, %d blocks of %s",
+                info.path,
+                h(info.size),
+                info.count,
+                h(info.block_size),
+            )
+            summary: dict[str, object] = {
+                "signature": str(info.path),
+                "size": info.size,
+                "blocks": info.count,
+                "block_size": info.block_size,
+                "checksum": info.checksum,
+            }
+        elif args.write_delta:
+            if not args.against or len(args.images) != 1:
+                parser.error("--write-delta DELTA needs SRC and --against SIGFILE")
+            r = write_delta(
+                args.images[0], args.write_delta, args.against, block_size=args.block_size, progress=bar
+            )
+            log.info(
+                "%s: %d of %d blocks changed, %s of data",
+                args.write_delta,
+                r.changed,
+                r.blocks,
+                h(r.delta_bytes),
+            )
+            summary = {"delta": args.write_delta, **vars(r)}
+        else:
+            if len(args.images) != 1:
+                parser.error("--apply-delta DELTA needs DST")
+            r = apply_delta(
+                args.apply_delta,
+                args.images[0],
+                allow_shrink=True,
+                force=args.force,
+                dry_run=args.dry_run,
+                journal=args.journal,
+                progress=bar,
+            )
+            log.info(
+                "%s: applied %d changed blocks, %s written", args.images[0], r.changed, h(r.bytes_written)
+            )
+            summary = {"dst": args.images[0], **vars(r)}
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        _cli.print_json(summary)
+    return 0
+
+
 @_cli.entry("vimgtools.sync")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -173,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             _cli.print_json({"rolled_back": True, "bytes_written": written})
         return 0
+    if args.signature or args.write_delta or args.apply_delta:
+        return _files_mode(parser, args)
+    args.block_size = args.block_size or 4096
     if len(args.images) != 2:
         parser.error("give SRC and DST (or --recover DST, or --rollback DST --undo FILE)")
     src, dst = args.images

@@ -39,14 +39,16 @@ if TYPE_CHECKING:
 
 JOURNAL_MAGIC = b"VIMGJRNL"
 UNDO_MAGIC = b"VIMGUNDO"
+DELTA_MAGIC = b"VIMGDLTA"
 FORMAT_VERSION = 1
 HASH_NAME = b"xxh3-64"
 HEADER_SIZE = 4096
 MAX_RECORD = 16 << 20  # a DATA record's payload; checksum64 covers at most this
 
 # magic, version, block_size, flags, old_size, new_size,
-# src_size, src_dev, src_ino, src_mtime_ns, dst_dev, dst_ino, dst_mtime_ns, created_ns, hash name
-HEADER = struct.Struct("<8sIIQQQQQQQQQQQ16s")
+# src_size, src_dev, src_ino, src_mtime_ns, dst_dev, dst_ino, dst_mtime_ns, created_ns, hash name,
+# block digest name, block digest key, digest of the base signature (deltas)
+HEADER = struct.Struct("<8sIIQQQQQQQQQQQ16s16s32sQ")
 # magic, kind, offset, length, payload checksum, aux, sequence number
 RECORD = struct.Struct("<4sB3xQQQQQ")
 _SUM = struct.Struct("<Q")
@@ -72,6 +74,9 @@ class Header:
     src_id: tuple[int, int, int] = (0, 0, 0)  # dev, ino, mtime_ns: to resume only on the same source
     dst_id: tuple[int, int, int] = (0, 0, 0)
     created_ns: int = field(default_factory=time.time_ns)
+    digest_name: bytes = b""  # deltas: how the base signature's blocks were hashed
+    digest_key: bytes = b""
+    base_digest: int = 0  # deltas: identifies the content the delta applies to
 
     def pack(self) -> bytes:
         raw = HEADER.pack(
@@ -86,6 +91,9 @@ class Header:
             *self.dst_id,
             self.created_ns,
             HASH_NAME,
+            self.digest_name,
+            self.digest_key,
+            self.base_digest,
         )
         raw += _SUM.pack(checksum64(raw))
         return raw.ljust(HEADER_SIZE, b"\0")
@@ -96,17 +104,21 @@ class Header:
             raise JournalError(f"{path}: truncated header ({len(raw)} bytes)")
         fields = HEADER.unpack_from(raw)
         if fields[0] != magic:
-            kind = {JOURNAL_MAGIC: "a vimgtools journal", UNDO_MAGIC: "a vimgtools undo file"}[magic]
+            kind = {
+                JOURNAL_MAGIC: "a vimgtools journal",
+                UNDO_MAGIC: "a vimgtools undo file",
+                DELTA_MAGIC: "a vimgtools delta",
+            }[magic]
             raise JournalError(f"{path}: not {kind} (magic {fields[0]!r})")
         if fields[1] != FORMAT_VERSION:
             raise JournalError(f"{path}: format version {fields[1]}, this vimgtools reads {FORMAT_VERSION}")
-        if fields[-1].rstrip(b"\0") != HASH_NAME:
-            name = fields[-1].rstrip(b"\0")
+        if fields[14].rstrip(b"\0") != HASH_NAME:
+            name = fields[14].rstrip(b"\0")
             raise JournalError(f"{path}: unknown checksum {name!r}")
         (stored,) = _SUM.unpack_from(raw, HEADER.size)
         if checksum64(raw[: HEADER.size]) != stored:
             raise JournalError(f"{path}: header checksum mismatch (file damaged)")
-        (_, _, block_size, flags, old_size, new_size, src_size, *ids, created, _) = fields
+        (_, _, block_size, flags, old_size, new_size, src_size, *ids, created, _, dname, dkey, base) = fields
         return cls(
             magic,
             block_size,
@@ -117,6 +129,9 @@ class Header:
             (ids[0], ids[1], ids[2]),
             (ids[3], ids[4], ids[5]),
             created,
+            dname.rstrip(b"\0"),
+            dkey,
+            base,
         )
 
 

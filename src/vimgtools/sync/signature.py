@@ -1,0 +1,400 @@
+"""Signature and delta files: sync through another channel (a disk in the post, a one-way link).
+
+``write_signature(image, sigfile)`` stores one 128-bit digest per block of an image.
+``write_delta(src, delta, against=sigfile)`` stores the blocks of SRC that differ
+from that signature. ``apply_delta(delta, dst)`` checks that DST holds exactly the
+content the signature was made of, then applies the delta through the journal
+(crash-atomic, like a sync).
+
+Signature layout (little endian): a 4096-byte header (``SIG_HEADER`` + its
+XXH3-64), ``count`` digests of 16 bytes, then a trailer (``SIG_TRAILER``): the
+*content digest*, XXH3-64 over the XXH3-64 of each chunk's digests, and its own
+checksum. A delta is a journal-format file (magic ``VIMGDLTA``) whose header holds
+the digest algorithm, the key and the content digest of the signature it was made
+against; it ends with a COMMIT record, so a truncated delta is recognised.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from vimgtools.blocks import changed_runs, checksum64, zero_blocks
+from vimgtools.errors import ImageRefused, InvalidInput, JournalError
+from vimgtools.image import Image, describe_os_error, fsync_dir
+from vimgtools.sync.journal import (
+    DATA,
+    DELTA_MAGIC,
+    FLAG_SHRINK,
+    Header,
+    JournalWriter,
+    iter_records,
+    read_journal,
+    remove_journal,
+)
+from vimgtools.sync.remote import CHECKSUMS, DIGEST_BYTES, block_digests, hole_digests
+from vimgtools.sync.replica import Replica, Source
+from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
+
+SIG_MAGIC = b"VIMGSIGN"
+SIG_VERSION = 1
+SIG_HEADER = struct.Struct("<8sII16s32sQQQ")  # magic, version, block size, digest, key, size, count, created
+SIG_TRAILER = struct.Struct("<8sQQ")  # b"SIGEND\0\0", content digest, checksum of the first two
+SIG_END = b"SIGEND\0\0"
+HEADER_SIZE = 4096
+_SUM = struct.Struct("<Q")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    path: Path
+    block_size: int
+    checksum: str
+    key: bytes
+    size: int  # of the image it describes
+    count: int
+    digest: int  # content digest (see module docstring)
+
+
+class ChunkDigests:
+    """Accumulates the content digest of an image chunk by chunk."""
+
+    def __init__(self) -> None:
+        self._sums = bytearray()
+
+    def add(self, digests: npt.NDArray[np.uint64]) -> None:
+        self._sums += _SUM.pack(checksum64(np.ascontiguousarray(digests).tobytes()))
+
+    @property
+    def value(self) -> int:
+        step = 16 << 20  # checksum64's limit; an image past 16 TiB hashes the sums in pieces
+        if len(self._sums) <= step:
+            return checksum64(self._sums)
+        return checksum64(
+            b"".join(_SUM.pack(checksum64(self._sums[i : i + step])) for i in range(0, len(self._sums), step))
+        )
+
+
+def chunk_digests(
+    img: Image,
+    offset: int,
+    length: int,
+    bs: int,
+    checksum: str,
+    key: bytes,
+    buf: memoryview,
+    keep_cache: bool,
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
+    """Digests of one chunk of ``img`` (holes are not read), its zero-block mask (None for a hole), bytes read."""
+    inside = max(0, min(length, img.size - offset))
+    if inside == 0 or img.is_hole(offset, inside):
+        return hole_digests(length, bs, checksum, key), None, 0
+    view = buf[:length]
+    read = read_chunk(img, offset, view[:inside], keep_cache)
+    if inside < length:
+        view[inside:] = bytes(length - inside)
+    return block_digests(view, bs, checksum, key), zero_blocks(view, bs), read
+
+
+def write_signature(
+    image: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    block_size: int = 4096,
+    checksum: str = "xxh128",
+    progress: Progress | None = None,
+    keep_cache: bool = False,
+) -> SignatureInfo:
+    """Write the block digests of ``image`` to ``out`` (atomically: a temporary name, then renamed)."""
+    from vimgtools.sync import check_block_size
+
+    check_block_size(block_size)
+    if checksum not in CHECKSUMS:
+        raise InvalidInput(f"--checksum {checksum!r}: known are {', '.join(CHECKSUMS)}")
+    out_path = Path(out)
+    key = secrets.token_bytes(32)
+    with Image(image) as img:
+        count = -(-img.size // block_size)
+        head = SIG_HEADER.pack(
+            SIG_MAGIC, SIG_VERSION, block_size, checksum.encode(), key, img.size, count, time.time_ns()
+        )
+        head += _SUM.pack(checksum64(head))
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        acc = ChunkDigests()
+        buf = memoryview(bytearray(CHUNK_SIZE))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(head.ljust(HEADER_SIZE, b"\0"))
+                for offset in range(0, img.size, CHUNK_SIZE):
+                    length = min(CHUNK_SIZE, img.size - offset)
+                    digests, _, _ = chunk_digests(
+                        img, offset, length, block_size, checksum, key, buf, keep_cache
+                    )
+                    f.write(digests.tobytes())
+                    acc.add(digests)
+                    if progress:
+                        progress(offset + length, img.size)
+                digest = acc.value
+                trailer = SIG_END + _SUM.pack(digest)
+                f.write(trailer + _SUM.pack(checksum64(trailer)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out_path)
+            fsync_dir(out_path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise JournalError(f"{out_path}: cannot write the signature: {describe_os_error(e)}") from e
+    return SignatureInfo(out_path, block_size, checksum, key, img.size, count, digest)
+
+
+class Signature:
+    """A signature file, read chunk by chunk; ``check_end()`` verifies everything that was read."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        except OSError as e:
+            raise InvalidInput(f"{self.path}: cannot read the signature: {describe_os_error(e)}") from e
+        raw = self._f.read(HEADER_SIZE)
+        if len(raw) < SIG_HEADER.size + 8:
+            raise JournalError(f"{self.path}: truncated signature header")
+        fields = SIG_HEADER.unpack_from(raw)
+        if fields[0] != SIG_MAGIC:
+            raise JournalError(f"{self.path}: not a vimgtools signature (magic {fields[0]!r})")
+        if fields[1] != SIG_VERSION:
+            raise JournalError(
+                f"{self.path}: signature version {fields[1]}, this vimgtools reads {SIG_VERSION}"
+            )
+        if checksum64(raw[: SIG_HEADER.size]) != _SUM.unpack_from(raw, SIG_HEADER.size)[0]:
+            raise JournalError(f"{self.path}: signature header checksum mismatch (file damaged)")
+        _, _, bs, name, key, size, count, _ = fields
+        self.block_size, self.checksum, self.key = bs, name.rstrip(b"\0").decode(), key
+        self.size, self.count = size, count
+        if self.checksum not in CHECKSUMS or count != -(-size // bs):
+            raise JournalError(f"{self.path}: inconsistent signature header")
+        want = HEADER_SIZE + count * DIGEST_BYTES + SIG_TRAILER.size
+        have = os.fstat(self._f.fileno()).st_size
+        if have != want:
+            raise JournalError(f"{self.path}: truncated or damaged signature ({have} bytes, expected {want})")
+        self._acc = ChunkDigests()
+        self._next_chunk = 0  # signature chunks are read (and checked) in order, each once
+
+    def _chunk(self, index: int) -> npt.NDArray[np.uint64]:
+        per = CHUNK_SIZE // self.block_size
+        assert index == self._next_chunk, "signature chunks are read in order"
+        first = index * per
+        n = max(0, min(per, self.count - first))
+        self._f.seek(HEADER_SIZE + first * DIGEST_BYTES)
+        raw = self._f.read(n * DIGEST_BYTES)
+        if len(raw) != n * DIGEST_BYTES:
+            raise JournalError(f"{self.path}: truncated signature")
+        rows = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
+        self._acc.add(rows)
+        self._next_chunk += 1
+        return rows
+
+    def digests(self, offset: int, length: int) -> npt.NDArray[np.uint64]:
+        """The stored digests for the chunk at ``offset``, ``length`` bytes of it; past the image, zeros'."""
+        bs = self.block_size
+        n = -(-length // bs)
+        rows = self._chunk(offset // CHUNK_SIZE)[:n] if offset < self.size else np.empty((0, 2), np.uint64)
+        if len(rows) == n:
+            return rows
+        return np.concatenate([rows, hole_digests(length - len(rows) * bs, bs, self.checksum, self.key)])
+
+    def finish_reading(self) -> None:
+        """Read the chunks nobody asked for, so that ``check_end`` covers all of them."""
+        while self._next_chunk * CHUNK_SIZE < self.size:
+            self._chunk(self._next_chunk)
+
+    def content_digest(self) -> int:
+        self._f.seek(HEADER_SIZE + self.count * DIGEST_BYTES)
+        magic, digest, stored = SIG_TRAILER.unpack(self._f.read(SIG_TRAILER.size))
+        if magic != SIG_END or checksum64(SIG_END + _SUM.pack(digest)) != stored:
+            raise JournalError(f"{self.path}: damaged signature trailer")
+        return int(digest)
+
+    def check_end(self) -> int:
+        """After reading every chunk in order: the stored digests were intact. Returns the content digest."""
+        digest = self.content_digest()
+        if self._acc.value != digest:
+            raise JournalError(f"{self.path}: signature digests damaged (content digest mismatch)")
+        return digest
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class DeltaResult:
+    blocks: int = 0
+    changed: int = 0
+    zero: int = 0
+    bytes_read: int = 0
+    delta_bytes: int = 0  # payload bytes in the delta
+    bytes_written: int = 0
+    journal_bytes: int = 0
+    seconds: float = 0.0
+
+
+def write_delta(
+    src: str | os.PathLike[str],
+    delta: str | os.PathLike[str],
+    against: str | os.PathLike[str],
+    *,
+    block_size: int | None = None,
+    progress: Progress | None = None,
+    keep_cache: bool = False,
+) -> DeltaResult:
+    """Write the blocks of ``src`` that differ from the signature ``against`` into ``delta``.
+
+    ``block_size``, when given, must be the signature's (a check, not a choice).
+    """
+    t0 = time.monotonic()
+    sig = Signature(against)
+    if block_size is not None and block_size != sig.block_size:
+        sig.close()
+        raise InvalidInput(
+            f"{sig.path}: made with {sig.block_size}-byte blocks, but --block-size asks {block_size}"
+        )
+    res = DeltaResult()
+    delta_path = Path(delta)
+    try:
+        bs = sig.block_size
+        base_digest = sig.content_digest()
+        with Image(src) as img:
+            res.blocks = -(-img.size // bs)
+            header = Header(
+                DELTA_MAGIC,
+                bs,
+                sig.size,
+                img.size,
+                FLAG_SHRINK if img.size < sig.size else 0,
+                img.size,
+                digest_name=sig.checksum.encode(),
+                digest_key=sig.key,
+                base_digest=base_digest,
+            )
+            writer = JournalWriter(delta_path, header)
+            try:
+                buf = memoryview(bytearray(CHUNK_SIZE))
+                for offset in range(0, img.size, CHUNK_SIZE):
+                    length = min(CHUNK_SIZE, img.size - offset)
+                    mine, zero, read = chunk_digests(
+                        img, offset, length, bs, sig.checksum, sig.key, buf, keep_cache
+                    )
+                    res.bytes_read += read
+                    theirs = sig.digests(offset, length)
+                    changed = np.flatnonzero((theirs != mine).any(axis=1)).astype(np.int64)
+                    zmask = np.ones(len(changed), dtype=np.bool_) if zero is None else zero[changed]
+                    for b0, b1, is_zero in changed_runs(changed, zmask):
+                        off, n = offset + b0 * bs, min(b1 * bs, length) - b0 * bs
+                        res.changed += b1 - b0
+                        if is_zero:
+                            res.zero += b1 - b0
+                            writer.zero(off, n)
+                        else:
+                            writer.data(off, buf[off - offset : off - offset + n])
+                    if progress:
+                        progress(offset + length, img.size)
+                # Blocks of the base past our end are cut by the resize (FLAG_SHRINK): nothing to write.
+                sig.finish_reading()
+                sig.check_end()
+                writer.commit()
+                res.delta_bytes = writer.data_bytes
+            except BaseException:
+                writer.close()
+                remove_journal(delta_path)
+                raise
+            writer.close()
+    finally:
+        sig.close()
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def apply_delta(
+    delta: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    allow_shrink: bool = True,
+    force: bool = False,
+    dry_run: bool = False,
+    journal: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> DeltaResult:
+    """Apply ``delta`` to ``dst`` crash-atomically, after proving ``dst`` is the content it was made against.
+
+    Raises:
+        JournalError: the delta is truncated or damaged (nothing written, exit 1... reported as 2 by the CLI).
+        ImageRefused: ``dst`` holds other content than the delta's base (nothing written, exit 2).
+    """
+    t0 = time.monotonic()
+    delta_path = Path(delta)
+    contents = read_journal(delta_path, DELTA_MAGIC)
+    if not contents.committed:
+        raise ImageRefused(
+            f"{delta_path}: truncated or damaged delta (no intact end record); nothing written"
+        )
+    h = contents.header
+    name = h.digest_name.decode(errors="replace")
+    if name not in CHECKSUMS:
+        raise ImageRefused(f"{delta_path}: unknown block digest {name!r}")
+    dst_path = Path(dst)
+    if not dst_path.exists():
+        raise InvalidInput(f"{dst_path}: no such file or device (a delta applies to an existing image)")
+    res = DeltaResult(blocks=-(-h.new_size // h.block_size))
+    with Image(dst_path) as d:
+        if d.size != h.old_size and not (d.is_block and d.size >= h.old_size):
+            raise ImageRefused(
+                f"{dst_path}: is {d.size} bytes; the delta was made against an image of {h.old_size} bytes"
+            )
+        acc = ChunkDigests()
+        buf = memoryview(bytearray(CHUNK_SIZE))
+        for offset in range(0, h.old_size, CHUNK_SIZE):
+            length = min(CHUNK_SIZE, h.old_size - offset)
+            digests, _, read = chunk_digests(d, offset, length, h.block_size, name, h.digest_key, buf, False)
+            res.bytes_read += read
+            acc.add(digests)
+            if progress:
+                progress(offset + length, h.old_size)
+        if acc.value != h.base_digest:
+            raise ImageRefused(
+                f"{dst_path}: holds other content than the image the delta was made against; nothing written"
+            )
+    with Replica(
+        dst_path,
+        Source(h.new_size),
+        block_size=h.block_size,
+        dry_run=dry_run,
+        allow_shrink=allow_shrink,
+        force=force,
+        journal=journal,
+    ) as rep:
+        try:
+            for rec, payload in iter_records(contents):
+                res.changed += -(-rec.length // h.block_size)
+                if rec.kind == DATA and payload is not None:
+                    res.delta_bytes += len(payload)
+                    rep.data(rec.offset, payload)
+                else:
+                    res.zero += -(-rec.length // h.block_size)
+                    rep.zero(rec.offset, rec.length)
+            rep.finish()
+        except BaseException:
+            rep.abort(keep_for_resume=False)
+            raise
+        res.bytes_written, res.journal_bytes = rep.bytes_written, rep.journal_bytes
+    res.seconds = time.monotonic() - t0
+    return res
