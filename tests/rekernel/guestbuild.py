@@ -58,15 +58,23 @@ if modprobe "$MOD"; then
 else
     echo "VIMG-MODULE=$MOD loaded=no file=none"
 fi
-# Drivers udev would load for the devices present, that are neither loaded nor built in.
+# Drivers udev would load for the devices present, neither loaded nor built in. Those that load
+# now were missed at boot (UNLOADED); those that refuse (no such device: acpi_cpufreq in a VM) are
+# not for this machine (UNAVAILABLE).
 BUILTIN=/lib/modules/$(uname -r)/modules.builtin
-UNLOADED=$(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | while read -r a; do
+CANDIDATES=$(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u | while read -r a; do
     modprobe -R "$a" 2>/dev/null; done | tr - _ | sort -u | while read -r m; do
     [ -d "/sys/module/$m" ] && continue
     grep -q "/$m.ko" "$BUILTIN" 2>/dev/null && continue
     grep -q "/$(echo "$m" | tr _ -).ko" "$BUILTIN" 2>/dev/null && continue
-    echo "$m"; done | tr '\n' ' ')
-echo "VIMG-UNLOADED=$(echo $UNLOADED | wc -w) $UNLOADED"
+    echo "$m"; done)
+MISSED=""
+NA=""
+for m in $CANDIDATES; do
+    if modprobe -q "$m" 2>/dev/null && [ -d "/sys/module/$m" ]; then MISSED="$MISSED $m"; else NA="$NA $m"; fi
+done
+echo "VIMG-UNLOADED=$(echo $MISSED | wc -w) $MISSED"
+echo "VIMG-UNAVAILABLE=$NA"
 echo "VIMG-CMDLINE=$(cat /proc/cmdline)"
 echo "VIMG-DONE"
 sync

@@ -18,6 +18,7 @@ import pytest
 from qemuboot import boot, copy_image, sha256
 
 from vimgtools.rekernel.__main__ import main
+from vimgtools.rekernel.plan import BOOT_MODULES_UNIT_NAME
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.slow]
 
@@ -64,6 +65,7 @@ def test_grub2_usrmerge_supplied_initramfs_then_rollback(
     report = boot(disk)
     print(f"boot to report: {report.seconds:.0f} s", file=sys.stderr)
     assert_booted(report.values, new)
+    assert report["UNLOADED"].split()[0] == "0", report["UNLOADED"]
 
     p = run_cli("--json", "--rollback", str(disk))
     assert p.returncode == 0, p.stderr
@@ -93,6 +95,17 @@ def test_separate_boot_no_driver_left_unloaded(
     assert report["BOOT-MOUNT"] == "/dev/vda1"
     count, *names = report["UNLOADED"].split()
     assert count == "0", f"drivers udev wanted but never loaded: {names}"
+    # The trap is real: without the unit rekernel installs, drivers are missed at boot.
+    from vimgtools.guest.session import GuestImage
+
+    with GuestImage(disk, write=True) as gi:
+        gi.mount_root(gi.roots()[0])
+        gi.rm(f"/etc/systemd/system/sysinit.target.wants/{BOOT_MODULES_UNIT_NAME}")
+    report = boot(disk)
+    assert report["KERNEL"] == new
+    count, *names = report["UNLOADED"].split()
+    assert int(count) > 0, "without the re-trigger unit some driver should have been missed"
+    print("missed without the unit:", names, file=sys.stderr)
 
 
 @pytest.mark.boot
