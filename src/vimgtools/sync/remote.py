@@ -10,7 +10,6 @@ never on a shell command line; the host is one argv element for ssh.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,14 +25,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools.blocks import changed_runs, hash_blocks, zero_blocks
+from vimgtools.blocks import changed_runs
 from vimgtools.errors import Interrupted, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
+from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, block_digests, chunk_digests
 from vimgtools.sync.replica import Replica, Source, source_of
 from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
 from vimgtools.sync.wire import (
@@ -55,11 +55,11 @@ from vimgtools.sync.wire import (
     error_payload,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 log = logging.getLogger("vimgtools.sync")
 
-CHECKSUMS = ("xxh128", "blake2b")
-DIGEST_BYTES = 16
-_ZEROS = memoryview(bytes(CHUNK_SIZE))
 _REMOTE = re.compile(r"^(?P<host>(?:[^@/:\s]+@)?(?:\[[^\]/]+\]|[^:/\s\[\]]+)):(?P<path>.*)$")
 
 
@@ -77,27 +77,6 @@ def split_remote(spec: str) -> tuple[str | None, str]:
     if not path:
         raise InvalidInput(f"{spec}: no path after the host name")
     return host, path
-
-
-# -- digests --------------------------------------------------------------
-def block_digests(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
-    """One 128-bit digest per block: (n, 2) uint64. XXH3-128 seeded, or keyed BLAKE2b."""
-    if checksum == "xxh128":
-        return hash_blocks(view, bs, "xxh128", int.from_bytes(key[:8], "little"))
-    out = bytearray()
-    for i in range(0, len(view), bs):  # hashlib releases the GIL on each block
-        out += hashlib.blake2b(view[i : i + bs], digest_size=DIGEST_BYTES, key=key).digest()
-    return np.frombuffer(bytes(out), dtype=np.uint64).reshape(-1, 2)
-
-
-def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
-    """Digests of ``length`` zero bytes, computed from one block instead of hashing them all."""
-    n = -(-length // bs)
-    full = block_digests(_ZEROS[:bs], bs, checksum, key)[0]
-    out = np.tile(full, (n, 1))
-    if length % bs:
-        out[-1] = block_digests(_ZEROS[: length % bs], bs, checksum, key)[0]
-    return out
 
 
 # -- the transport ----------------------------------------------------------
@@ -174,31 +153,64 @@ class Figures:
     zero: int = 0
 
 
+class Sink(Protocol):
+    """Where a sender's changes go: the wire, or a replica on this host."""
+
+    def data(self, offset: int, payload: Buffer) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
+    def end_chunk(self, position: int) -> None: ...
+
+
+class ChannelSink:
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+
+    def data(self, offset: int, payload: Buffer) -> None:
+        self.ch.send(DATA, OFFSET.pack(offset), payload)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.ch.send(ZERO, RANGE.pack(offset, length))
+
+    def end_chunk(self, position: int) -> None:
+        self.ch.send(CHUNK_END, OFFSET.pack(position))
+
+
+Digests = npt.NDArray[np.uint64]
+
+
 def run_sender(
     img: Image,
-    ch: Channel,
     sess: Session,
+    theirs: Callable[[int, int], Digests | None],
+    sink: Sink,
     *,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
     keep_cache: bool = False,
     dry_run: bool = False,
+    record: Callable[[int, Digests], None] | None = None,
 ) -> Figures:
-    """Read and hash SRC chunk by chunk, compare with the receiver's digests, send what differs."""
+    """Read and hash SRC chunk by chunk, compare with the other side's digests, hand over what differs.
+
+    Args:
+        theirs: digests of DST for (offset, length), None where DST is a hole there
+            (from the wire, or from a state file).
+        sink: receives the changed ranges.
+        record: gets every chunk's digests of SRC (to write a new state file).
+    """
     bs, fig = sess.block_size, Figures()
     if not keep_cache:
         img.no_readahead()
 
-    def prepare(offset: int) -> tuple[int, memoryview | None, Any, Any]:
+    def prepare(offset: int) -> tuple[int, memoryview, Digests, npt.NDArray[np.bool_] | None]:
         length = min(CHUNK_SIZE, sess.end - offset)
-        if img.is_hole(offset, length):
-            return offset, None, None, None
         buf = memoryview(bytearray(length))
-        fig.bytes_read += read_chunk(img, offset, buf, keep_cache)
-        return offset, buf, block_digests(buf, bs, sess.checksum, sess.key), zero_blocks(buf, bs)
+        mine, zero, read = chunk_digests(img, offset, length, bs, sess.checksum, sess.key, buf, keep_cache)
+        fig.bytes_read += read
+        return offset, buf, mine, zero
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vimg-hash") as ex:
-        ahead: deque[Future[tuple[int, memoryview | None, Any, Any]]] = deque()
+        ahead: deque[Future[tuple[int, memoryview, Digests, npt.NDArray[np.bool_] | None]]] = deque()
         offsets = iter(range(sess.start, sess.end, CHUNK_SIZE))
         for off in offsets:
             ahead.append(ex.submit(prepare, off))
@@ -210,22 +222,22 @@ def run_sender(
             if nxt is not None:
                 ahead.append(ex.submit(prepare, nxt))
             length = min(CHUNK_SIZE, sess.end - offset)
-            theirs = _recv_digests(ch, offset, length, bs)
-            nblocks = -(-length // bs)
-            if buf is None:  # our chunk is a hole: what the receiver has must become zeros
-                if theirs is None:
-                    changed = np.empty(0, dtype=np.int64)
-                else:
-                    holes = hole_digests(length, bs, sess.checksum, sess.key)
-                    changed = np.flatnonzero((theirs != holes).any(axis=1)).astype(np.int64)
+            other = theirs(offset, length)
+            if record is not None:
+                record(offset, mine)
+            if zero is None:  # our chunk is a hole: what the receiver has must become zeros
+                changed = (
+                    np.empty(0, dtype=np.int64)
+                    if other is None
+                    else np.flatnonzero((other != mine).any(axis=1)).astype(np.int64)
+                )
                 runs = changed_runs(changed, np.ones(len(changed), dtype=np.bool_))
             else:
-                if theirs is None:  # the receiver has a hole: all we have that is not zero
+                if other is None:  # the receiver has a hole: all we have that is not zero
                     changed = np.flatnonzero(~zero).astype(np.int64)
                 else:
-                    changed = np.flatnonzero((theirs != mine).any(axis=1)).astype(np.int64)
+                    changed = np.flatnonzero((other != mine).any(axis=1)).astype(np.int64)
                 runs = changed_runs(changed, zero[changed])
-            assert len(changed) <= nblocks
             for b0, b1, is_zero in runs:
                 fig.changed += b1 - b0
                 fig.zero += (b1 - b0) if is_zero else 0
@@ -234,11 +246,10 @@ def run_sender(
                 off = offset + b0 * bs
                 n = min(b1 * bs, length) - b0 * bs
                 if is_zero:
-                    ch.send(ZERO, RANGE.pack(off, n))
+                    sink.zero(off, n)
                 else:
-                    assert buf is not None
-                    ch.send(DATA, OFFSET.pack(off), buf[off - offset : off - offset + n])
-            ch.send(CHUNK_END, OFFSET.pack(offset + length))
+                    sink.data(off, buf[off - offset : off - offset + n])
+            sink.end_chunk(offset + length)
             if progress:
                 progress(offset + length, sess.end)
             if stop is not None and stop.is_set() and offset + length < sess.end:
@@ -438,8 +449,8 @@ def sync_remote(
                 _, ready = ch.recv_json(READY)
                 sess.start = _resume_point(ready, sess, host)
                 fig = run_sender(
-                    img, ch, sess, progress=progress, stop=stop, keep_cache=keep_cache,
-                    dry_run=bool(options.get("dry_run")),
+                    img, sess, lambda o, n: _recv_digests(ch, o, n, sess.block_size), ChannelSink(ch),
+                    progress=progress, stop=stop, keep_cache=keep_cache, dry_run=bool(options.get("dry_run")),
                 )  # fmt: skip
                 ch.send_json(DONE, {"bytes_read": fig.bytes_read})
                 _, result = ch.recv_json(RESULT)
@@ -546,8 +557,9 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
                 _, start = ch.recv_json(READY)
                 sess.start = _resume_point(start, sess, "client")
                 fig = run_sender(
-                    img, ch, sess, keep_cache=bool(opts.get("keep_cache")), dry_run=bool(opts.get("dry_run"))
-                )
+                    img, sess, lambda o, n: _recv_digests(ch, o, n, sess.block_size), ChannelSink(ch),
+                    keep_cache=bool(opts.get("keep_cache")), dry_run=bool(opts.get("dry_run")),
+                )  # fmt: skip
                 ch.send_json(DONE, {"bytes_read": fig.bytes_read})
                 ch.recv_json(RESULT)
         else:

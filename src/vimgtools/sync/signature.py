@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools.blocks import changed_runs, checksum64, zero_blocks
+from vimgtools.blocks import changed_runs, checksum64
 from vimgtools.errors import ImageRefused, InvalidInput, JournalError
 from vimgtools.image import Image, describe_os_error, fsync_dir
+from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, chunk_digests, hole_digests
 from vimgtools.sync.journal import (
     DATA,
     DELTA_MAGIC,
@@ -40,9 +41,8 @@ from vimgtools.sync.journal import (
     read_journal,
     remove_journal,
 )
-from vimgtools.sync.remote import CHECKSUMS, DIGEST_BYTES, block_digests, hole_digests
 from vimgtools.sync.replica import Replica, Source
-from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
+from vimgtools.sync.scan import CHUNK_SIZE
 
 SIG_MAGIC = b"VIMGSIGN"
 SIG_VERSION = 1
@@ -83,27 +83,6 @@ class ChunkDigests:
         return checksum64(
             b"".join(_SUM.pack(checksum64(self._sums[i : i + step])) for i in range(0, len(self._sums), step))
         )
-
-
-def chunk_digests(
-    img: Image,
-    offset: int,
-    length: int,
-    bs: int,
-    checksum: str,
-    key: bytes,
-    buf: memoryview,
-    keep_cache: bool,
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
-    """Digests of one chunk of ``img`` (holes are not read), its zero-block mask (None for a hole), bytes read."""
-    inside = max(0, min(length, img.size - offset))
-    if inside == 0 or img.is_hole(offset, inside):
-        return hole_digests(length, bs, checksum, key), None, 0
-    view = buf[:length]
-    read = read_chunk(img, offset, view[:inside], keep_cache)
-    if inside < length:
-        view[inside:] = bytes(length - inside)
-    return block_digests(view, bs, checksum, key), zero_blocks(view, bs), read
 
 
 def write_signature(
