@@ -17,9 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from vimgtools.blocks import Run, checksum64, zero_blocks
 from vimgtools.errors import ImageError, ImageRefused, Interrupted, InvalidInput, JournalError
 from vimgtools.image import Image
+from vimgtools.sync.digests import chunk_digests
 from vimgtools.sync.journal import (
     DATA,
     FLAG_SHRINK,
@@ -34,9 +38,10 @@ from vimgtools.sync.journal import (
     remove_journal,
     replay,
 )
-from vimgtools.sync.remote import split_remote, sync_remote
+from vimgtools.sync.remote import Session, run_sender, split_remote, sync_remote
 from vimgtools.sync.replica import Replica, source_of
 from vimgtools.sync.scan import CHUNK_SIZE, scan
+from vimgtools.sync.state import StateRun
 
 __all__ = ["SyncResult", "recover", "rollback", "sync"]
 
@@ -71,12 +76,17 @@ class SyncResult:
     warnings: list[str] = field(default_factory=list)
     bytes_sent: int | None = None  # remote sync only: bytes this side wrote to / read from the pipe
     bytes_received: int | None = None
+    state: str | None = (
+        None  # --state: "trusted" (SRC alone was read), "none yet", "replica changed since", ...
+    )
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["seconds"] = round(self.seconds, 3)
         if self.bytes_sent is None:
             del d["bytes_sent"], d["bytes_received"]
+        if self.state is None:
+            del d["state"]
         return d
 
     def count(self, runs: list[Run]) -> None:
@@ -122,6 +132,7 @@ def sync(
     rsh: str = "ssh",
     remote_python: str = "python3",
     timeout: float = 300.0,
+    state: str | os.PathLike[str] | None = None,
 ) -> SyncResult:
     """Make ``dst`` a byte-identical copy of ``src``, writing only what differs.
 
@@ -143,6 +154,7 @@ def sync(
         rsh: remote only: the command that reaches the host (``ssh`` by default), split like a shell would.
         remote_python: remote only: the Python that runs ``-m vimgtools.sync --server`` there.
         timeout: remote only: seconds of silence from the far side before giving up.
+        state: keep SRC's digests in this file; the next run then reads SRC alone (see ``state``).
 
     Either ``src`` or ``dst`` may be ``[user@]host:path`` (see ``vimgtools.sync.remote``).
 
@@ -165,6 +177,7 @@ def sync(
             "force": force,
             "journal": None if journal is None else str(journal),
             "keep_cache": keep_cache,
+            "state": None if state is None else str(state),
         }
         sync_remote(
             str(src), str(dst), res, checksum=checksum, rsh=rsh, remote_python=remote_python,
@@ -187,12 +200,27 @@ def sync(
             force=force,
             journal=journal,
         ) as rep:
+            st = StateRun(str(state), block_size, checksum, s.size) if state is not None else None
             try:
-                _compare_into(s, rep, res, progress, stop, workers, keep_cache)
+                if st is None:
+                    _compare_into(s, rep, res, progress, stop, workers, keep_cache)
+                else:
+                    _compare_with_state(s, rep, res, st, progress, stop, keep_cache)
                 rep.finish(undo)
+                if st is not None:
+                    after = rep.expect_after()
+                    if after is None:
+                        st.writer.abort()
+                    else:
+                        st.writer.finish(after)
             except BaseException as e:
+                if st is not None:
+                    st.writer.abort()
                 rep.abort(keep_for_resume=isinstance(e, (Interrupted, KeyboardInterrupt)))
                 raise
+            finally:
+                if st is not None:
+                    st.close()
             res.take_replica(rep)
         if verify and not dry_run:
             res.verified = _verify(s, dst_path, block_size, workers)
@@ -223,6 +251,40 @@ def stopped(rep: Replica, position: int, end: int) -> Interrupted:
     return Interrupted(
         f"{rep.path}: {state}; stopped at {position} of {end} bytes; run the same command again to resume"
     )
+
+
+def _compare_with_state(
+    s: Image,
+    rep: Replica,
+    res: SyncResult,
+    st: StateRun,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    keep_cache: bool,
+) -> None:
+    """--state on this host: SRC's digests against the stored ones (or the replica's, read and hashed)."""
+    bs = res.block_size
+    stored = st.trusted(rep.trusts(st.old.expect if st.old else None))
+    res.state = st.note
+    sess = Session(bs, st.checksum, st.key, rep.resume_from, s.size)
+    res.bytes_read += st.prepass(s, sess.start, bs, keep_cache, stored is not None)
+    buf = memoryview(bytearray(CHUNK_SIZE))
+    dst_read = [0]
+
+    def replica_digests(offset: int, length: int) -> npt.NDArray[np.uint64] | None:
+        img = rep.image
+        if img is None or offset >= rep.dst_size:
+            return None
+        digests, _, n = chunk_digests(img, offset, length, bs, st.checksum, st.key, buf, keep_cache)
+        dst_read[0] += n
+        return digests
+
+    fig = run_sender(
+        s, sess, stored or replica_digests, rep, progress=progress, stop=stop, keep_cache=keep_cache,
+        dry_run=rep.dry_run, record=st.writer.add,
+    )  # fmt: skip
+    res.changed, res.zero = fig.changed, fig.zero
+    res.bytes_read += fig.bytes_read + dst_read[0]
 
 
 def _compare_into(

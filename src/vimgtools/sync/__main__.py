@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write DST even when a running VM holds it open")
     p.add_argument("--journal", metavar="FILE", help="journal path (default: DST.vimg-journal)")
     p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="keep SRC's block digests in FILE; the next run reads SRC alone if DST was not touched "
+        "in between (see docs/remote.md)",
+    )
+    p.add_argument(
         "--keep-cache",
         action="store_true",
         help="keep what this run reads in the page cache (default: evict what it brought in)",
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             rsh=args.rsh,
             remote_python=args.remote_python,
             timeout=args.timeout,
+            state=args.state,
         )
     except InvalidInput:
         raise

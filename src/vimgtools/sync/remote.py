@@ -34,8 +34,9 @@ from vimgtools.blocks import changed_runs
 from vimgtools.errors import Interrupted, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
 from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, block_digests, chunk_digests
-from vimgtools.sync.replica import Replica, Source, source_of
+from vimgtools.sync.replica import Expect, Replica, Source, source_of
 from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
+from vimgtools.sync.state import StateRun
 from vimgtools.sync.wire import (
     CHUNK_END,
     DATA,
@@ -279,6 +280,7 @@ def run_receiver(
     *,
     keep_cache: bool = False,
     stop: threading.Event | None = None,
+    send_digests: bool = True,
 ) -> tuple[Figures, dict[str, Any]]:
     """Stream DST's digests to the sender while taking its changes into the replica.
 
@@ -308,7 +310,8 @@ def run_receiver(
             failure.append(e)
 
     t = threading.Thread(target=digests, name="vimg-digests", daemon=True)
-    t.start()
+    if send_digests:  # with a trusted --state the sender needs none of ours
+        t.start()
     chunk = sess.start
     while True:
         ftype, payload = ch.recv(DATA, ZERO, CHUNK_END, DONE)
@@ -356,7 +359,8 @@ def run_receiver(
         else:
             fig.zero += -(-n // bs)
             rep.zero(off, n)
-    t.join()
+    if send_digests:
+        t.join()
     if failure:
         raise failure[0]
     return fig, done
@@ -442,22 +446,49 @@ def sync_remote(
 
             warn_if_written_by_vm(img, res)
             sess = new_session(res.block_size, checksum, 0, img.size)
+            st = (
+                StateRun(options["state"], res.block_size, checksum, img.size)
+                if options.get("state")
+                else None
+            )
+            if st is not None:
+                sess.checksum, sess.key = st.checksum, st.key
+            opts = dict(options, state=None, state_expect=st.old.expect.to_json() if st and st.old else None)
             peer = Peer.start(host, rsh, remote_python, timeout)
             try:
                 ch = peer.channel
-                ch.send_json(HELLO, hello("receiver", path_d, sess, options, source_of(img)))
+                ch.send_json(HELLO, hello("receiver", path_d, sess, opts, source_of(img)))
                 _, ready = ch.recv_json(READY)
                 sess.start = _resume_point(ready, sess, host)
+                stored = st.trusted(ready.get("state_ok") is True) if st is not None else None
+                pre = (
+                    st.prepass(img, sess.start, sess.block_size, keep_cache, stored is not None) if st else 0
+                )
                 fig = run_sender(
-                    img, sess, lambda o, n: _recv_digests(ch, o, n, sess.block_size), ChannelSink(ch),
+                    img, sess, stored or (lambda o, n: _recv_digests(ch, o, n, sess.block_size)), ChannelSink(ch),
                     progress=progress, stop=stop, keep_cache=keep_cache, dry_run=bool(options.get("dry_run")),
+                    record=st.writer.add if st else None,
                 )  # fmt: skip
+                fig.bytes_read += pre
                 ch.send_json(DONE, {"bytes_read": fig.bytes_read})
                 _, result = ch.recv_json(RESULT)
-            except TransportError as e:
-                raise peer.explain(e) from e
+                if st is not None:
+                    after = Expect.from_json(result.get("dst_after"))
+                    if after is None or options.get("dry_run"):
+                        st.writer.abort()
+                    else:
+                        st.writer.finish(after)
+                    res.state = st.note
+            except BaseException as e:
+                if st is not None:
+                    st.writer.abort()
+                if isinstance(e, TransportError):
+                    raise peer.explain(e) from e
+                raise
             finally:
                 peer.close()
+                if st is not None:
+                    st.close()
         res.changed, res.zero = fig.changed, fig.zero
         res.bytes_read = fig.bytes_read + _int(result, "bytes_read")
         for key in ("bytes_written", "journal_bytes", "undo_bytes", "resumed_from", "dst_extra_bytes"):
@@ -465,6 +496,8 @@ def sync_remote(
         res.created, res.recovered = bool(result.get("created")), bool(result.get("recovered"))
         res.resized_from = result.get("resized_from")
     else:  # pull: we receive into DST
+        if options.get("state"):
+            raise InvalidInput("--state keeps the source's digests: it works when SRC is on this host")
         sess = new_session(res.block_size, checksum, 0, 0)
         peer = Peer.start(host, rsh, remote_python, timeout)
         try:
@@ -533,10 +566,14 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
                 journal=opts.get("journal"),
             ) as rep:  # fmt: skip
                 sess.start = rep.resume_from
-                ch.send_json(READY, {"resume_from": rep.resume_from})
+                state_ok = rep.trusts(Expect.from_json(opts.get("state_expect")))
+                ch.send_json(READY, {"resume_from": rep.resume_from, "state_ok": state_ok})
                 try:
-                    fig, _ = run_receiver(rep, ch, sess, keep_cache=bool(opts.get("keep_cache")))
+                    fig, _ = run_receiver(
+                        rep, ch, sess, keep_cache=bool(opts.get("keep_cache")), send_digests=not state_ok
+                    )
                     rep.finish(opts.get("undo"))
+                    after = rep.expect_after()
                 except BaseException as e:
                     resumable = isinstance(e, (Interrupted, KeyboardInterrupt, TransportError))
                     rep.abort(keep_for_resume=resumable)
@@ -548,6 +585,7 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
                         "journal_bytes": rep.journal_bytes, "undo_bytes": rep.undo_bytes,
                         "resumed_from": rep.resume_from, "dst_extra_bytes": rep.dst_extra_bytes,
                         "created": rep.created, "recovered": rep.recovered, "resized_from": rep.resized_from,
+                        "dst_after": after.to_json() if after else None,
                     },
                 )  # fmt: skip
         elif msg.get("role") == "sender":

@@ -50,6 +50,45 @@ class Source:
     mode: int = 0o600
 
 
+@dataclass(frozen=True)
+class Expect:
+    """What a replica looked like right after a sync: if it still does, nobody changed it since."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    token: str
+
+    @classmethod
+    def of(cls, img: Image) -> Expect:
+        img.refresh_size()
+        st = img.stat
+        return cls(img.identity[0], img.identity[1], img.size, st.st_mtime_ns, identity_token(img))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "dev": self.dev,
+            "ino": self.ino,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "token": self.token,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Expect | None:
+        try:
+            assert isinstance(obj, dict)
+            return cls(
+                int(obj["dev"]), int(obj["ino"]), int(obj["size"]), int(obj["mtime_ns"]), str(obj["token"])
+            )
+        except (AssertionError, KeyError, TypeError, ValueError):
+            return None
+
+
+NO_EXPECT = Expect(0, 0, 0, 0, "")
+
+
 class Replica:
     """Open (or prepare to create) ``path`` to receive a copy of ``source``.
 
@@ -80,6 +119,7 @@ class Replica:
         self.journal_bytes = 0
         self.undo_bytes = 0
         self.image: Image | None = None
+        self.opened: Expect | None = None  # the replica as found, before anything (recovery included)
         self._writer: JournalWriter | None = None
         self._tmp: Path | None = None
         self.jpath: Path | None = None
@@ -116,6 +156,7 @@ class Replica:
     ) -> None:
         img = self.image = Image(self.path, write=not self.dry_run)
         try:
+            self.opened = Expect.of(img)
             self._refuse(img, allow_shrink, force)
             if self.dry_run:
                 self._compare_size = img.size
@@ -207,6 +248,24 @@ class Replica:
         writer.commit()
         writer.close()
         self.bytes_written = replay(img, jpath, read_journal(jpath))
+
+    def expect_after(self) -> Expect | None:
+        """The replica as this run leaves it (for a state file), None after a dry run."""
+        if self.dry_run:
+            return None
+        with Image(self.path) as img:
+            return Expect.of(img)
+
+    def trusts(self, expect: Expect | None) -> bool:
+        """Whether the replica is exactly as a state file says the last sync left it."""
+        ok = expect is not None and self.opened == expect and not self.recovered and expect.token != ""
+        if ok and self.image is not None and self.image.is_block:
+            log.warning(
+                "warning: %s is a block device: changes made to it outside vimgtools cannot be detected; "
+                "--state trusts that nothing else wrote it",
+                self.path,
+            )
+        return ok
 
     def abort(self, *, keep_for_resume: bool) -> None:
         """Give up before the commit: the image is untouched. Keep the journal only to resume."""

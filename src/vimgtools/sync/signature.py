@@ -41,12 +41,15 @@ from vimgtools.sync.journal import (
     read_journal,
     remove_journal,
 )
-from vimgtools.sync.replica import Replica, Source
+from vimgtools.sync.replica import NO_EXPECT, Expect, Replica, Source
 from vimgtools.sync.scan import CHUNK_SIZE
 
 SIG_MAGIC = b"VIMGSIGN"
+STATE_MAGIC = b"VIMGSTAT"  # a signature of SRC, plus what DST looked like right after that sync
 SIG_VERSION = 1
-SIG_HEADER = struct.Struct("<8sII16s32sQQQ")  # magic, version, block size, digest, key, size, count, created
+# magic, version, block size, digest name, key, image size, count, created,
+# state files only: the replica's identity after the sync (dev, ino, size, mtime_ns, token)
+SIG_HEADER = struct.Struct("<8sII16s32sQQQQQQQ96s")
 SIG_TRAILER = struct.Struct("<8sQQ")  # b"SIGEND\0\0", content digest, checksum of the first two
 SIG_END = b"SIGEND\0\0"
 HEADER_SIZE = 4096
@@ -85,6 +88,59 @@ class ChunkDigests:
         )
 
 
+class SignatureWriter:
+    """Writes a signature (or state) file chunk by chunk, under a temporary name until ``finish``."""
+
+    def __init__(
+        self, path: Path, *, magic: bytes, block_size: int, checksum: str, key: bytes, size: int
+    ) -> None:
+        self.path, self.magic = path, magic
+        self.block_size, self.checksum, self.key, self.size = block_size, checksum, key, size
+        self.count = -(-size // block_size)
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._acc = ChunkDigests()
+        self._next = 0
+        try:
+            self._f = open(self.tmp, "wb")  # noqa: SIM115 (closed by finish/abort)
+            self._f.write(bytes(HEADER_SIZE))  # the header is written last, with the expectation
+        except OSError as e:
+            raise JournalError(f"{path}: cannot write: {describe_os_error(e)}") from e
+
+    def add(self, offset: int, digests: npt.NDArray[np.uint64]) -> None:
+        """The digests of the chunk at ``offset``; chunks come in order."""
+        assert offset == self._next * CHUNK_SIZE, "chunks in order"
+        self._f.write(np.ascontiguousarray(digests).tobytes())
+        self._acc.add(digests)
+        self._next += 1
+
+    def finish(self, expect: Expect = NO_EXPECT) -> int:
+        """Header, trailer, fsync, rename. Returns the content digest."""
+        try:
+            digest = self._acc.value
+            trailer = SIG_END + _SUM.pack(digest)
+            self._f.write(trailer + _SUM.pack(checksum64(trailer)))
+            head = SIG_HEADER.pack(
+                self.magic, SIG_VERSION, self.block_size, self.checksum.encode(), self.key, self.size,
+                self.count, time.time_ns(), expect.dev, expect.ino, expect.size, expect.mtime_ns,
+                expect.token.encode()[:96],
+            )  # fmt: skip
+            self._f.seek(0)
+            self._f.write(head + _SUM.pack(checksum64(head)))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            self.abort()
+            raise JournalError(f"{self.path}: cannot write: {describe_os_error(e)}") from e
+        return digest
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_signature(
     image: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -100,46 +156,30 @@ def write_signature(
     check_block_size(block_size)
     if checksum not in CHECKSUMS:
         raise InvalidInput(f"--checksum {checksum!r}: known are {', '.join(CHECKSUMS)}")
-    out_path = Path(out)
     key = secrets.token_bytes(32)
     with Image(image) as img:
-        count = -(-img.size // block_size)
-        head = SIG_HEADER.pack(
-            SIG_MAGIC, SIG_VERSION, block_size, checksum.encode(), key, img.size, count, time.time_ns()
+        w = SignatureWriter(
+            Path(out), magic=SIG_MAGIC, block_size=block_size, checksum=checksum, key=key, size=img.size
         )
-        head += _SUM.pack(checksum64(head))
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        acc = ChunkDigests()
-        buf = memoryview(bytearray(CHUNK_SIZE))
         try:
-            with open(tmp, "wb") as f:
-                f.write(head.ljust(HEADER_SIZE, b"\0"))
-                for offset in range(0, img.size, CHUNK_SIZE):
-                    length = min(CHUNK_SIZE, img.size - offset)
-                    digests, _, _ = chunk_digests(
-                        img, offset, length, block_size, checksum, key, buf, keep_cache
-                    )
-                    f.write(digests.tobytes())
-                    acc.add(digests)
-                    if progress:
-                        progress(offset + length, img.size)
-                digest = acc.value
-                trailer = SIG_END + _SUM.pack(digest)
-                f.write(trailer + _SUM.pack(checksum64(trailer)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out_path)
-            fsync_dir(out_path.parent)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise JournalError(f"{out_path}: cannot write the signature: {describe_os_error(e)}") from e
-    return SignatureInfo(out_path, block_size, checksum, key, img.size, count, digest)
+            buf = memoryview(bytearray(CHUNK_SIZE))
+            for offset in range(0, img.size, CHUNK_SIZE):
+                length = min(CHUNK_SIZE, img.size - offset)
+                digests, _, _ = chunk_digests(img, offset, length, block_size, checksum, key, buf, keep_cache)
+                w.add(offset, digests)
+                if progress:
+                    progress(offset + length, img.size)
+        except BaseException:
+            w.abort()
+            raise
+        digest = w.finish()
+    return SignatureInfo(Path(out), block_size, checksum, key, img.size, w.count, digest)
 
 
 class Signature:
     """A signature file, read chunk by chunk; ``check_end()`` verifies everything that was read."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], magic: bytes = SIG_MAGIC) -> None:
         self.path = Path(path)
         try:
             self._f = open(self.path, "rb")  # noqa: SIM115 (closed by close())
@@ -149,15 +189,17 @@ class Signature:
         if len(raw) < SIG_HEADER.size + 8:
             raise JournalError(f"{self.path}: truncated signature header")
         fields = SIG_HEADER.unpack_from(raw)
-        if fields[0] != SIG_MAGIC:
-            raise JournalError(f"{self.path}: not a vimgtools signature (magic {fields[0]!r})")
+        if fields[0] != magic:
+            what = "signature" if magic == SIG_MAGIC else "state file"
+            raise JournalError(f"{self.path}: not a vimgtools {what} (magic {fields[0]!r})")
         if fields[1] != SIG_VERSION:
             raise JournalError(
                 f"{self.path}: signature version {fields[1]}, this vimgtools reads {SIG_VERSION}"
             )
         if checksum64(raw[: SIG_HEADER.size]) != _SUM.unpack_from(raw, SIG_HEADER.size)[0]:
             raise JournalError(f"{self.path}: signature header checksum mismatch (file damaged)")
-        _, _, bs, name, key, size, count, _ = fields
+        _, _, bs, name, key, size, count, _, e_dev, e_ino, e_size, e_mtime, e_token = fields
+        self.expect = Expect(e_dev, e_ino, e_size, e_mtime, e_token.rstrip(b"\0").decode(errors="replace"))
         self.block_size, self.checksum, self.key = bs, name.rstrip(b"\0").decode(), key
         self.size, self.count = size, count
         if self.checksum not in CHECKSUMS or count != -(-size // bs):
@@ -191,6 +233,13 @@ class Signature:
         if len(rows) == n:
             return rows
         return np.concatenate([rows, hole_digests(length - len(rows) * bs, bs, self.checksum, self.key)])
+
+    def verify(self) -> None:
+        """Check every stored digest now, before any is relied on; then read from the start again."""
+        self.finish_reading()
+        self.check_end()
+        self._acc = ChunkDigests()
+        self._next_chunk = 0
 
     def finish_reading(self) -> None:
         """Read the chunks nobody asked for, so that ``check_end`` covers all of them."""
