@@ -9,7 +9,8 @@ Cases (docs/sync.md has the results):
 Tools: vimgtools.sync, rsync --inplace --no-whole-file, cp --sparse=always, and the physical
 reference `cat SRC DST > /dev/null` (reading both once). Each timing starts from the same old
 replica (restored outside the timing) and a warm cache; the median of --repeat runs is shown,
-with peak RSS (from wait4).
+with peak RSS (GNU time) and the time of a `sync` right after (what durability
+costs the tools that do not fsync; vimgtools.sync fsyncs its journal and the replica itself).
 
     .venv/bin/python benchmarks/sync_vs_peers.py [--dir /var/tmp/vimg-bench] [--repeat 3] [--quick]
 """
@@ -94,16 +95,17 @@ def make_sparse_case(d: Path, size: int, data: int) -> tuple[Path, Path]:
     return src, old
 
 
-def run(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, int]:
-    """(seconds, peak RSS bytes, bytes written) of one command."""
+def run(cmd: list[str]) -> tuple[float, float, int]:
+    """(seconds, seconds of the `sync` that makes its writes durable, peak RSS bytes) of one command."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        err = p.stderr.read().decode() if p.stderr else ""
-        raise SystemExit(f"{cmd[0]} failed: {err}")
-    return dt, ru.ru_maxrss * 1024, 0
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed: {p.stderr.decode()}")
+    t1 = time.perf_counter()
+    os.sync()  # peers do not fsync; this is what durability costs them
+    flush = time.perf_counter() - t1
+    return dt, flush, int(p.stderr.decode().split()[-1]) * 1024
 
 
 def reset(old: Path, dst: Path) -> None:
@@ -136,17 +138,25 @@ def bench_case(name: str, src: Path, old: Path, work: Path, repeat: int, tools: 
     dst = work / "dst.img"
     rows = []
     for tool in tools:
-        times, rss = [], 0
+        times, durable, rss = [], [], 0
         for _ in range(repeat):
             reset(old, dst)
             warm(src, dst)
-            dt, peak, _ = run(TOOLS[tool](src, dst))
+            dt, flush, peak = run(TOOLS[tool](src, dst))
             times.append(dt)
+            durable.append(dt + flush)
             rss = max(rss, peak)
         if tool != "cat SRC DST (reference)" and subprocess.run(["cmp", "-s", src, dst]).returncode:
             raise SystemExit(f"{tool}: replica differs from source in case {name}")
-        rows.append({"case": name, "tool": tool, "median_s": statistics.median(times), "rss": rss})
-        print(f"  {name:10} {tool:34} {statistics.median(times):7.3f} s  rss {rss / MiB:6.0f} MiB", flush=True)
+        row = {
+            "case": name,
+            "tool": tool,
+            "median_s": statistics.median(times),
+            "durable_s": statistics.median(durable),
+            "rss": rss,
+        }
+        rows.append(row)
+        print(f"  {name:10} {tool:34} {row['median_s']:7.3f} s  +sync {row['durable_s']:7.3f} s", flush=True)
     ref = rows[0]["median_s"]
     for r in rows:
         r["x_cat"] = r["median_s"] / ref
@@ -173,9 +183,13 @@ def main() -> None:
         rows += bench_case("sparse64", s64, o64, args.dir, args.repeat, all_tools[:2])
         rows += bench_case("dense1", s1, o1, args.dir, args.repeat, all_tools[:2])
     print()
-    print(f"{'case':10} {'tool':34} {'median s':>9} {'x cat':>6} {'peak RSS':>9}")
+    print("| case | tool | median s | x cat | with `sync` after, s | peak RSS |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{r['case']:10} {r['tool']:34} {r['median_s']:9.3f} {r['x_cat']:6.2f} {r['rss'] / MiB:7.0f} MiB")
+        print(
+            f"| {r['case']} | {r['tool']} | {r['median_s']:.3f} | {r['x_cat']:.2f} | "
+            f"{r['durable_s']:.3f} | {r['rss'] / MiB:.0f} MiB |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     shutil.rmtree(args.dir / "dst.img", ignore_errors=True)
