@@ -121,6 +121,19 @@ class Image:
             raise ImageError(f"{self.path}: SEEK_DATA at {offset}: {describe_os_error(e)}") from e
         return data >= offset + length
 
+    def next_data(self, offset: int) -> int:
+        """The first offset at or after ``offset`` that may hold data (the size when none does)."""
+        if offset >= self.size:
+            return self.size
+        if not self._seek_data_ok:
+            return offset
+        try:
+            return min(os.lseek(self.fd, offset, os.SEEK_DATA), self.size)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return self.size
+            return offset
+
     def data_in(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The allocated (offset, length) pieces of [offset, offset+length); all of it when unknown."""
         end = min(offset + length, self.size)

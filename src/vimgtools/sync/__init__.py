@@ -328,6 +328,8 @@ def _compare_into(
             progress(chunk.offset + chunk.length, end)
         if stop is not None and stop.is_set() and chunk.offset + chunk.length < end:
             raise stopped(rep, chunk.offset + chunk.length, end)
+    if progress:
+        progress(end, end)  # the tail may have been holes on both sides, skipped without a chunk
 
 
 def recover(dst: str | os.PathLike[str], *, journal: str | os.PathLike[str] | None = None) -> int | None:

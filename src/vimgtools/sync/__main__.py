@@ -183,7 +183,7 @@ def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             info = write_signature(
                 args.signature,
                 args.output,
-                block_size=args.block_size or 4096,
+                block_size=4096 if args.block_size is None else args.block_size,
                 checksum=args.checksum,
                 progress=bar,
             )
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.signature or args.write_delta or args.apply_delta:
         return _files_mode(parser, args)
-    args.block_size = args.block_size or 4096
+    if args.block_size is None:
+        args.block_size = 4096
     if len(args.images) != 2:
         parser.error("give SRC and DST (or --recover DST, or --rollback DST --undo FILE)")
     src, dst = args.images

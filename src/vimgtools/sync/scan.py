@@ -119,6 +119,9 @@ def scan(
         try:
             while pending or next_offset < end:
                 while len(pending) < depth and next_offset < end and not (stop and stop.is_set()):
+                    next_offset = _skip_holes(src, dst, dst_size, next_offset, end, chunk_size)
+                    if next_offset >= end:
+                        break
                     pending.append(ex.submit(work, next_offset))
                     next_offset += chunk_size
                 if not pending:
@@ -131,6 +134,16 @@ def scan(
                 if not f.cancelled():
                     with contextlib.suppress(Exception):
                         f.result().release()
+
+
+def _skip_holes(src: Image, dst: Image | None, dst_size: int, offset: int, end: int, chunk_size: int) -> int:
+    """Jump over whole chunks that are holes on both sides (a mostly empty 64 GiB image is 8192 chunks)."""
+    nd = src.next_data(offset)
+    if dst is not None and offset < dst_size:
+        nd = min(nd, dst.next_data(offset))
+    if nd >= end:
+        return end
+    return offset + (nd - offset) // chunk_size * chunk_size
 
 
 def read_chunk(img: Image, offset: int, view: memoryview, keep_cache: bool) -> int:
