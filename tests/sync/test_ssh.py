@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopback_sshd import loopback_sshd
 from synchelp import MiB, cli, cli_json, digest, poke, write_image
-
-SSHD = "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -28,38 +18,8 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """A private sshd on a loopback port; yields the --rsh/--remote-python arguments that reach it."""
     if os.geteuid() != 0:
         pytest.skip("sshd with our own keys needs root here")
-    assert Path(SSHD).exists(), "openssh-server is not installed (make installs it)"
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    port = _free_port()
-    config = d / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nStrictModes no\nAcceptEnv LANG LC_*\nSubsystem sftp internal-sftp\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    rsh = (
-        f"ssh -p {port} -i {d / 'client_key'} -o BatchMode=yes -o StrictHostKeyChecking=no "
-        f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            probe = subprocess.run([*rsh.split(), "127.0.0.1", "true"], capture_output=True)
-            if probe.returncode == 0:
-                break
-            assert proc.poll() is None, f"sshd exited: {proc.stderr.read() if proc.stderr else b''!r}"
-            assert time.monotonic() < deadline, f"cannot log in to the test sshd: {probe.stderr!r}"
-            time.sleep(0.2)
+    with loopback_sshd(tmp_path_factory.mktemp("sshd")) as rsh:
         yield ["--rsh", rsh, "--remote-python", sys.executable]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
 
 
 @pytest.fixture

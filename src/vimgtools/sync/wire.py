@@ -70,6 +70,7 @@ class Channel:
         self.timeout = timeout
         self.counters = Counters()
         self._buf = bytearray()
+        self._pos = 0  # start of the unread part of _buf (consumed frames are dropped lazily)
         self._send_lock = threading.Lock()  # the digest thread and the main thread both send
 
     # -- sending --------------------------------------------------------
@@ -101,7 +102,11 @@ class Channel:
 
     # -- receiving ------------------------------------------------------
     def _fill(self, want: int) -> None:
-        while len(self._buf) < want:
+        """Have at least ``want`` unread bytes buffered."""
+        while len(self._buf) - self._pos < want:
+            if self._pos:  # drop what was consumed, once per read rather than once per frame
+                del self._buf[: self._pos]
+                self._pos = 0
             ready, _, _ = select.select([self.rfd], [], [], self.timeout)
             if not ready:
                 raise TransportError(f"{self.peer}: no data for {self.timeout:.0f} s; giving up")
@@ -113,15 +118,15 @@ class Channel:
     def recv(self, *expected: int) -> tuple[int, memoryview]:
         """The next frame, checked; ``expected`` limits which types are acceptable here."""
         self._fill(FRAME.size)
-        magic, ftype, length = FRAME.unpack_from(self._buf)
+        magic, ftype, length = FRAME.unpack_from(self._buf, self._pos)
         if magic != FRAME_MAGIC:
             raise TransportError(f"{self.peer}: garbage on the wire (not a vimgtools.sync peer?)")
         if length > MAX_PAYLOAD:
             raise TransportError(f"{self.peer}: refused a frame of {length} bytes (limit {MAX_PAYLOAD})")
         total = FRAME.size + length + _SUM.size
         self._fill(total)
-        frame = bytes(self._buf[:total])
-        del self._buf[:total]
+        frame = bytes(memoryview(self._buf)[self._pos : self._pos + total])
+        self._pos += total
         (stored,) = _SUM.unpack_from(frame, FRAME.size + length)
         if checksum64(frame[: FRAME.size + length]) != stored:
             raise TransportError(f"{self.peer}: frame checksum mismatch (corrupted stream)")
