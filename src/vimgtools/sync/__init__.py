@@ -66,6 +66,7 @@ class SyncResult:
     journal_bytes: int = 0  # written to the redo journal
     undo_bytes: int = 0  # written to the undo file
     seconds: float = 0.0
+    seconds_flush: float = 0.0  # of those, committing, writing in place and fsyncing (the rest is comparing)
     dry_run: bool = False
     created: bool = False  # dst did not exist
     resized_from: int | None = None  # dst's old size when it was resized
@@ -83,6 +84,7 @@ class SyncResult:
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["seconds"] = round(self.seconds, 3)
+        d["seconds_flush"] = round(self.seconds_flush, 3)
         if self.bytes_sent is None:
             del d["bytes_sent"], d["bytes_received"]
         if self.state is None:
@@ -104,6 +106,7 @@ class SyncResult:
         self.bytes_written = rep.bytes_written
         self.journal_bytes = rep.journal_bytes
         self.undo_bytes = rep.undo_bytes
+        self.seconds_flush = rep.seconds_flush
 
 
 def check_block_size(block_size: int) -> None:

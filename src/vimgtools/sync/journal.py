@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from vimgtools.blocks import checksum64
 from vimgtools.errors import ImageError, JournalError
-from vimgtools.image import Image, describe_os_error, fsync_dir
+from vimgtools.image import Image, describe_os_error, fsync_dir, start_writeback
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -161,6 +161,7 @@ class JournalWriter:
         self.seq = seq
         self.data_bytes = data_bytes
         self.committed = False
+        self._flushed = HEADER_SIZE if resume_at is None else resume_at
         try:
             if resume_at is None:
                 self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -203,6 +204,9 @@ class JournalWriter:
 
     def checkpoint(self, position: int) -> None:
         self._append(CHECKPOINT, position, 0, None, 0)
+        if self.pos - self._flushed >= (8 << 20):  # let the disk take the journal while we scan on
+            start_writeback(self.fd, self._flushed, self.pos - self._flushed)
+            self._flushed = self.pos
 
     def commit(self) -> None:
         """Make every record durable, then the decision to apply them."""
@@ -339,6 +343,7 @@ def replay(dst: Image, path: Path, contents: JournalContents) -> int:
     try:
         if not dst.is_block and dst.size < h.new_size:
             dst.truncate(h.new_size)
+        pending = 0
         for rec, payload in iter_records(contents):
             if rec.offset + rec.length > max(h.new_size, h.old_size):
                 raise JournalError(f"{path}: record at {rec.offset} lies outside the image")
@@ -346,6 +351,10 @@ def replay(dst: Image, path: Path, contents: JournalContents) -> int:
                 written += dst.zero_range(rec.offset, rec.length)
             else:
                 written += dst.pwrite_all(payload, rec.offset)
+                pending += len(payload)
+                if pending >= (8 << 20):  # start the disk on it; the final fsync waits for less
+                    start_writeback(dst.fd, 0, 0)
+                    pending = 0
         if not dst.is_block and dst.size > h.new_size:
             dst.truncate(h.new_size)
         dst.fsync()

@@ -495,6 +495,8 @@ def sync_remote(
             setattr(res, key, _int(result, key))
         res.created, res.recovered = bool(result.get("created")), bool(result.get("recovered"))
         res.resized_from = result.get("resized_from")
+        flush = result.get("seconds_flush")
+        res.seconds_flush = float(flush) if isinstance(flush, (int, float)) else 0.0
     else:  # pull: we receive into DST
         if options.get("state"):
             raise InvalidInput("--state keeps the source's digests: it works when SRC is on this host")
@@ -586,6 +588,7 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
                         "resumed_from": rep.resume_from, "dst_extra_bytes": rep.dst_extra_bytes,
                         "created": rep.created, "recovered": rep.recovered, "resized_from": rep.resized_from,
                         "dst_after": after.to_json() if after else None,
+                        "seconds_flush": rep.seconds_flush,
                     },
                 )  # fmt: skip
         elif msg.get("role") == "sender":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,6 +119,7 @@ class Replica:
         self.bytes_written = 0
         self.journal_bytes = 0
         self.undo_bytes = 0
+        self.seconds_flush = 0.0  # commit, apply in place and fsync: what durability costs
         self.image: Image | None = None
         self.opened: Expect | None = None  # the replica as found, before anything (recovery included)
         self._writer: JournalWriter | None = None
@@ -232,7 +234,15 @@ class Replica:
         """Make the update durable and visible: commit and apply the journal, or rename the new file."""
         if self.dry_run or self.image is None:
             return
+        t0 = time.monotonic()
+        try:
+            self._finish(undo)
+        finally:
+            self.seconds_flush = time.monotonic() - t0
+
+    def _finish(self, undo: str | os.PathLike[str] | None) -> None:
         img = self.image
+        assert img is not None
         if self._tmp is not None:
             img.fsync()
             os.replace(self._tmp, self.path)
