@@ -233,3 +233,11 @@ def test_hostile_sender_is_refused(tmp_path: Path, attack: str) -> None:
     assert srv.wait(timeout=20) == 1
     srv.stdout.close()
     assert digest(dst) == before
+
+
+def test_push_onto_itself_is_refused(pair: tuple[Path, Path]) -> None:
+    src, _ = pair
+    before = digest(src)
+    p = cli(*REMOTE, src, f"localhost:{src}", check=2)
+    assert "same file" in p.stderr
+    assert digest(src) == before
