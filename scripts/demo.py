@@ -1,146 +1,169 @@
 #!/usr/bin/env python3
-"""`make demo`: the block engine on a sample sparse image (a real sync demo comes later).
+"""`make demo`: replicate a sample guest disk the way a nightly job would, and show what is kept safe.
 
-Makes a sparse source image and an identical replica in a temporary directory,
-changes some blocks of the source (overwritten, zeroed, written into a hole),
-then reads both images once in large chunks and shows, with the engine, which
-blocks differ, how many bytes a sync would send and which runs become holes.
+In a temporary directory: make a sparse 512 MiB "guest disk", copy it to a replica,
+change the source as a running guest does (writes, a discard, a write into a hole),
+then run the real commands: a dry run, a sync with an undo file, a sync killed with
+kill -9 halfway and resumed, a rollback, a signature/delta round trip, and a push
+through a remote shell (run locally here). Each step prints the command it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vimgtools import diff_blocks, hash_blocks, zero_blocks
-from vimgtools._cli import parse_size
-from vimgtools.blocks import changed_runs
-
-CHUNK = 16 << 20  # bytes read per call: large sequential reads into reused buffers
+MiB = 1 << 20
+PY = sys.executable
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
 
 
-def make_images(d: Path, size: int, rng: np.random.Generator) -> tuple[Path, Path]:
-    """A sparse image with a few data extents, and a replica with the same content."""
-    src, dst = d / "source.img", d / "replica.img"
-    extents = [
-        (0, 2 << 20),
-        (size // 4, 4 << 20),
-        (size // 2 + (1 << 20), 3 << 20),
-        (size - (1 << 20), 1 << 20),
-    ]
-    for path in (src, dst):
-        with path.open("wb") as f:
-            f.truncate(size)
-    for offset, length in extents:
-        data = rng.bytes(length)
-        for path in (src, dst):
-            with path.open("r+b") as f:
-                f.seek(offset)
-                f.write(data)
-    return src, dst
+def run(*args: str | Path, show: bool = True) -> dict[str, Any]:
+    """Run `python -m vimgtools.sync ARGS --json`, print the command and the summary line."""
+    cmd = [PY, "-m", "vimgtools.sync", *map(str, args), "--json"]
+    if show:
+        print("$ python -m vimgtools.sync " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if show and p.stderr.strip():
+        print("  " + p.stderr.strip().replace("\n", "\n  "))
+    if p.returncode != 0:
+        raise SystemExit(f"demo: the command failed with exit code {p.returncode}")
+    return json.loads(p.stdout) if p.stdout.strip() else {}
 
 
-def change_blocks(src: Path, size: int, block_size: int, rng: np.random.Generator) -> list[str]:
-    """Change the source in the ways a running guest does; returns what was done."""
-    n = size // block_size
-    edits = [
-        ("overwrote 3 blocks", 5, 3, "random"),
-        ("wrote 1 block into a hole", n // 8, 1, "random"),
-        ("zeroed 2 blocks (discard)", (size // 4) // block_size + 1, 2, "zero"),
-        ("changed 1 byte in the last block", n - 1, 1, "byte"),
-    ]
-    with src.open("r+b") as f:
-        for _, first, count, kind in edits:
-            f.seek(first * block_size)
-            if kind == "random":
-                f.write(rng.bytes(count * block_size))
-            elif kind == "zero":
-                f.write(bytes(count * block_size))
-            else:
-                f.seek(first * block_size + block_size - 1)
-                old = os.pread(f.fileno(), 1, f.tell())
-                f.write(bytes([old[0] ^ 0xFF]))
-    return [what for what, *_ in edits]
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
-def compare(src: Path, dst: Path, block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Read both images once; return changed block indices, which of them are zero now, bytes read."""
-    a, b = bytearray(CHUNK), bytearray(CHUNK)
-    changed, zero = [], []
-    done = 0
-    with src.open("rb", buffering=0) as fs, dst.open("rb", buffering=0) as fd:
-        while True:
-            n = fs.readinto(a)
-            m = fd.readinto(b)
-            if not n:
-                break
-            assert n == m, "images differ in size"
-            va, vb = memoryview(a)[:n], memoryview(b)[:n]
-            idx = diff_blocks(va, vb, block_size)
-            # What a remote sync compares instead of bytes: per-block digests.
-            ha, hb = hash_blocks(va, block_size), hash_blocks(vb, block_size)
-            assert np.array_equal(np.flatnonzero((ha != hb).any(axis=1)), idx), "digests disagree with bytes"
-            changed.append(idx + done // block_size)
-            zero.append(zero_blocks(va, block_size)[idx])
-            done += n
-    return np.concatenate(changed), np.concatenate(zero), 2 * done
+def allocated(path: Path) -> str:
+    return f"{os.stat(path).st_blocks * 512 / MiB:.0f} MiB allocated of {path.stat().st_size / MiB:.0f} MiB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=parse_size, default="256M", help="image size (default 256M)")
-    p.add_argument("--block-size", type=parse_size, default="64K", help="block size (default 64K)")
-    args = p.parse_args(argv)
-    size, bs = args.size, args.block_size
-    try:
-        zero_blocks(b"", bs)  # the engine's own check and message for the block size
-    except ValueError as e:
-        p.error(str(e))
-    if size % bs or size < 16 * bs:
-        p.error("--size must be a multiple of --block-size and at least 16 blocks")
-    rng = np.random.default_rng(42)
-    with tempfile.TemporaryDirectory(prefix="vimg-demo-") as tmp:
-        src, dst = make_images(Path(tmp), size, rng)
-        allocated = os.stat(src).st_blocks * 512
-        print(f"sample image: {src.name}, {human(size)} apparent, {human(allocated)} allocated (sparse)")
-        print(f"replica:      {dst.name}, same content")
-        for what in change_blocks(src, size, bs, rng):
-            print(f"  source: {what}")
-        t0 = time.perf_counter()
-        idx, zero, nread = compare(src, dst, bs)
-        seconds = time.perf_counter() - t0
-    runs = changed_runs(idx, zero)
-    data_blocks = int((~zero).sum())
-    sent = data_blocks * bs
+def make_disk(path: Path, size: int, rng: np.random.Generator) -> None:
+    with path.open("wb") as f:
+        f.truncate(size)
+        for start in range(0, size, 32 * MiB):  # 40% data in 4 MiB extents, the rest holes
+            for k in range(0, 32 * MiB, 4 * MiB):
+                if rng.random() < 0.4:
+                    f.seek(start + k)
+                    f.write(rng.integers(0, 256, 4 * MiB, dtype=np.uint8).tobytes())
+
+
+def night_of_work(path: Path, rng: np.random.Generator, pages: int) -> None:
+    """What a guest does to its disk in a day: scattered writes, a discarded file, a new file."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        for page in rng.choice(size // 4096, pages, replace=False):
+            f.seek(int(page) * 4096)
+            f.write(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        f.seek(os.lseek(f.fileno(), 8 * MiB, os.SEEK_DATA))
+        f.write(bytes(2 * MiB))  # a deleted file, fstrim'd: zeros where there was data
+        f.seek(size - 3 * MiB)
+        f.write(rng.integers(0, 256, MiB, dtype=np.uint8).tobytes())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    rng = np.random.default_rng(2026)
+    tmp = Path(tempfile.mkdtemp(prefix="vimgtools-demo-"))
+    os.chdir(tmp)
+    src, replica = Path("guest.img"), Path("replica.img")
+
+    say(f"a {args.size_mib} MiB sparse guest disk in {tmp}")
+    make_disk(src, args.size_mib * MiB, rng)
+    print(f"guest.img: {allocated(src)}")
+
+    say("the first copy: the replica is created sparse, holes are never read")
+    r = run(src, replica)
+    print(f"replica.img: {allocated(replica)}; identical: {sha(src) == sha(replica)}")
+
+    say("a day in the guest: scattered 4 KiB writes, a discard, a new file")
+    night_of_work(src, rng, pages=300)
+    r = run("--dry-run", src, replica)
+    print(f"a sync would write {r['changed']} blocks of 4 KiB ({r['zero']} of them become holes)")
+
+    say("the nightly sync, keeping the old blocks in an undo file")
+    r = run("--undo", "night1.undo", "--verify", src, replica)
     print(
-        f"compared {human(size)} in {bs // 1024} KiB blocks ({size // bs} blocks), "
-        f"read {human(nread)} in {seconds:.2f} s"
+        f"written into the replica: {int(r['bytes_written']) / MiB:.2f} MiB, "
+        f"journaled first: {int(r['journal_bytes']) / MiB:.2f} MiB; verified: {r['verified']}"
     )
-    print(f"differing blocks: {len(idx)} in {len(runs)} runs")
-    for first, end, is_zero in runs:
-        where = f"block {first}" if end - first == 1 else f"blocks {first}-{end - 1}"
-        kind = "all zero now: punch a hole, send nothing" if is_zero else f"send {human((end - first) * bs)}"
-        print(f"  {where:<18} {kind}")
+
+    say("kill -9 in the middle of the next sync: the replica stays as it was, the next run resumes")
+    night_of_work(src, rng, pages=30000)
+    generation2 = sha(replica)
+    p = subprocess.Popen([PY, "-m", "vimgtools.sync", "-q", str(src), str(replica)])
+    journal = Path("replica.img.vimg-journal")
+    deadline = time.monotonic() + 30
+    while p.poll() is None and not (journal.exists() and journal.stat().st_size > 40 * MiB):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.002)
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        print(f"killed; replica unchanged: {sha(replica) == generation2}; journal left: {journal.exists()}")
+        r = run(src, replica)
+        print(f"resumed from byte {r['resumed_from']}; identical now: {sha(src) == sha(replica)}")
+    else:
+        print("(the sync finished before it could be killed on this machine)")
+
+    say("a bad night: the source was damaged (say, ransomware) and the damage was replicated")
+    good = sha(replica)
+    night_of_work(src, rng, pages=500)
+    run("--undo", "bad-night.undo", src, replica)
+    run("--rollback", replica, "--undo", "bad-night.undo")
+    print(f"replica back to the last good generation: {sha(replica) == good}")
+
+    say("no network between the hosts: signature, delta, apply")
+    night_of_work(src, rng, pages=200)
+    run("--signature", replica, "-o", "replica.sig")
+    r = run(src, "--write-delta", "night.delta", "--against", "replica.sig")
+    print(f"delta: {Path('night.delta').stat().st_size / MiB:.2f} MiB for {r['changed']} changed blocks")
+    run("--apply-delta", "night.delta", replica)
+    print(f"identical: {sha(src) == sha(replica)}")
+
+    say("to another host: a push through a remote shell (here a stand-in for ssh that runs locally)")
+    rsh = tmp / "local-rsh"
+    rsh.write_text('#!/bin/sh\nshift\nexec sh -c "$*"\n')  # like ssh: drop the host, run the command line
+    rsh.chmod(0o755)
+    night_of_work(src, rng, pages=100)
+    r = run("--rsh", rsh, "--remote-python", PY, src, f"dr-host:{tmp / 'replica.img'}")
     print(
-        f"a sync would send {human(sent)} ({100 * sent / size:.3f}% of the image) "
-        f"and punch {int(zero.sum())} block(s) of holes, instead of copying {human(size)}"
+        f"sent {int(r['bytes_sent']) / 1024:.0f} KiB, received {int(r['bytes_received']) / 1024:.0f} KiB "
+        f"(the replica's block digests); identical: {sha(src) == sha(replica)}"
     )
-    return 0
+    say("with ssh it is: python -m vimgtools.sync guest.img root@dr-host:/srv/replica.img")
+
+    if args.keep:
+        print(f"\nkept {tmp}")
+    else:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

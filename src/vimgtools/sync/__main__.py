@@ -149,7 +149,7 @@ def _summary(r: SyncResult) -> str:
     h = _cli.human_bytes
     verb = "would write" if r.dry_run else "wrote"
     parts = [
-        f"{r.src} -> {r.dst}: {h(r.size)}, {r.changed} of {r.blocks} blocks of {h(r.block_size)} changed",
+        f"{r.src} -> {r.dst}: {h(r.size)}, {r.changed} of {r.blocks} blocks of {h(r.block_size)} changed "
         f"({r.zero} now zero)",
         f"{verb} {h(r.changed * r.block_size if r.dry_run else r.bytes_written)}",
         f"read {h(r.bytes_read)}",
