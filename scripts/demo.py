@@ -75,6 +75,7 @@ def night_of_work(path: Path, rng: np.random.Generator, pages: int) -> None:
         for page in rng.choice(size // 4096, pages, replace=False):
             f.seek(int(page) * 4096)
             f.write(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        f.flush()  # before asking the file descriptor itself where data is
         f.seek(os.lseek(f.fileno(), 8 * MiB, os.SEEK_DATA))
         f.write(bytes(2 * MiB))  # a deleted file, fstrim'd: zeros where there was data
         f.seek(size - 3 * MiB)
