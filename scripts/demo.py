@@ -71,12 +71,14 @@ def make_disk(path: Path, size: int, rng: np.random.Generator) -> None:
 def night_of_work(path: Path, rng: np.random.Generator, pages: int) -> None:
     """What a guest does to its disk in a day: scattered writes, a discarded file, a new file."""
     size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    data_at = os.lseek(fd, 8 * MiB, os.SEEK_DATA)  # where the guest had a file it now deletes
+    os.close(fd)
     with path.open("r+b") as f:
         for page in rng.choice(size // 4096, pages, replace=False):
             f.seek(int(page) * 4096)
             f.write(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-        f.flush()  # before asking the file descriptor itself where data is
-        f.seek(os.lseek(f.fileno(), 8 * MiB, os.SEEK_DATA))
+        f.seek(data_at)
         f.write(bytes(2 * MiB))  # a deleted file, fstrim'd: zeros where there was data
         f.seek(size - 3 * MiB)
         f.write(rng.integers(0, 256, MiB, dtype=np.uint8).tobytes())
