@@ -157,7 +157,7 @@ def test_refusals_leave_disk_byte_identical(
     (tiny / "etc").mkdir(parents=True)
     (tiny / "etc" / "hello").write_text("hi\n")
     cpio = subprocess.run(
-        "find . | cpio -o -H newc", shell=True, cwd=tiny, capture_output=True, check=True
+        "find . | cpio -o -H newc --quiet | gzip -9", shell=True, cwd=tiny, capture_output=True, check=True
     ).stdout
     initrd.write_bytes(cpio)
     assert main([str(disk), "--from", str(bad)]) == 2
@@ -206,3 +206,26 @@ def test_refuses_an_image_a_running_vm_holds(
     finally:
         vm.terminate()
         vm.wait(30)
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(1200)
+def test_qcow2_disk_committed_with_qemu_img(
+    grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path
+) -> None:
+    """A qcow2 DISK: same work on the overlay, committed by qemu-img commit (documented: not crash-atomic)."""
+    disk = tmp_path / "guest.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(grub2_image), str(disk)], check=True)
+    new = cloud_version(cloud_bootdir_initrd)
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["committed"]
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(disk)], capture_output=True, check=True
+        ).stdout
+    )
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["guest.qcow2"]
+    report = boot(disk, fmt="qcow2")
+    assert_booted(report.values, new)
