@@ -1,6 +1,6 @@
 """rekernel against virt-customize doing the same change, in the same run, on copies of the same guest.
 
-    LIBGUESTFS_BACKEND_SETTINGS=force_tcg .venv/bin/python benchmarks/bench_rekernel.py [--json]
+    LIBGUESTFS_BACKEND_SETTINGS=force_tcg .venv/bin/python benchmarks/bench_rekernel.py [--json] [--boot]
 
 Uses the cached test guest (GRUB 2, usrmerged Debian 12) and Debian's cloud kernel with an
 initramfs (tests/rekernel/guestbuild.py builds them on first use). Both tools: copy the kernel
@@ -29,7 +29,7 @@ import guestbuild  # noqa: E402
 
 def virt_customize(disk: Path, bootdir: Path, version: str) -> float:
     files = [p for p in bootdir.iterdir() if p.is_file()]
-    argv = ["virt-customize", "-q", "-a", str(disk), "--format", "raw", "--no-network"]
+    argv = ["virt-customize", "-q", "--format", "raw", "-a", str(disk), "--no-network"]
     for f in files:
         argv += ["--copy-in", f"{f}:/boot"]
     argv += [
@@ -79,12 +79,18 @@ def main(argv: list[str]) -> int:
             subprocess.run(["cp", "--sparse=always", str(image), str(d)], check=True)
         vc = virt_customize(a, bootdir, version)
         rk, split = rekernel(b, bootdir)
+        booted = {}
+        if "--boot" in argv:  # both results must boot the new kernel (one qemu at a time)
+            from qemuboot import boot
+
+            booted = {name: boot(d)["KERNEL"] for name, d in (("virt_customize", a), ("rekernel", b))}
     result = {
         "virt_customize_seconds": round(vc, 1),
         "rekernel_seconds": round(rk, 1),
         "rekernel_split": split,
         "kernel": version,
         "backend": os.environ["LIBGUESTFS_BACKEND_SETTINGS"],
+        "booted": booted,
     }
     if "--json" in argv:
         print(json.dumps(result))
@@ -96,6 +102,8 @@ def main(argv: list[str]) -> int:
             f"apply {split.get('apply', 0):.1f} s, verify {split.get('verify', 0):.1f} s, "
             f"commit {split.get('commit', 0):.1f} s)"
         )
+        if booted:
+            print(f"booted kernels: {booted}")
     return 0
 
 
