@@ -218,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     row("C loop (ctypes, GIL released)", gbs["c2"], f"{s_c:.2f}x 1 thread", k="c2")
     row("C loop, standalone process (cross-check)", exe2, f"{exe2 / exe1:.2f}x 1 thread")
     row("python-xxhash, one call per block", gbs["py2"], f"{s_p:.2f}x 1 thread", k="py2")
+
+    def best(k2: str, k1: str) -> str:
+        return f"{spread[k2][1] / spread[k1][1]:.2f}x"
+
+    # On a shared machine a neighbour's job takes the second core for whole rounds; the fastest
+    # round of each kind is the least disturbed one.
+    print(
+        f"  fastest round / fastest round: engine {best('engine2', 'engine1')}, "
+        f"C loop {best('c2', 'c1')}; in cache: engine {best('engine2_cache', 'engine1_cache')}, "
+        f"C loop {best('c2_cache', 'c1_cache')}"
+    )
     print()
     print(
         f"  in cache: a {args.cache_kib} KiB buffer per thread, hashed {small_passes} times"
