@@ -229,3 +229,50 @@ def test_qcow2_disk_committed_with_qemu_img(
     assert sorted(q.name for q in tmp_path.iterdir()) == ["guest.qcow2"]
     report = boot(disk, fmt="qcow2")
     assert_booted(report.values, new)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_kill_9_mid_apply_leaves_disk_unchanged_and_next_run_works(
+    grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path
+) -> None:
+    disk = copy_image(grub2_image, tmp_path / "killed.raw")
+    before = sha256(disk)
+    proc = subprocess.Popen(
+        [*CLI, str(disk), "--from", str(cloud_bootdir_initrd)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "update-grub" in line and "guest$" in line:
+            break  # the guest is half changed (files copied, modules moved), in the overlay
+    else:
+        raise AssertionError(f"the run ended before update-grub: rc={proc.wait()}")
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+    deadline = time.monotonic() + 60
+    while _processes_mentioning(".vimg-rekernel-killed.raw-") and time.monotonic() < deadline:
+        time.sleep(1)  # libguestfs's recovery process stops the appliance once its parent is gone
+    assert not _processes_mentioning(".vimg-rekernel-killed.raw-"), "the appliance outlived its parent"
+    assert sha256(disk) == before
+    assert any(p.name.startswith(".vimg-rekernel-killed.raw-") for p in tmp_path.iterdir())
+    # The next run throws the dead run's overlay away and does the whole job.
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["committed"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["killed.raw"]
+    assert sha256(disk) != before

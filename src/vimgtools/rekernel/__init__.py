@@ -6,9 +6,11 @@ inspect -> preflight -> plan -> apply (on a qcow2 overlay) -> verify (re-read) -
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -67,21 +69,60 @@ def _refuse(checks: list[Check], force: bool) -> None:
     raise KernelError(f"preflight: {text}")
 
 
-def _open(disk: Path, fmt: str | None, workdir: Path | None) -> tuple[str, Path, Path]:
-    from vimgtools.rekernel.overlay import create_overlay, probe_format, refuse_if_in_use
-
-    if not disk.exists():
-        raise InvalidInput(f"{disk}: no such file or device")
-    fmt = fmt or probe_format(disk)
-    refuse_if_in_use(disk)
-    tmp = Path(tempfile.mkdtemp(prefix=".vimg-rekernel-", dir=workdir or disk.resolve().parent))
-    return fmt, tmp, create_overlay(disk, fmt, tmp)
+TMP_PREFIX = ".vimg-rekernel-"
 
 
-def _cleanup(tmp: Path) -> None:
-    for p in tmp.iterdir():
-        p.unlink()
-    tmp.rmdir()
+class _Work:
+    """The run's lock (one rekernel per DISK at a time) and its temporary overlay directory."""
+
+    def __init__(self, disk: Path, fmt: str | None, workdir: Path | None) -> None:
+        from vimgtools.rekernel.overlay import create_overlay, probe_format, refuse_if_in_use
+
+        if not disk.exists():
+            raise InvalidInput(f"{disk}: no such file or device")
+        self.fmt = fmt or probe_format(disk)
+        refuse_if_in_use(disk)
+        where = workdir or disk.resolve().parent
+        # Two runs on one DISK would each commit an overlay made against the old content: refuse.
+        self._lock_path = where / f"{TMP_PREFIX}{disk.name}.lock"
+        while True:
+            self._lock = open(self._lock_path, "a")  # noqa: SIM115
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise ImageRefused(f"{disk}: another vimgtools rekernel is working on this image") from None
+            # The holder before us may have removed the file after we opened it: lock the one on disk.
+            try:
+                if os.stat(self._lock_path).st_ino == os.fstat(self._lock.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            self._lock.close()
+        # Overlays left by a run that was killed (its pid is gone) are thrown away: DISK never saw them.
+        for stale in where.glob(f"{TMP_PREFIX}{disk.name}-*"):
+            pid = stale.name.rsplit("-", 2)[-2]
+            if stale.is_dir() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                log.info("removing %s, left by a run that was killed", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        self.disk = disk
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{disk.name}-{os.getpid()}-", dir=where))
+        try:
+            self.overlay = create_overlay(disk, self.fmt, self.tmp)
+        except BaseException:
+            self.close()
+            raise
+
+    def commit(self) -> int:
+        from vimgtools.rekernel.overlay import commit_overlay, refuse_if_in_use
+
+        refuse_if_in_use(self.disk)  # a VM started meanwhile must not see its disk change under it
+        return commit_overlay(self.overlay, self.disk, self.fmt)
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._lock_path.unlink(missing_ok=True)
+        self._lock.close()
 
 
 def rekernel(
@@ -121,7 +162,6 @@ def rekernel(
     from vimgtools.guest.facts import choose_root, collect_facts
     from vimgtools.guest.session import GuestImage
     from vimgtools.rekernel.apply import apply_plan, list_initramfs, verify
-    from vimgtools.rekernel.overlay import commit_overlay
 
     if target not in ("kvm", "xen"):
         raise InvalidInput(f"--target {target}: use kvm or xen")
@@ -134,10 +174,10 @@ def rekernel(
     options = Options(target=target, force=force, regenerate_initramfs=regenerate_initramfs)
     regenerate = regenerate_initramfs if regenerate_initramfs is not None else kernel.initramfs is None
     initrd_files = list_initramfs(kernel.initramfs) if kernel.initramfs and not regenerate else None
-    fmt, tmp, overlay = _open(disk, fmt, Path(workdir) if workdir else None)
+    work = _Work(disk, fmt, Path(workdir) if workdir else None)
     result = Result(plan=None, dry_run=dry_run)
     try:
-        gi = GuestImage(overlay, write=True, fmt="qcow2")
+        gi = GuestImage(work.overlay, write=True, fmt="qcow2")
         ok = False
         try:
             result.seconds["launch"] = round(gi.launch_seconds, 2)
@@ -177,11 +217,11 @@ def rekernel(
             result.seconds["shutdown"] = round(time.monotonic() - t3, 2)
         if not dry_run:
             t4 = time.monotonic()
-            result.bytes_committed = commit_overlay(overlay, disk, fmt)
+            result.bytes_committed = work.commit()
             result.committed = True
             result.seconds["commit"] = round(time.monotonic() - t4, 2)
     finally:
-        _cleanup(tmp)
+        work.close()
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     result.seconds["work"] = round(result.seconds["total"] - result.seconds.get("launch", 0.0), 2)
     return result
@@ -209,14 +249,13 @@ def rollback(
     from vimgtools.boot import detect
     from vimgtools.guest.facts import choose_root, collect_facts
     from vimgtools.guest.session import GuestImage
-    from vimgtools.rekernel.overlay import commit_overlay
 
     t_start = time.monotonic()
     disk = Path(disk)
-    fmt, tmp, overlay = _open(disk, fmt, Path(workdir) if workdir else None)
+    work = _Work(disk, fmt, Path(workdir) if workdir else None)
     result = Result(plan=None, dry_run=dry_run, action="rollback")
     try:
-        gi = GuestImage(overlay, write=True, fmt="qcow2")
+        gi = GuestImage(work.overlay, write=True, fmt="qcow2")
         ok = False
         try:
             result.seconds["launch"] = round(gi.launch_seconds, 2)
@@ -248,10 +287,10 @@ def rollback(
         finally:
             gi.close(commit=ok)
         if not dry_run:
-            result.bytes_committed = commit_overlay(overlay, disk, fmt)
+            result.bytes_committed = work.commit()
             result.committed = True
     finally:
-        _cleanup(tmp)
+        work.close()
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     return result
 
