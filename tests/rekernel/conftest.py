@@ -47,5 +47,10 @@ def extlinux_image() -> Path:
 
 
 @pytest.fixture(scope="session")
+def nord_image() -> Path:
+    return guestbuild.guest_image("nord")
+
+
+@pytest.fixture(scope="session")
 def guest_version() -> str:
     return guestbuild.guest_kernel_version(guestbuild.debootstrap_tree())

@@ -16,7 +16,8 @@ Pieces:
   ``modules/VER``), with or without an initramfs made by the guest's own ``mkinitramfs`` (run in a
   chroot of the tree on the host, where it takes seconds instead of minutes in the TCG appliance).
 - ``guest_image(layout)``: a raw disk image built through libguestfs: ``grub2`` (one ext4 root,
-  usrmerged), ``grub2-sepboot`` (separate ``/boot``), ``extlinux``.
+  usrmerged), ``grub2-sepboot`` (separate ``/boot``), ``extlinux``, ``nord`` (no partition table:
+  ext4 from sector 0, extlinux in its boot sector, as NORD installs).
 """
 
 from __future__ import annotations
@@ -311,13 +312,15 @@ def _install_loader(guestfs: Any, img: Path, layout: str, tree: Path) -> None:
         if layout == "grub2-sepboot":
             g.mount("/dev/sda2", "/")
             g.mount("/dev/sda1", "/boot")
+        elif layout == "nord":
+            g.mount("/dev/sda", "/")
         else:
             g.mount("/dev/sda1", "/")
         if layout.startswith("grub2"):
             g.command(["grub-install", "--target=i386-pc", "/dev/sda"])
             g.command(["update-grub"])
-        elif layout == "extlinux":
-            uuid = g.vfs_uuid("/dev/sda1")
+        elif layout in ("extlinux", "nord"):
+            uuid = g.vfs_uuid("/dev/sda1" if layout == "extlinux" else "/dev/sda")
             ver = guest_kernel_version(tree)
             g.mkdir_p("/boot/extlinux")
             g.write(
@@ -333,8 +336,9 @@ def _install_loader(guestfs: Any, img: Path, layout: str, tree: Path) -> None:
                 f"    APPEND root=UUID={uuid} ro console=ttyS0,115200n8 net.ifnames=0 quiet\n",
             )
             g.command(["extlinux", "--install", "/boot/extlinux"])
-            mbr = g.read_file("/usr/lib/syslinux/mbr/mbr.bin")
-            g.pwrite_device("/dev/sda", mbr[:440], 0)
+            if layout == "extlinux":
+                mbr = g.read_file("/usr/lib/syslinux/mbr/mbr.bin")
+                g.pwrite_device("/dev/sda", mbr[:440], 0)
         else:
             raise ValueError(layout)
         g.sync()
@@ -345,7 +349,7 @@ def _install_loader(guestfs: Any, img: Path, layout: str, tree: Path) -> None:
 
 
 def guest_image(layout: str) -> Path:
-    """A raw bootable image of ``layout`` ("grub2", "grub2-sepboot", "extlinux"), cached."""
+    """A raw bootable image of ``layout`` ("grub2", "grub2-sepboot", "extlinux", "nord"), cached."""
     img = cached(f"{layout}.raw", image_key())
     done = cached(f"{layout}.done", image_key())
     with locked(f"image-{layout}"):
@@ -370,8 +374,16 @@ def guest_image(layout: str) -> Path:
             g = guestfs.GuestFS(python_return_dict=True)
             g.add_drive_opts(str(img), format="raw", readonly=False)
             g.launch()
-            g.part_init("/dev/sda", "mbr")
-            if sepboot:
+            if layout == "nord":
+                # NORD's layout: no partition table, the filesystem starts at sector 0 and its boot
+                # sector (written by extlinux) is what the BIOS runs.
+                g.mkfs("ext4", "/dev/sda", label="root", features="^64bit,^metadata_csum")
+                root_dev = "/dev/sda"
+            else:
+                g.part_init("/dev/sda", "mbr")
+            if layout == "nord":
+                pass
+            elif sepboot:
                 boot_end = 2048 + BOOT_SIZE // 512 - 1
                 g.part_add("/dev/sda", "p", 2048, boot_end)
                 g.part_add("/dev/sda", "p", boot_end + 1, -2048)
@@ -383,7 +395,8 @@ def guest_image(layout: str) -> Path:
                 # extlinux reads ext4 without 64bit; keep the root plain for all layouts.
                 g.mkfs("ext4", "/dev/sda1", label="root", features="^64bit,^metadata_csum")
                 root_dev = "/dev/sda1"
-            g.part_set_bootable("/dev/sda", 1, True)
+            if layout != "nord":
+                g.part_set_bootable("/dev/sda", 1, True)
             g.mount(root_dev, "/")
             g.tar_in(str(tar), "/", xattrs=True)
             root_uuid = g.vfs_uuid(root_dev)
@@ -420,7 +433,7 @@ def main(argv: list[str]) -> int:
     if what in ("cloud", "all"):
         print(cloud_bootdir(initramfs=False))
         print(cloud_bootdir(initramfs=True))
-    for layout in ("grub2", "grub2-sepboot", "extlinux"):
+    for layout in ("grub2", "grub2-sepboot", "extlinux", "nord"):
         if what in (layout, "all", "images"):
             print(guest_image(layout))
     return 0

@@ -126,6 +126,24 @@ def test_extlinux_regenerated_initramfs(extlinux_image: Path, cloud_bootdir: Pat
     assert_booted(report.values, new)
 
 
+@pytest.mark.boot
+@pytest.mark.timeout(1200)
+def test_partitionless_nord_disk_extlinux(
+    nord_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path
+) -> None:
+    """NORD's layout: the filesystem starts at sector 0 (no partition table), extlinux in its boot sector."""
+    disk = copy_image(nord_image, tmp_path / "nord.raw")
+    new = cloud_version(cloud_bootdir_initrd)
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["plan"]["facts"]["mountpoints"] == {"/": "/dev/sda"}
+    assert out["plan"]["loader"] == "extlinux"
+    assert out["plan"]["facts"]["boot_code"] is not None
+    report = boot(disk)
+    assert_booted(report.values, new)
+
+
 def test_failure_in_the_guest_leaves_disk_byte_identical(
     grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
