@@ -374,3 +374,11 @@ def test_plan_selinux_and_no_boot_code(bootdir: Path) -> None:
     p = plan(facts(selinux="enforcing", boot_sector=bytes(512)), bootdir)
     assert Write("/.autorelabel", "", None) in p.steps
     assert [c.name for c in p.warnings] == ["boot-code"]
+
+
+def test_plan_no_initramfs_and_no_regeneration(bootdir: Path) -> None:
+    os.unlink(bootdir / f"initrd.img-{NEW}")
+    p = plan(facts(), bootdir, regenerate_initramfs=False)
+    bad = {c.name: c.message for c in p.errors}
+    assert set(bad) == {"driver:virtio_blk", "driver:virtio_scsi"}
+    assert "no initramfs" in bad["driver:virtio_blk"]

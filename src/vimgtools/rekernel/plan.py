@@ -222,6 +222,15 @@ def preflight(
                     f"driver:{module}", True, "module; the regenerated initramfs is checked after it is made"
                 )
             )
+        elif not regenerate and kernel.initramfs is None:
+            checks.append(
+                Check(
+                    f"driver:{module}",
+                    False,
+                    "a module, and there is no initramfs to load it before the root is mounted: put one in "
+                    "BOOTDIR or let the guest make one (no --no-regenerate-initramfs)",
+                )
+            )
         else:
             found = initramfs_has(initrd_files, module)
             checks.append(
@@ -297,6 +306,8 @@ def plan_rekernel(
     regenerate = (
         options.regenerate_initramfs if options.regenerate_initramfs is not None else not kernel.initramfs
     )
+    if not regenerate:
+        initrd_files = initrd_files or []
     checks = preflight(
         facts, kernel, options, initrd_files=None if regenerate else initrd_files, regenerate=regenerate
     )
@@ -332,7 +343,7 @@ def plan_rekernel(
             initramfs = "regenerate:" + tool[0].rsplit("/", 1)[-1]
         else:
             initramfs = "regenerate:none"
-    steps.extend(loader.steps(facts, v, initrd=True))
+    steps.extend(loader.steps(facts, v, initrd=regenerate or kernel.initramfs is not None))
     state = {"version": v, "previous": previous, "loader": loader.name, "tool": "vimgtools.rekernel"}
     steps.append(Mkdir("/boot/vimgtools"))
     steps.append(
