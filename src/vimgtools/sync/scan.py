@@ -2,8 +2,10 @@
 
 Two worker threads read and compare chunks (I/O and the engine release the GIL);
 the caller consumes results in offset order and hands buffers back, so memory is
-bounded by ``workers * 2`` chunk pairs whatever the image size. Regions that are
-holes in both images are never read.
+bounded by ``workers * 2`` chunk buffers whatever the image size. Regions that are
+holes in both images are never read. Within a chunk both images are read in
+256 KiB pieces into two small per-thread buffers that stay in the CPU cache while
+they are compared; only the changed blocks are copied out for the caller.
 """
 
 from __future__ import annotations
@@ -25,21 +27,20 @@ _ZEROS = memoryview(bytes(CHUNK_SIZE))
 
 @dataclass
 class Chunk:
-    """One compared chunk. ``src``/``dst`` views are valid until ``release()``."""
+    """One compared chunk. ``src`` holds SRC's bytes of the changed runs (only those), until ``release()``."""
 
     offset: int
     length: int
     runs: list[Run]  # block indices relative to the chunk
     src: memoryview
-    dst: memoryview
     bytes_read: int
-    _bufs: tuple[bytearray, bytearray] | None = None
-    _pool: queue.SimpleQueue[tuple[bytearray, bytearray]] | None = None
+    _buf: bytearray | None = None
+    _pool: queue.SimpleQueue[bytearray] | None = None
 
     def release(self) -> None:
-        if self._bufs is not None and self._pool is not None:
-            self._pool.put(self._bufs)
-            self._bufs = None
+        if self._buf is not None and self._pool is not None:
+            self._pool.put(self._buf)
+            self._buf = None
 
 
 def scan(
@@ -64,18 +65,21 @@ def scan(
         for img in (src, dst):
             if img is not None:
                 img.no_readahead()
-    pool: queue.SimpleQueue[tuple[bytearray, bytearray]] = queue.SimpleQueue()
+    pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
     depth = workers * 2
     made = [0]
     lock = threading.Lock()
 
-    def take() -> tuple[bytearray, bytearray]:
-        # Buffers are made on first need (a small image never pays for them), at most depth + 1 pairs.
+    def take() -> bytearray:
+        # Buffers are made on first need (a small image never pays for them), at most depth + 1.
         with lock:
             if pool.empty() and made[0] <= depth:
                 made[0] += 1
-                return bytearray(chunk_size), bytearray(chunk_size)
+                return bytearray(chunk_size)
         return pool.get()
+
+    piece = max(PIECE, block_size)
+    local = threading.local()
 
     def work(offset: int) -> Chunk:
         length = min(chunk_size, end - offset)
@@ -86,32 +90,37 @@ def scan(
             block_size,
         )
         if not segments:  # holes on both sides: nothing to read
-            z = _ZEROS[:length]
-            return Chunk(offset, length, [], z, z, 0)
-        bufs = take()
-        sview = memoryview(bufs[0])[:length]
-        dview = memoryview(bufs[1])[:length]
+            return Chunk(offset, length, [], _ZEROS[:length], 0)
+        if not hasattr(local, "a"):  # per thread: two pieces that stay in the CPU cache
+            local.a, local.b = memoryview(bytearray(piece)), memoryview(bytearray(piece))
+        buf = take()
+        out = memoryview(buf)[:length]  # receives SRC's bytes of the changed blocks only
         read = 0
         runs: list[Run] = []
         for rel, n in segments:
-            # Only where either side has data; each segment compared while it is still in cache.
-            s_seg, d_seg = sview[rel : rel + n], dview[rel : rel + n]
-            read += _read(src, s_seg, offset + rel, keep_cache)
-            if dst is not None and offset + rel < dst_size:
-                inside = min(n, dst_size - offset - rel)
-                read += _read(dst, d_seg[:inside], offset + rel, keep_cache)
-                if inside < n:
-                    d_seg[inside:] = _ZEROS[: n - inside]
-            else:
-                d_seg[:] = _ZEROS[:n]
-            idx = diff_blocks(s_seg, d_seg, block_size)
-            if len(idx):
-                base = rel // block_size
-                runs += [
-                    (b0 + base, b1 + base, z)
-                    for b0, b1, z in changed_runs(idx, zero_blocks(s_seg, block_size)[idx])
-                ]
-        return Chunk(offset, length, runs, sview, dview, read, bufs, pool)
+            for p in range(rel, rel + n, piece):
+                m = min(piece, rel + n - p)
+                a, b = local.a[:m], local.b[:m]
+                read += _read(src, a, offset + p, keep_cache)
+                inside = max(0, min(m, dst_size - offset - p)) if dst is not None else 0
+                if inside:
+                    assert dst is not None
+                    read += _read(dst, b[:inside], offset + p, keep_cache)
+                if inside < m:
+                    b[inside:] = _ZEROS[: m - inside]
+                idx = diff_blocks(a, b, block_size)
+                if not len(idx):
+                    continue
+                base = p // block_size
+                for b0, b1, z in changed_runs(idx, zero_blocks(a, block_size)[idx]):
+                    if not z:
+                        lo, hi = b0 * block_size, min(b1 * block_size, m)
+                        out[p + lo : p + hi] = a[lo:hi]
+                    if runs and runs[-1][1] == b0 + base and runs[-1][2] == z:
+                        runs[-1] = (runs[-1][0], b1 + base, z)  # continues the last run
+                    else:
+                        runs.append((b0 + base, b1 + base, z))
+        return Chunk(offset, length, runs, out, read, buf, pool)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vimg-scan") as ex:
         pending: deque[Future[Chunk]] = deque()
@@ -162,11 +171,11 @@ def read_chunk(img: Image, offset: int, view: memoryview, keep_cache: bool) -> i
     return read
 
 
-SEGMENT = 1 << 20  # compare in pieces that stay in the CPU cache between read and compare
+PIECE = 256 << 10  # read and compared while in the CPU cache; measured 7.7 GB/s vs 5-6.7 with 1 MiB
 
 
 def _union(a: list[tuple[int, int]], b: list[tuple[int, int]], base: int, bs: int) -> list[tuple[int, int]]:
-    """Merge two extent lists into chunk-relative, block-aligned segments of at most SEGMENT bytes."""
+    """Merge two extent lists into chunk-relative, block-aligned (offset, length) segments."""
     spans = sorted((((o - base) // bs * bs), -(-(o - base + n) // bs) * bs) for o, n in (*a, *b) if n > 0)
     merged: list[list[int]] = []
     for lo, hi in spans:
@@ -174,11 +183,7 @@ def _union(a: list[tuple[int, int]], b: list[tuple[int, int]], base: int, bs: in
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
-    out = []
-    for lo, hi in merged:
-        for p in range(lo, hi, SEGMENT):
-            out.append((p, min(SEGMENT, hi - p)))
-    return out
+    return [(lo, hi - lo) for lo, hi in merged]
 
 
 def _read(img: Image, view: memoryview, offset: int, keep_cache: bool) -> int:
