@@ -178,9 +178,13 @@ def test_refusals_leave_disk_byte_identical(
         "find . | cpio -o -H newc --quiet | gzip -9", shell=True, cwd=tiny, capture_output=True, check=True
     ).stdout
     initrd.write_bytes(cpio)
-    assert main([str(disk), "--from", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "virtio_blk" in err and "lacks" in err
+    assert main(["--json", str(disk), "--from", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "virtio_blk" in captured.err and "lacks" in captured.err
+    out = json.loads(captured.out)  # --json: one object even on failure, with the plan that was refused
+    assert out["exit_code"] == 2 and not out["committed"] and out["done"] == []
+    failed = {c["name"] for c in out["plan"]["checks"] if not c["ok"]}
+    assert {"driver:virtio_blk", "driver:virtio_scsi"} <= failed
     # --dry-run rehearses the whole plan and writes nothing.
     assert main(["--dry-run", str(disk), "--from", str(cloud_bootdir_initrd)]) == 0
     out = capsys.readouterr().out
@@ -247,6 +251,14 @@ def test_qcow2_disk_committed_with_qemu_img(
     assert sorted(q.name for q in tmp_path.iterdir()) == ["guest.qcow2"]
     report = boot(disk, fmt="qcow2")
     assert_booted(report.values, new)
+    # Already on the convention: a second run only replaces the version (rehearsed with --dry-run).
+    p = run_cli("--json", "--dry-run", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["plan"]["facts"]["modules_on_boot"] is True and not out["committed"]
+    ops = [s["op"] for s in out["plan"]["steps"]]
+    assert "Move" not in ops and "RemoveDir" not in ops and "Symlink" not in ops
+    assert "replace" in {c["name"] for c in out["plan"]["checks"] if not c["ok"]}
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -220,6 +220,9 @@ def rekernel(
             result.bytes_committed = work.commit()
             result.committed = True
             result.seconds["commit"] = round(time.monotonic() - t4, 2)
+    except VimgError as e:
+        e.result = result  # type: ignore[attr-defined]  # for --json: what was decided before it failed
+        raise
     finally:
         work.close()
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
@@ -289,6 +292,9 @@ def rollback(
         if not dry_run:
             result.bytes_committed = work.commit()
             result.committed = True
+    except VimgError as e:
+        e.result = result  # type: ignore[attr-defined]  # for --json: what was decided before it failed
+        raise
     finally:
         work.close()
     result.seconds["total"] = round(time.monotonic() - t_start, 2)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING, Any
 
 from vimgtools import _cli
-from vimgtools.errors import InvalidInput
+from vimgtools.errors import InvalidInput, VimgError
+
+if TYPE_CHECKING:
+    from vimgtools.rekernel import Result
 
 log = logging.getLogger("vimgtools.rekernel")
 
@@ -85,33 +89,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args: argparse.Namespace) -> Result:
+    from vimgtools.rekernel import rekernel, rollback
+
+    if args.rollback:
+        if args.source:
+            raise InvalidInput("--rollback takes no --from")
+        return rollback(args.disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
+    if not args.source:
+        raise InvalidInput("--from BOOTDIR is required")
+    return rekernel(
+        args.disk,
+        args.source,
+        fmt=args.fmt,
+        root=args.root,
+        version=args.kversion,
+        target=args.target,
+        force=args.force,
+        dry_run=args.dry_run,
+        regenerate_initramfs=args.regen,
+        workdir=args.workdir,
+    )
+
+
 @_cli.entry("vimgtools.rekernel")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cli.setup_logging(args.verbose, args.quiet)
     if not args.disk:
         raise InvalidInput("DISK is required")
-    from vimgtools.rekernel import rekernel, rollback
-
-    if args.rollback:
-        if args.source:
-            raise InvalidInput("--rollback takes no --from")
-        result = rollback(args.disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
-    else:
-        if not args.source:
-            raise InvalidInput("--from BOOTDIR is required")
-        result = rekernel(
-            args.disk,
-            args.source,
-            fmt=args.fmt,
-            root=args.root,
-            version=args.kversion,
-            target=args.target,
-            force=args.force,
-            dry_run=args.dry_run,
-            regenerate_initramfs=args.regen,
-            workdir=args.workdir,
-        )
+    try:
+        result = _run(args)
+    except VimgError as e:
+        if args.json:  # one object on stdout even when it failed: what was decided, and why it stopped
+            partial = getattr(e, "result", None)
+            obj: dict[str, Any] = partial.to_dict() if partial is not None else {}
+            obj.update(error=str(e), exit_code=e.exit_code, committed=False)
+            _cli.print_json(obj)
+        raise
     if args.json:
         _cli.print_json(result.to_dict())
     elif not args.quiet:
