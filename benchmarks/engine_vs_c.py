@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     row(
         f"hash_blocks(buf, {args.block_kib}K)  [engine]",
         e1,
-        f"{e1 / c1:.2f} of C",
+        f"{e1 / c1:.3f} of C",
         verdict(e1 / c1 >= TARGET_VS_C, ">= 0.70"),
         k="engine1",
     )
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         " (compute, not memory)"
     )
     e1c, c1c = gbs["engine1_cache"], gbs["c1_cache"]
-    row("hash_blocks, 1 thread  [engine]", e1c, f"{e1c / c1c:.2f} of C", k="engine1_cache")
+    row("hash_blocks, 1 thread  [engine]", e1c, f"{e1c / c1c:.3f} of C", k="engine1_cache")
     row("C loop, 1 thread", c1c, "1.00", k="c1_cache")
     row(
         "hash_blocks, 2 threads  [engine]",
