@@ -114,9 +114,12 @@ def reset(old: Path, dst: Path) -> None:
 
 
 def warm(*paths: Path) -> None:
-    """Read the data of each file once (not its holes: reading 64 GiB of holes through the page
-    cache would evict the very data it is meant to warm)."""
+    """Read each file once, as `cat` would, so its pages (holes included) are cached. An image too
+    big for the page cache gets only its data read: reading 64 GiB of holes would evict the data."""
     for p in paths:
+        if p.stat().st_size <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4:
+            subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
+            continue
         fd = os.open(p, os.O_RDONLY)
         try:
             size, pos = os.fstat(fd).st_size, 0
