@@ -382,3 +382,18 @@ def test_plan_no_initramfs_and_no_regeneration(bootdir: Path) -> None:
     bad = {c.name: c.message for c in p.errors}
     assert set(bad) == {"driver:virtio_blk", "driver:virtio_scsi"}
     assert "no initramfs" in bad["driver:virtio_blk"]
+
+
+def test_prepare_modules_keeps_links_and_runs_depmod(tmp_path: Path) -> None:
+    import tarfile
+
+    from vimgtools.rekernel.apply import prepare_modules
+
+    d = make_bootdir(tmp_path / "b", "6.9.1-test")
+    (tmp_path / "work").mkdir()
+    tar = prepare_modules(d / "modules" / "6.9.1-test", "6.9.1-test", tmp_path / "work")
+    with tarfile.open(tar) as t:
+        members = {m.name.removeprefix("./"): m for m in t.getmembers()}
+    assert members["build"].issym() and members["build"].linkname == "/usr/src/linux-headers-x"
+    assert "modules.dep" in members and "kernel/drivers/virtio_blk.ko" in members
+    assert not (d / "modules" / "6.9.1-test" / "modules.dep").exists(), "BOOTDIR is not written"

@@ -44,21 +44,30 @@ def list_initramfs(path: Path) -> list[str]:
     return out.stdout.splitlines()
 
 
+def prepare_modules(src: Path, version: str, tmp: Path) -> Path:
+    """A tarball of the module tree with modules.dep & co. made by ``depmod -b`` on the host.
+
+    Symlinks in the tree (``build``, ``source``) stay links: never followed out of BOOTDIR.
+    """
+    base = tmp / "root"
+    tree = base / "lib" / "modules" / version
+    t0 = time.monotonic()
+    shutil.copytree(src, tree, symlinks=True)
+    depmod = shutil.which("depmod") or "/sbin/depmod"
+    try:
+        subprocess.run([depmod, "-b", str(base), version], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise KernelError(f"{src}: depmod -b failed: {getattr(e, 'stderr', '') or e}") from e
+    tar = tmp / "modules.tar"
+    subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(tar), "."], check=True)
+    log.debug("modules prepared on the host in %.1f s", time.monotonic() - t0)
+    return tar
+
+
 def install_modules(gi: GuestImage, src: Path, dst: str, version: str) -> None:
     """Copy a module tree into the guest (links stay links), with depmod run on the host first."""
     with tempfile.TemporaryDirectory(prefix="vimg-modules-") as tmp:
-        base = Path(tmp) / "root"
-        tree = base / "lib" / "modules" / version
-        t0 = time.monotonic()
-        shutil.copytree(src, tree, symlinks=True)
-        depmod = shutil.which("depmod") or "/sbin/depmod"
-        try:
-            subprocess.run([depmod, "-b", str(base), version], check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise KernelError(f"{src}: depmod -b failed: {getattr(e, 'stderr', '') or e}") from e
-        tar = Path(tmp) / "modules.tar"
-        subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "-cf", str(tar), "."], check=True)
-        log.debug("modules prepared on the host in %.1f s", time.monotonic() - t0)
+        tar = prepare_modules(src, version, Path(tmp))
         if gi.exists(dst):
             gi.rm_rf(dst)
         gi.mkdir_p(dst)
