@@ -131,12 +131,21 @@ def test_extlinux_regenerated_initramfs(extlinux_image: Path, cloud_bootdir: Pat
 def test_partitionless_nord_disk_extlinux(
     nord_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path
 ) -> None:
-    """NORD's layout: the filesystem starts at sector 0 (no partition table), extlinux in its boot sector."""
+    """NORD's layout: the filesystem starts at sector 0 (no partition table), extlinux in its boot sector.
+
+    Through the library this time: ``vimgtools.rekernel(disk, from_dir, **options)`` with a progress callback.
+    """
+    import vimgtools
+
     disk = copy_image(nord_image, tmp_path / "nord.raw")
     new = cloud_version(cloud_bootdir_initrd)
-    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    calls: list[tuple[int, int, str]] = []
+    result = vimgtools.rekernel(
+        disk, cloud_bootdir_initrd, progress=lambda i, n, what: calls.append((i, n, what))
+    )
+    out = result.to_dict()
+    assert out["committed"]
+    assert [c[0] for c in calls] == list(range(1, len(out["plan"]["steps"]) + 1))
     assert out["plan"]["facts"]["mountpoints"] == {"/": "/dev/sda"}
     assert out["plan"]["loader"] == "extlinux"
     assert out["plan"]["facts"]["boot_code"] is not None

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def rekernel(
     dry_run: bool = False,
     regenerate_initramfs: bool | None = None,
     workdir: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> Result:
     """Swap in the kernel from ``from_dir`` and make it the guest's default; all or nothing.
 
@@ -153,6 +155,7 @@ def rekernel(
         regenerate_initramfs: force (True) or forbid (False) making the initramfs in the guest;
             default: only when ``from_dir`` has none.
         workdir: where the temporary overlay goes (default: beside ``disk``).
+        progress: called before each step with (index from 1, number of steps, description).
 
     Raises:
         KernelError, BootloaderError, ImageRefused, InvalidInput: refused before any change (exit 2).
@@ -205,7 +208,7 @@ def rekernel(
             log.info("%s", plan.describe(diffs=dry_run))
             _refuse(list(plan.checks), force)
             t1 = time.monotonic()
-            result.done = apply_plan(gi, facts, loader, plan)
+            result.done = apply_plan(gi, facts, loader, plan, progress)
             result.seconds["apply"] = round(time.monotonic() - t1, 2)
             t2 = time.monotonic()
             result.verified = verify(gi, facts, loader, plan, options)

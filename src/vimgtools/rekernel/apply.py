@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,22 @@ def run_step(gi: GuestImage, facts: GuestFacts, loader: Bootloader, step: Step) 
             raise TypeError(f"unknown step {step!r}")
 
 
-def apply_plan(gi: GuestImage, facts: GuestFacts, loader: Bootloader, plan: Plan) -> list[dict[str, Any]]:
-    """Run every step; returns what was done with timings. Stops at the first failure (raises)."""
+def apply_plan(
+    gi: GuestImage,
+    facts: GuestFacts,
+    loader: Bootloader,
+    plan: Plan,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every step; returns what was done with timings. Stops at the first failure (raises).
+
+    Args:
+        progress: called before each step with (index from 1, number of steps, description).
+    """
     done: list[dict[str, Any]] = []
-    for step in plan.steps:
+    for i, step in enumerate(plan.steps, 1):
+        if progress is not None:
+            progress(i, len(plan.steps), step.describe())
         t0 = time.monotonic()
         run_step(gi, facts, loader, step)
         done.append({"step": step.describe(), "seconds": round(time.monotonic() - t0, 3)})
