@@ -32,6 +32,7 @@ import numpy as np
 GiB = 1 << 30
 MiB = 1 << 20
 PY = sys.executable
+LAST_JSON: dict[str, object] = {}  # the --json summary of the last vimgtools run
 
 
 def write_random(path: Path, size: int, extents: list[tuple[int, int]], seed: int) -> None:
@@ -98,7 +99,9 @@ def make_sparse_case(d: Path, size: int, data: int) -> tuple[Path, Path]:
 def run(cmd: list[str]) -> tuple[float, float, int]:
     """(seconds, seconds of the `sync` that makes its writes durable, peak RSS bytes) of one command."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if "--json" in cmd:
+        LAST_JSON.update(json.loads(p.stdout))
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {p.stderr.decode()}")
@@ -138,7 +141,7 @@ def warm(*paths: Path) -> None:
 
 TOOLS = {
     "cat SRC DST (reference)": lambda s, d: ["cat", str(s), str(d)],
-    "vimgtools.sync": lambda s, d: [PY, "-m", "vimgtools.sync", "-q", str(s), str(d)],
+    "vimgtools.sync": lambda s, d: [PY, "-m", "vimgtools.sync", "-q", "--json", str(s), str(d)],
     "rsync --inplace --no-whole-file": lambda s, d: [
         "rsync",
         "--inplace",
@@ -156,13 +159,14 @@ def bench_case(name: str, src: Path, old: Path, work: Path, repeat: int, tools: 
     dst = work / "dst.img"
     rows = []
     for tool in tools:
-        times, durable, rss = [], [], 0
+        times, durable, flush, rss = [], [], [], 0
         for _ in range(repeat):
             reset(old, dst)
             warm(src, dst)
-            dt, flush, peak = run(TOOLS[tool](src, dst))
+            dt, sync_s, peak = run(TOOLS[tool](src, dst))
             times.append(dt)
-            durable.append(dt + flush)
+            durable.append(dt + sync_s)
+            flush.append(float(LAST_JSON.get("seconds_flush", 0.0)) if tool == "vimgtools.sync" else 0.0)
             rss = max(rss, peak)
         if tool != "cat SRC DST (reference)" and subprocess.run(["cmp", "-s", src, dst]).returncode:
             raise SystemExit(f"{tool}: replica differs from source in case {name}")
@@ -172,6 +176,7 @@ def bench_case(name: str, src: Path, old: Path, work: Path, repeat: int, tools: 
             "median_s": statistics.median(times),
             "durable_s": statistics.median(durable),
             "rss": rss,
+            "flush_s": statistics.median(flush),
         }
         rows.append(row)
         print(f"  {name:10} {tool:34} {row['median_s']:7.3f} s  +sync {row['durable_s']:7.3f} s", flush=True)
