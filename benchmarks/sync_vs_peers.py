@@ -99,8 +99,9 @@ def make_sparse_case(d: Path, size: int, data: int) -> tuple[Path, Path]:
 def run(cmd: list[str]) -> tuple[float, float, int]:
     """(seconds, seconds of the `sync` that makes its writes durable, peak RSS bytes) of one command."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if "--json" in cmd:
+    out = subprocess.PIPE if "--json" in cmd else subprocess.DEVNULL  # cat's output goes to /dev/null
+    p = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=out, stderr=subprocess.PIPE)
+    if "--json" in cmd and p.returncode == 0:
         LAST_JSON.update(json.loads(p.stdout))
     dt = time.perf_counter() - t0
     if p.returncode != 0:
