@@ -44,6 +44,9 @@ def extensions() -> list[Extension]:
         include_dirs=flags.get("include_dirs", []),
         library_dirs=flags.get("library_dirs", []),
         libraries=flags.get("libraries", []) or ["xxhash"],
+        # The system's xxhash.h (found above) compiled into the engine at -O3, as a C program using
+        # it would: 0.93-1.0 of a plain C loop, against 0.70 calling Debian's -O2 libxxhash.so.
+        define_macros=[("XXH_INLINE_ALL", "1")],
         # -O3 but no -march=native: the wheel must run on any x86-64.
         extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
     )

@@ -1,6 +1,6 @@
 """Type stub for the native block engine (see _blockdiff.pyx)."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -11,7 +11,12 @@ MAX_BLOCK_SIZE: int
 ALGORITHMS: tuple[str, ...]
 
 def hash_blocks(
-    buf: Buffer, block_size: int, algorithm: Literal["xxh128", "xxh64"] | str = "xxh128", seed: int = 0
+    buf: Buffer | npt.NDArray[Any],
+    block_size: int,
+    algorithm: Literal["xxh128", "xxh64"] | str = "xxh128",
+    seed: int = 0,
 ) -> npt.NDArray[np.uint64]: ...
-def diff_blocks(a: Buffer, b: Buffer, block_size: int) -> npt.NDArray[np.int64]: ...
-def zero_blocks(buf: Buffer, block_size: int) -> npt.NDArray[np.bool_]: ...
+def diff_blocks(
+    a: Buffer | npt.NDArray[Any], b: Buffer | npt.NDArray[Any], block_size: int
+) -> npt.NDArray[np.int64]: ...
+def zero_blocks(buf: Buffer | npt.NDArray[Any], block_size: int) -> npt.NDArray[np.bool_]: ...

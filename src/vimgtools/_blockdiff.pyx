@@ -55,14 +55,22 @@ cdef inline bint _is_zero(const unsigned char* p, size_t n) noexcept nogil:
     return p[0] == 0 and memcmp(p, p + 1, n - 1) == 0
 
 
-def hash_blocks(buf, block_size, algorithm="xxh128", uint64_t seed=0):
+cdef uint64_t _check_seed(seed) except? 0:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is out of range: use 0 <= seed < 2**64")
+    return seed
+
+
+def hash_blocks(buf, block_size, algorithm="xxh128", seed=0):
     """Hash ``buf`` block by block with XXH3.
 
     Args:
         buf: any C-contiguous buffer (bytes, bytearray, memoryview, mmap, numpy array).
         block_size: power of two from 4 KiB to 16 MiB; the last block may be short.
         algorithm: ``"xxh128"`` (default) or ``"xxh64"``.
-        seed: XXH3 seed.
+        seed: XXH3 seed, an int from 0 to 2**64 - 1 (TypeError, ValueError otherwise).
 
     Returns:
         For ``"xxh128"`` a uint64 array of shape (n, 2) holding [low64, high64];
@@ -71,6 +79,7 @@ def hash_blocks(buf, block_size, algorithm="xxh128", uint64_t seed=0):
     Raises:
         ValueError: bad block size or unknown algorithm.
     """
+    cdef uint64_t s = _check_seed(seed)
     cdef Py_ssize_t bs = _check_block_size(block_size)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: known are {', '.join(ALGORITHMS)}")
@@ -88,7 +97,7 @@ def hash_blocks(buf, block_size, algorithm="xxh128", uint64_t seed=0):
         with nogil:
             for i in range(count):
                 off = i * bs
-                h = XXH3_128bits_withSeed(base + off, <size_t>min(bs, n - off), seed)
+                h = XXH3_128bits_withSeed(base + off, <size_t>min(bs, n - off), s)
                 out128[i, 0] = h.low64
                 out128[i, 1] = h.high64
     else:
@@ -97,7 +106,7 @@ def hash_blocks(buf, block_size, algorithm="xxh128", uint64_t seed=0):
         with nogil:
             for i in range(count):
                 off = i * bs
-                out64[i] = XXH3_64bits_withSeed(base + off, <size_t>min(bs, n - off), seed)
+                out64[i] = XXH3_64bits_withSeed(base + off, <size_t>min(bs, n - off), s)
     return out
 
 

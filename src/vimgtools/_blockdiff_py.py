@@ -42,6 +42,10 @@ def _bytes(buf: Buffer) -> bytes:
 def hash_blocks(
     buf: Buffer, block_size: int, algorithm: str = "xxh128", seed: int = 0
 ) -> npt.NDArray[np.uint64]:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} is out of range: use 0 <= seed < 2**64")
     bs = _check_block_size(block_size)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: known are {', '.join(ALGORITHMS)}")

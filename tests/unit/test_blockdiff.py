@@ -384,11 +384,6 @@ def test_seed_not_an_int(engine: ModuleType, seed: Any) -> None:
         engine.hash_blocks(b"x" * 10, 4096, "xxh128", seed)
 
 
-# Known disagreements between the engines, pinned until the seed is validated in both.
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: native raises OverflowError (not a ValueError); the twin wraps modulo 2**64",
-)
 @pytest.mark.parametrize("seed", [-1, 1 << 64])
 @ENGINES
 def test_seed_out_of_range(engine: ModuleType, seed: int) -> None:
@@ -396,10 +391,11 @@ def test_seed_out_of_range(engine: ModuleType, seed: int) -> None:
         engine.hash_blocks(b"x" * 10, 4096, "xxh128", seed)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: Cython's uint64_t argument truncates 1.5 to 1")
-def test_float_seed_is_refused_by_native() -> None:
-    with pytest.raises(TypeError):
-        native.hash_blocks(b"x" * 10, 4096, "xxh128", 1.5)  # type: ignore[arg-type]
+@pytest.mark.parametrize("seed", [1.5, True, "1"])
+@ENGINES
+def test_seed_of_another_type_is_refused(engine: ModuleType, seed: object) -> None:
+    with pytest.raises(TypeError, match="seed"):
+        engine.hash_blocks(b"x" * 10, 4096, "xxh128", seed)
 
 
 # ---------------------------------------------------------------------------
