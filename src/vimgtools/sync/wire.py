@@ -16,6 +16,8 @@ Conversation (the client starts the far side with ``python3 -m vimgtools.sync --
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import select
@@ -37,6 +39,8 @@ FRAME = struct.Struct("<2sBxI")  # magic, type, payload length
 _SUM = struct.Struct("<Q")
 MAX_PAYLOAD = (8 << 20) + 64  # one chunk of data plus its offset
 DEFAULT_TIMEOUT = 300.0
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, Linux
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
 HELLO, READY, ERROR, DIGESTS, HOLES, DATA, ZERO, CHUNK_END, DONE, RESULT = range(1, 11)
 NAMES = {
@@ -72,6 +76,9 @@ class Channel:
         self._buf = bytearray()
         self._pos = 0  # start of the unread part of _buf (consumed frames are dropped lazily)
         self._send_lock = threading.Lock()  # the digest thread and the main thread both send
+        for fd in (rfd, wfd):  # 1 MiB pipes instead of 64 KiB: 16 times fewer wake-ups per MiB
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
     # -- sending --------------------------------------------------------
     def send(self, ftype: int, *parts: Buffer) -> None:
