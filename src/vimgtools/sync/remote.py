@@ -35,7 +35,7 @@ from vimgtools.errors import Interrupted, InvalidInput, TransportError, VimgErro
 from vimgtools.image import Image
 from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, block_digests, chunk_digests
 from vimgtools.sync.replica import Expect, Replica, Source, source_of
-from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
+from vimgtools.sync.scan import CHUNK_SIZE
 from vimgtools.sync.state import StateRun
 from vimgtools.sync.wire import (
     CHUNK_END,
@@ -306,13 +306,11 @@ def run_receiver(
                 if img is None or inside == 0 or img.is_hole(offset, inside):
                     ch.send(HOLES, RANGE.pack(offset, length))
                     continue
-                buf = whole[:length]
-                fig.bytes_read += read_chunk(img, offset, buf[:inside], keep_cache)
-                if inside < length:
-                    buf[inside:] = bytes(length - inside)
-                ch.send(
-                    DIGESTS, OFFSET.pack(offset), block_digests(buf, bs, sess.checksum, sess.key).tobytes()
+                mine, _, read = chunk_digests(
+                    img, offset, length, bs, sess.checksum, sess.key, whole, keep_cache
                 )
+                fig.bytes_read += read
+                ch.send(DIGESTS, OFFSET.pack(offset), mine.tobytes())
         except BaseException as e:  # reported by the main loop
             failure.append(e)
 
