@@ -52,5 +52,10 @@ def nord_image() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lvm_image() -> Path:
+    return guestbuild.guest_image("grub2-lvm")
+
+
+@pytest.fixture(scope="session")
 def guest_version() -> str:
     return guestbuild.guest_kernel_version(guestbuild.debootstrap_tree())

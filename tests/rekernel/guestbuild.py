@@ -17,7 +17,7 @@ Pieces:
   chroot of the tree on the host, where it takes seconds instead of minutes in the TCG appliance).
 - ``guest_image(layout)``: a raw disk image built through libguestfs: ``grub2`` (one ext4 root,
   usrmerged), ``grub2-sepboot`` (separate ``/boot``), ``extlinux``, ``nord`` (no partition table:
-  ext4 from sector 0, extlinux in its boot sector, as NORD installs).
+  ext4 from sector 0, extlinux in its boot sector, as NORD installs), ``grub2-lvm`` (root on LVM).
 """
 
 from __future__ import annotations
@@ -209,6 +209,7 @@ def debootstrap_tree() -> Path:
                 "extlinux",
                 "syslinux-common",
                 "linux-image-amd64",
+                "lvm2",
                 env=env,
             )
             run("chroot", tree, "apt-get", "clean", env=env)
@@ -314,6 +315,8 @@ def _install_loader(guestfs: Any, img: Path, layout: str, tree: Path) -> None:
             g.mount("/dev/sda1", "/boot")
         elif layout == "nord":
             g.mount("/dev/sda", "/")
+        elif layout == "grub2-lvm":
+            g.mount("/dev/vg0/root", "/")
         else:
             g.mount("/dev/sda1", "/")
         if layout.startswith("grub2"):
@@ -349,7 +352,7 @@ def _install_loader(guestfs: Any, img: Path, layout: str, tree: Path) -> None:
 
 
 def guest_image(layout: str) -> Path:
-    """A raw bootable image of ``layout`` ("grub2", "grub2-sepboot", "extlinux", "nord"), cached."""
+    """A raw bootable image of ``layout`` ("grub2", "grub2-sepboot", "extlinux", "nord", "grub2-lvm"), cached."""
     img = cached(f"{layout}.raw", image_key())
     done = cached(f"{layout}.done", image_key())
     with locked(f"image-{layout}"):
@@ -383,6 +386,13 @@ def guest_image(layout: str) -> Path:
                 g.part_init("/dev/sda", "mbr")
             if layout == "nord":
                 pass
+            elif layout == "grub2-lvm":
+                g.part_add("/dev/sda", "p", 2048, -2048)
+                g.pvcreate("/dev/sda1")
+                g.vgcreate("vg0", ["/dev/sda1"])
+                g.lvcreate_free("root", "vg0", 100)
+                g.mkfs("ext4", "/dev/vg0/root", label="root")
+                root_dev = "/dev/vg0/root"
             elif sepboot:
                 boot_end = 2048 + BOOT_SIZE // 512 - 1
                 g.part_add("/dev/sda", "p", 2048, boot_end)
@@ -433,7 +443,7 @@ def main(argv: list[str]) -> int:
     if what in ("cloud", "all"):
         print(cloud_bootdir(initramfs=False))
         print(cloud_bootdir(initramfs=True))
-    for layout in ("grub2", "grub2-sepboot", "extlinux", "nord"):
+    for layout in ("grub2", "grub2-sepboot", "extlinux", "nord", "grub2-lvm"):
         if what in (layout, "all", "images"):
             print(guest_image(layout))
     return 0

@@ -153,6 +153,21 @@ def test_partitionless_nord_disk_extlinux(
     assert_booted(report.values, new)
 
 
+@pytest.mark.boot
+@pytest.mark.timeout(1200)
+def test_lvm_root(lvm_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path) -> None:
+    """Root on LVM: inspection's mountpoints, the boot sector of the disk under the VG, GRUB on LVM."""
+    disk = copy_image(lvm_image, tmp_path / "lvm.raw")
+    new = cloud_version(cloud_bootdir_initrd)
+    p = run_cli("--json", str(disk), "--from", str(cloud_bootdir_initrd))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["plan"]["facts"]["mountpoints"] == {"/": "/dev/vg0/root"}
+    assert out["plan"]["facts"]["boot_code"] == "grub"
+    report = boot(disk)
+    assert_booted(report.values, new)
+
+
 def test_failure_in_the_guest_leaves_disk_byte_identical(
     grub2_image: Path, cloud_bootdir_initrd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
