@@ -239,3 +239,19 @@ def test_page_cache_left_as_found(tmp_path: Path) -> None:
     assert _resident(src) == 32 * MiB
     cli("-n", "--keep-cache", src, dst)
     assert _resident(dst) == 32 * MiB
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 5000, 8 * MiB + 1, 10_000_001])
+def test_sizes_that_are_not_block_multiples(tmp_path: Path, size: int) -> None:
+    """The last block of an image may be short; it is compared and written like the others."""
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(size))
+    dst = tmp_path / "dst.img"
+    cli(src, dst)
+    assert digest(src) == digest(dst)
+    if size:
+        poke(src, size - 1, b"\xff" if src.read_bytes()[-1:] != b"\xff" else b"\x00")
+        poke(src, 0, b"\x01" if src.read_bytes()[:1] != b"\x01" else b"\x02")
+        r = cli_json(src, dst)
+        assert digest(src) == digest(dst)
+        assert r["changed"] == (1 if size <= 4096 else 2)

@@ -241,3 +241,16 @@ def test_push_onto_itself_is_refused(pair: tuple[Path, Path]) -> None:
     p = cli(*REMOTE, src, f"localhost:{src}", check=2)
     assert "same file" in p.stderr
     assert digest(src) == before
+
+
+@pytest.mark.parametrize("size", [0, 5000, 10_000_001])
+def test_remote_sizes_that_are_not_block_multiples(tmp_path: Path, size: int) -> None:
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(size))
+    dst = tmp_path / "dst.img"
+    cli(*REMOTE, src, f"h:{dst}")
+    assert digest(src) == digest(dst)
+    if size:
+        poke(src, size - 1, b"\xff" if src.read_bytes()[-1:] != b"\xff" else b"\x00")
+        cli(*REMOTE, f"h:{src}", dst)
+        assert digest(src) == digest(dst)

@@ -88,6 +88,7 @@ def scan(
             dst.data_in(offset, min(length, dst_size - offset)) if dst is not None else [],
             offset,
             block_size,
+            length,
         )
         if not segments:  # holes on both sides: nothing to read
             return Chunk(offset, length, [], _ZEROS[:length], 0)
@@ -174,9 +175,16 @@ def read_chunk(img: Image, offset: int, view: memoryview, keep_cache: bool) -> i
 PIECE = 256 << 10  # read and compared while in the CPU cache; measured 7.7 GB/s vs 5-6.7 with 1 MiB
 
 
-def _union(a: list[tuple[int, int]], b: list[tuple[int, int]], base: int, bs: int) -> list[tuple[int, int]]:
-    """Merge two extent lists into chunk-relative, block-aligned (offset, length) segments."""
-    spans = sorted((((o - base) // bs * bs), -(-(o - base + n) // bs) * bs) for o, n in (*a, *b) if n > 0)
+def _union(
+    a: list[tuple[int, int]], b: list[tuple[int, int]], base: int, bs: int, length: int
+) -> list[tuple[int, int]]:
+    """Merge two extent lists into chunk-relative, block-aligned (offset, length) segments.
+
+    A segment ends at the chunk's length at the latest (an image's last block may be short).
+    """
+    spans = sorted(
+        ((o - base) // bs * bs, min(-(-(o - base + n) // bs) * bs, length)) for o, n in (*a, *b) if n > 0
+    )
     merged: list[list[int]] = []
     for lo, hi in spans:
         if merged and lo <= merged[-1][1]:
