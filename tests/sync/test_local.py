@@ -92,7 +92,7 @@ def test_block_size_option_and_suffixes(pair: tuple[Path, Path]) -> None:
     assert r["block_size"] == 65536 and r["changed"] == 1 and r["bytes_written"] == 65536
 
 
-@pytest.mark.parametrize("bad", ["3K", "2K", "32M", "abc", "0"])
+@pytest.mark.parametrize("bad", ["3K", "2K", "16M", "32M", "abc", "0"])
 def test_bad_block_size_exit_2(pair: tuple[Path, Path], bad: str) -> None:
     src, dst = pair
     p = cli("--block-size", bad, src, dst, check=2)

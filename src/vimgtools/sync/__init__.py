@@ -110,10 +110,16 @@ class SyncResult:
 
 
 def check_block_size(block_size: int) -> None:
+    """A power of two from 4 KiB to 8 MiB: a block never spans two of the 8 MiB chunks we read."""
     try:
         zero_blocks(b"", block_size)
     except (ValueError, TypeError) as e:
         raise InvalidInput(f"--block-size: {e}") from None
+    if block_size > CHUNK_SIZE:
+        raise InvalidInput(
+            f"--block-size: {block_size} is larger than sync's 8 MiB chunks: use a power of two "
+            "from 4096 (4 KiB) to 8388608 (8 MiB)"
+        )
 
 
 def sync(
@@ -142,7 +148,7 @@ def sync(
     Args:
         src: image file or block device to copy from (only read).
         dst: replica: file (created sparse if missing, resized to ``src``) or block device.
-        block_size: comparison unit in bytes (power of two, 4 KiB to 16 MiB).
+        block_size: comparison unit in bytes (power of two, 4 KiB to 8 MiB).
         dry_run: read and report; write nothing.
         verify: re-read ``dst`` afterwards and compare with ``src``.
         undo: keep the old content of every overwritten block in this file (see ``rollback``).

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_cli.parse_size,
         default=None,
         metavar="SIZE",
-        help="comparison unit, a power of two from 4K to 16M (default: 4K; a delta uses its signature's)",
+        help="comparison unit, a power of two from 4K to 8M (default: 4K; a delta uses its signature's)",
     )
     p.add_argument("--verify", action="store_true", help="re-read DST afterwards and compare with SRC")
     p.add_argument("--undo", metavar="FILE", help="keep the old content of overwritten blocks in FILE")
