@@ -15,13 +15,14 @@ APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-ven
 TEST_ENV := LIBGUESTFS_BACKEND_SETTINGS=$${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 PYTEST_ARGS ?=
 
-.PHONY: help deps apt venv demo test test-fast lint bench clean
+.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-rekernel clean
 
 help:
 	@echo "make demo       set up, then sync a built-in sample image and show what changed"
 	@echo "make test       set up, then run lint, type checks and the whole test suite"
 	@echo "make test-fast  the suite without the slow, guestfs and boot tests"
-	@echo "make bench      the benchmarks (see docs/benchmarks.md)"
+	@echo "make bench      the engine benchmarks (docs/native.md)"
+	@echo "make bench-sync / bench-remote / bench-rekernel   beside the peers (docs/sync.md, remote.md, rekernel.md)"
 
 deps: apt $(VENV)/.installed
 
@@ -64,6 +65,15 @@ test-fast: deps
 bench: deps
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only -p no:randomly
 	$(PY) benchmarks/engine_vs_c.py
+
+bench-sync: deps
+	$(PY) benchmarks/sync_vs_peers.py --repeat 3
+
+bench-remote: deps
+	$(PY) benchmarks/remote_vs_peers.py --repeat 3
+
+bench-rekernel: deps
+	$(TEST_ENV) $(PY) benchmarks/bench_rekernel.py --boot
 
 clean:
 	rm -rf $(VENV) build src/vimgtools/*.so src/vimgtools/_blockdiff.c .pytest_cache .mypy_cache
