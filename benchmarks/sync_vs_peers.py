@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vimgtools.image import Image
+
 GiB = 1 << 30
 MiB = 1 << 20
 PY = sys.executable
@@ -123,20 +125,10 @@ def warm(*paths: Path) -> None:
         if p.stat().st_size <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4:
             subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
             continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            size, pos = os.fstat(fd).st_size, 0
-            while pos < size:
-                try:
-                    start = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fd, start, os.SEEK_HOLE)
-                for off in range(start, end, 16 * MiB):
-                    os.pread(fd, min(16 * MiB, end - off), off)
-                pos = end
-        finally:
-            os.close(fd)
+        with Image(p) as img:  # the library's SEEK_DATA map, not a second copy of it
+            for start, n in img.data_extents():
+                for off in range(start, start + n, 16 * MiB):
+                    os.pread(img.fd, min(16 * MiB, start + n - off), off)
 
 
 TOOLS = {

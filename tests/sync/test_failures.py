@@ -71,8 +71,9 @@ once = "off"
 def failing_disk(backing: Path, mountpoint: Path) -> Iterator[Path]:
     """``backing`` exported through FUSE by qemu-storage-daemon, reads near 1 MiB failing with EIO
     (QEMU's blkdebug driver), as a dying disk would."""
-    if shutil.which("qemu-storage-daemon") is None or not Path("/dev/fuse").exists():
-        pytest.skip("needs qemu-storage-daemon (qemu-system-x86) and /dev/fuse")
+    assert shutil.which("qemu-storage-daemon"), "qemu-storage-daemon missing (make installs qemu-system-x86)"
+    if not Path("/dev/fuse").exists():
+        pytest.skip("this machine has no /dev/fuse (the kernel offers no FUSE)")
     conf = mountpoint.with_suffix(".conf")
     conf.write_text(BLKDEBUG_EIO)
     mountpoint.touch()
@@ -85,18 +86,20 @@ def failing_disk(backing: Path, mountpoint: Path) -> Iterator[Path]:
             "--export", f"type=fuse,id=e0,node-name=r0,mountpoint={mountpoint},writable=off",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 20
         while mountpoint.stat().st_size != backing.stat().st_size:
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("qemu-storage-daemon could not export through FUSE here")
+            assert daemon.poll() is None, (
+                f"qemu-storage-daemon failed: {daemon.stderr.read() if daemon.stderr else ''!r}"
+            )
+            assert time.monotonic() < deadline, "qemu-storage-daemon never exported the image through FUSE"
             time.sleep(0.05)
         yield mountpoint
     finally:
         daemon.terminate()
-        daemon.wait(timeout=20)
+        daemon.communicate(timeout=20)
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
 
 

@@ -25,18 +25,12 @@ from vimgtools.errors import ImageError, ImageRefused, Interrupted, InvalidInput
 from vimgtools.image import Image
 from vimgtools.sync.digests import chunk_digests
 from vimgtools.sync.journal import (
-    DATA,
-    FLAG_SHRINK,
-    JOURNAL_MAGIC,
     UNDO_MAGIC,
-    Header,
-    JournalWriter,
     iter_records,
     journal_path_for,
     read_journal,
     recover_image,
-    remove_journal,
-    replay,
+    write_through_journal,
 )
 from vimgtools.sync.remote import Session, run_sender, split_remote, sync_remote
 from vimgtools.sync.replica import Replica, source_of
@@ -379,21 +373,8 @@ def rollback(dst: str | os.PathLike[str], undo: str | os.PathLike[str]) -> int:
                     f"{d.path}: changed since the sync that wrote {upath} "
                     f"(offset {rec.offset}); not rolled back"
                 )
-        flags = FLAG_SHRINK if h.old_size < d.size else 0
-        writer = JournalWriter(jpath, Header(JOURNAL_MAGIC, h.block_size, d.size, h.old_size, flags))
-        try:
-            for rec, payload in iter_records(contents):
-                if rec.kind == DATA and payload is not None:
-                    writer.data(rec.offset, payload)
-                else:
-                    writer.zero(rec.offset, rec.length)
-            writer.commit()
-        except BaseException:
-            writer.close()
-            remove_journal(jpath)
-            raise
-        writer.close()
-        return replay(d, jpath, read_journal(jpath))
+        old = ((rec.offset, payload, rec.length) for rec, payload in iter_records(contents))
+        return write_through_journal(d, jpath, h.old_size, h.block_size, old)
 
 
 def _verify(s: Image, dst_path: Path, block_size: int, workers: int) -> bool:

@@ -400,21 +400,38 @@ def apply_runs(
         img.lock_exclusive("update")
         jpath = Path(journal) if journal is not None else journal_path_for(img)
         recover_image(img, jpath)
-        size = img.size if new_size is None else new_size
-        flags = FLAG_SHRINK if size < img.size else 0
-        writer = JournalWriter(jpath, Header(JOURNAL_MAGIC, 4096, img.size, size, flags))
-        try:
+
+        def checked() -> Iterator[tuple[int, Buffer | None, int]]:
             for offset, data in runs:
                 if data is None:
                     raise ValueError("apply_runs takes data for every run; write zeros explicitly")
+                yield offset, data, 0
+
+        return write_through_journal(img, jpath, img.size if new_size is None else new_size, 4096, checked())
+
+
+def write_through_journal(
+    img: Image, jpath: Path, new_size: int, block_size: int, runs: Iterable[tuple[int, Buffer | None, int]]
+) -> int:
+    """Journal ``runs`` ((offset, data, 0), or (offset, None, length) for zeros), commit, apply.
+
+    Nothing reaches ``img`` unless every run was journaled and committed. Returns bytes written.
+    """
+    flags = FLAG_SHRINK if new_size < img.size else 0
+    writer = JournalWriter(jpath, Header(JOURNAL_MAGIC, block_size, img.size, new_size, flags))
+    try:
+        for offset, data, length in runs:
+            if data is None:
+                writer.zero(offset, length)
+            else:
                 writer.data(offset, data)
-            writer.commit()
-        except BaseException:
-            writer.close()
-            remove_journal(jpath)
-            raise
+        writer.commit()
+    except BaseException:
         writer.close()
-        return replay(img, jpath, read_journal(jpath))
+        remove_journal(jpath)
+        raise
+    writer.close()
+    return replay(img, jpath, read_journal(jpath))
 
 
 def recover_image(img: Image, jpath: Path) -> int | None:
