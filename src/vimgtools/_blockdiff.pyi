@@ -20,3 +20,11 @@ def diff_blocks(
     a: Buffer | npt.NDArray[Any], b: Buffer | npt.NDArray[Any], block_size: int
 ) -> npt.NDArray[np.int64]: ...
 def zero_blocks(buf: Buffer | npt.NDArray[Any], block_size: int) -> npt.NDArray[np.bool_]: ...
+def digest_blocks(
+    buf: Buffer | npt.NDArray[Any],
+    block_size: int,
+    seed: int,
+    digests: npt.NDArray[np.uint64],
+    zero: npt.NDArray[np.bool_],
+    against: npt.NDArray[np.uint64] | None = None,
+) -> npt.NDArray[np.int64]: ...

@@ -164,3 +164,60 @@ def zero_blocks(buf, block_size):
             off = i * bs
             flags[i] = _is_zero(base + off, <size_t>min(bs, n - off))
     return out
+
+
+def digest_blocks(buf, block_size, seed, digests, zero, against=None):
+    """XXH3-128 digest and zero flag of each block of ``buf``, written into arrays the caller has.
+
+    For hashing an image a piece at a time while the piece is in the CPU cache: one call
+    per piece (hash, zero test and comparison), nothing allocated but the result.
+
+    Args:
+        buf: any C-contiguous buffer; the last block may be short.
+        block_size: power of two from 4 KiB to 16 MiB.
+        seed: XXH3 seed, 0 <= seed < 2**64.
+        digests: writable C-contiguous uint64 array of shape (n, 2), n the number of blocks.
+        zero: writable C-contiguous bool array of shape (n,).
+        against: None, or a uint64 array of shape (n, 2): the other side's digests.
+
+    Returns:
+        int64 array of the blocks that are not all zero and whose digest differs from
+        ``against``'s, ascending (empty when ``against`` is None).
+
+    Raises:
+        ValueError, TypeError: bad block size, seed, dtype or shape.
+    """
+    cdef uint64_t s = _check_seed(seed)
+    cdef Py_ssize_t bs = _check_block_size(block_size)
+    cdef const unsigned char[::1] data = _bytes_view(buf)
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t count = (n + bs - 1) // bs
+    if not isinstance(digests, np.ndarray) or digests.dtype != np.uint64 or digests.shape != (count, 2):
+        raise ValueError(f"digests must be a uint64 array of shape ({count}, 2)")
+    if not isinstance(zero, np.ndarray) or zero.dtype != np.bool_ or zero.shape != (count,):
+        raise ValueError(f"zero must be a bool array of shape ({count},)")
+    cdef uint64_t[:, ::1] out = digests
+    cdef unsigned char[::1] flags = zero.view(np.uint8)
+    cdef const uint64_t[:, ::1] other
+    cdef bint compare = against is not None
+    if compare:
+        if not isinstance(against, np.ndarray) or against.dtype != np.uint64 or against.shape != (count, 2):
+            raise ValueError(f"against must be a uint64 array of shape ({count}, 2)")
+        other = np.ascontiguousarray(against)
+    result = np.empty(count if compare else 0, dtype=np.int64)
+    cdef int64_t[::1] idx = result
+    cdef Py_ssize_t i, off, m, found = 0
+    cdef const unsigned char* base = &data[0] if n else NULL
+    cdef XXH128_hash_t h
+    with nogil:
+        for i in range(count):
+            off = i * bs
+            m = min(bs, n - off)
+            h = XXH3_128bits_withSeed(base + off, <size_t>m, s)
+            out[i, 0] = h.low64
+            out[i, 1] = h.high64
+            flags[i] = _is_zero(base + off, <size_t>m)
+            if compare and not flags[i] and (h.low64 != other[i, 0] or h.high64 != other[i, 1]):
+                idx[found] = i
+                found += 1
+    return result[:found]

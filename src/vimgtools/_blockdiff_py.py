@@ -72,3 +72,26 @@ def zero_blocks(buf: Buffer, block_size: int) -> npt.NDArray[np.bool_]:
     bs = _check_block_size(block_size)
     data = _bytes(buf)
     return np.array([not any(data[i : i + bs]) for i in range(0, len(data), bs)], dtype=np.bool_)
+
+
+def digest_blocks(
+    buf: Buffer,
+    block_size: int,
+    seed: int,
+    digests: npt.NDArray[np.uint64],
+    zero: npt.NDArray[np.bool_],
+    against: npt.NDArray[np.uint64] | None = None,
+) -> npt.NDArray[np.int64]:
+    rows = hash_blocks(buf, block_size, "xxh128", seed)
+    count = len(rows)
+    if not isinstance(digests, np.ndarray) or digests.dtype != np.uint64 or digests.shape != (count, 2):
+        raise ValueError(f"digests must be a uint64 array of shape ({count}, 2)")
+    if not isinstance(zero, np.ndarray) or zero.dtype != np.bool_ or zero.shape != (count,):
+        raise ValueError(f"zero must be a bool array of shape ({count},)")
+    digests[:] = rows
+    zero[:] = zero_blocks(buf, block_size)
+    if against is None:
+        return np.empty(0, dtype=np.int64)
+    if not isinstance(against, np.ndarray) or against.dtype != np.uint64 or against.shape != (count, 2):
+        raise ValueError(f"against must be a uint64 array of shape ({count}, 2)")
+    return np.flatnonzero((rows != against).any(axis=1) & ~zero).astype(np.int64)

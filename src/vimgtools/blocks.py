@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools._blockdiff import MAX_BLOCK_SIZE, diff_blocks, hash_blocks, zero_blocks
+from vimgtools._blockdiff import MAX_BLOCK_SIZE, diff_blocks, digest_blocks, hash_blocks, zero_blocks
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["changed_runs", "checksum64", "diff_blocks", "hash_blocks", "zero_blocks"]
+__all__ = ["changed_runs", "checksum64", "diff_blocks", "digest_blocks", "hash_blocks", "zero_blocks"]
 
 _EMPTY_XXH3_64 = 0x2D06800538D394C2  # XXH3-64 of b"" with seed 0
 

@@ -37,7 +37,7 @@ KIB, MIB = 1 << 10, 1 << 20
 BLOCK_SIZES = [1 << k for k in range(12, 25)]  # 4 KiB .. 16 MiB, every allowed size
 MAX_BUFFER = 3 * MIB  # hypothesis buffers stay below this, whatever the block size
 ENGINES = pytest.mark.parametrize("engine", [native, twin], ids=["native", "twin"])
-FUNCTIONS = ["hash_blocks", "diff_blocks", "zero_blocks"]
+FUNCTIONS = ["hash_blocks", "diff_blocks", "zero_blocks", "digest_blocks"]
 U64 = (1 << 64) - 1
 
 
@@ -45,7 +45,21 @@ def call(engine: ModuleType, name: str, buf: Any, block_size: Any) -> Any:
     """Call one engine function with one buffer (diff compares it with itself)."""
     if name == "diff_blocks":
         return engine.diff_blocks(buf, buf, block_size)
+    if name == "digest_blocks":
+        ok = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size > 0
+        count = -(-memoryview(buf).nbytes // block_size) if ok and _is_buffer(buf) else 0
+        return engine.digest_blocks(
+            buf, block_size, 0, np.empty((count, 2), np.uint64), np.empty(count, np.bool_)
+        )
     return getattr(engine, name)(buf, block_size)
+
+
+def _is_buffer(obj: Any) -> bool:
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -190,6 +204,55 @@ def test_diff_blocks_matches_twin(
         np.testing.assert_array_equal(got, twin.diff_blocks(a, b, bs))
         np.testing.assert_array_equal(got, sorted({p // bs for p in positions}))
         assert native.diff_blocks(a, a, bs).size == 0
+
+
+@given(
+    image=images(),
+    kind=buffer_types,
+    seed=seeds,
+    flips=st.lists(st.floats(0, 1, exclude_max=True), max_size=4),
+)
+def test_digest_blocks_matches_twin(
+    image: tuple[bytes, int], kind: str, seed: int, flips: list[float]
+) -> None:
+    """Digests and zero flags as hash_blocks/zero_blocks give them; the changed non-zero blocks found."""
+    with buffer_maker() as as_buffer:
+        buf, data = as_buffer(kind, image[0])
+        bs = image[1]
+        count = expected_count(len(data), bs)
+        against = twin.hash_blocks(data, bs, "xxh128", seed)
+        flipped = {int(f * count) for f in flips} if count else set()
+        for i in flipped:  # the other side differs in these blocks
+            against[i, 0] ^= 1
+        results = []
+        for engine in (native, twin):
+            digests, zero = np.empty((count, 2), np.uint64), np.empty(count, np.bool_)
+            found = engine.digest_blocks(buf, bs, seed, digests, zero, against)
+            assert found.dtype == np.int64
+            np.testing.assert_array_equal(digests, twin.hash_blocks(data, bs, "xxh128", seed))
+            np.testing.assert_array_equal(zero, twin.zero_blocks(data, bs))
+            assert engine.digest_blocks(buf, bs, seed, digests, zero).size == 0  # nothing to compare with
+            results.append(found.tolist())
+        assert results[0] == results[1]
+        assert results[0] == sorted(i for i in flipped if not zero[i])
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        lambda: (np.empty((3, 2), np.uint64), np.empty(2, np.bool_), None),  # one block too many
+        lambda: (np.empty((2, 2), np.int64), np.empty(2, np.bool_), None),
+        lambda: (np.empty((2, 2), np.uint64), np.empty(2, np.uint8), None),
+        lambda: (np.empty((2, 2), np.uint64), np.empty(2, np.bool_), np.empty((1, 2), np.uint64)),
+        lambda: ([[0, 0], [0, 0]], np.empty(2, np.bool_), None),
+    ],
+    ids=["digests-shape", "digests-dtype", "zero-dtype", "against-shape", "digests-list"],
+)
+@ENGINES
+def test_digest_blocks_refuses_arrays_that_do_not_fit(engine: ModuleType, arrays: Callable[[], Any]) -> None:
+    digests, zero, against = arrays()
+    with pytest.raises(ValueError, match=r"must be a (uint64|bool) array of shape \(2"):
+        engine.digest_blocks(bytes(5000), 4096, 0, digests, zero, against)
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES, ids=[f"{b // KIB}K" for b in BLOCK_SIZES])
@@ -454,8 +517,16 @@ BIG_ZERO = np.zeros(32 * MIB, dtype=np.uint8)
         lambda: native.hash_blocks(BIG, 65536, "xxh64"),
         lambda: native.diff_blocks(BIG, BIG_COPY, 65536),
         lambda: native.zero_blocks(BIG_ZERO, 65536),
+        lambda: native.digest_blocks(
+            BIG,
+            65536,
+            1,
+            np.empty((512, 2), np.uint64),
+            np.empty(512, np.bool_),
+            np.zeros((512, 2), np.uint64),
+        ),
     ],
-    ids=["hash_blocks-xxh128", "hash_blocks-xxh64", "diff_blocks", "zero_blocks"],
+    ids=["hash_blocks-xxh128", "hash_blocks-xxh64", "diff_blocks", "zero_blocks", "digest_blocks"],
 )
 def test_gil_is_released(work: Callable[[], object]) -> None:
     assert python_progress_during(work) > 0

@@ -271,14 +271,13 @@ def _compare_with_state(
     res.state = st.note
     sess = Session(bs, st.checksum, st.key, rep.resume_from, s.size)
     res.bytes_read += st.prepass(s, sess.start, bs, keep_cache, stored is not None)
-    buf = memoryview(bytearray(CHUNK_SIZE))
     dst_read = [0]
 
     def replica_digests(offset: int, length: int) -> npt.NDArray[np.uint64] | None:
         img = rep.image
         if img is None or offset >= rep.dst_size:
             return None
-        digests, _, n = chunk_digests(img, offset, length, bs, st.checksum, st.key, buf, keep_cache)
+        digests, _, n = chunk_digests(img, offset, length, bs, st.checksum, st.key, keep_cache, rep.dst_size)
         dst_read[0] += n
         return digests
 

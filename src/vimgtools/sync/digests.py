@@ -8,14 +8,21 @@ one block of zeros.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools.blocks import hash_blocks, zero_blocks
+from vimgtools.blocks import changed_runs, digest_blocks, hash_blocks, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.scan import CHUNK_SIZE, read_chunk
+from vimgtools.sync.scan import CHUNK_SIZE, PIECE, block_segments, read_piece
 
 CHECKSUMS = ("xxh128", "blake2b")
 DIGEST_BYTES = 16
@@ -32,14 +39,69 @@ def block_digests(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.N
     return np.frombuffer(bytes(out), dtype=np.uint64).reshape(-1, 2)
 
 
+def _digest_piece(
+    view: memoryview,
+    bs: int,
+    checksum: str,
+    key: bytes,
+    digests: npt.NDArray[np.uint64],
+    zero: npt.NDArray[np.bool_],
+    against: npt.NDArray[np.uint64] | None,
+) -> npt.NDArray[np.int64]:
+    """Fill ``digests`` and ``zero`` for the blocks of ``view``; the non-zero ones differing from ``against``."""
+    if checksum == "xxh128":  # one native call, GIL released
+        return digest_blocks(view, bs, int.from_bytes(key[:8], "little"), digests, zero, against)
+    digests[:] = block_digests(view, bs, checksum, key)
+    zero[:] = zero_blocks(view, bs)
+    if against is None:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero((digests != against).any(axis=1) & ~zero)
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_digest(length: int, bs: int, checksum: str, key: bytes) -> bytes:
+    return block_digests(_ZEROS[:length], bs, checksum, key).tobytes()
+
+
 def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
     """Digests of ``length`` zero bytes, computed from one block instead of hashing them all."""
     n = -(-length // bs)
-    full = block_digests(_ZEROS[:bs], bs, checksum, key)[0]
-    out = np.tile(full, (n, 1))
+    out = np.tile(np.frombuffer(_zero_digest(bs, bs, checksum, key), dtype=np.uint64), (n, 1))
     if length % bs:
-        out[-1] = block_digests(_ZEROS[: length % bs], bs, checksum, key)[0]
+        out[-1] = np.frombuffer(_zero_digest(length % bs, bs, checksum, key), dtype=np.uint64)
     return out
+
+
+_local = threading.local()
+
+
+def _pieces(
+    img: Image, offset: int, length: int, bs: int, keep_cache: bool, size: int | None
+) -> Iterator[tuple[int, memoryview, int]]:
+    """(chunk-relative position, bytes, bytes read) of the allocated blocks of a chunk, a piece at a time.
+
+    Each piece is read into a small per-thread buffer that is still in the CPU cache when the
+    caller hashes it: reading a whole chunk into RAM first costs a second trip through memory.
+    Holes are skipped (their blocks are zeros); bytes at or past ``size`` (default: the image's
+    size) read as zeros. The buffer is reused for the next piece.
+    """
+    limit = img.size if size is None else min(size, img.size)
+    inside = max(0, min(length, limit - offset))
+    if not inside:
+        return
+    piece = max(PIECE, bs)
+    buf: memoryview | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < piece:
+        buf = _local.buf = memoryview(bytearray(piece))
+    for rel, n in block_segments(img.data_in(offset, inside), [], offset, bs, length):
+        for p in range(rel, rel + n, piece):
+            m = min(piece, rel + n - p)
+            view = buf[:m]
+            have = max(0, min(m, inside - p))
+            read = read_piece(img, view[:have], offset + p, keep_cache) if have else 0
+            if have < m:
+                view[have:] = _ZEROS[: m - have]
+            yield p, view, read
 
 
 def chunk_digests(
@@ -49,15 +111,179 @@ def chunk_digests(
     bs: int,
     checksum: str,
     key: bytes,
-    buf: memoryview,
-    keep_cache: bool,
+    keep_cache: bool = False,
+    size: int | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
-    """Digests of one chunk of ``img`` (holes are not read), its zero-block mask (None for a hole), bytes read."""
-    inside = max(0, min(length, img.size - offset))
-    if inside == 0 or img.is_hole(offset, inside):
-        return hole_digests(length, bs, checksum, key), None, 0
-    view = buf[:length]
-    read = read_chunk(img, offset, view[:inside], keep_cache)
-    if inside < length:
-        view[inside:] = bytes(length - inside)
-    return block_digests(view, bs, checksum, key), zero_blocks(view, bs), read
+    """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read."""
+    digests, zero, read = hole_digests(length, bs, checksum, key), None, 0
+    for p, view, n in _pieces(img, offset, length, bs, keep_cache, size):
+        if zero is None:
+            zero = np.ones(len(digests), dtype=np.bool_)
+        b0, b1 = p // bs, -(-(p + len(view)) // bs)
+        _digest_piece(view, bs, checksum, key, digests[b0:b1], zero[b0:b1], None)
+        read += n
+    return digests, zero, read
+
+
+@dataclass
+class Changes:
+    """What differs in one chunk, as byte ranges of the image, and our digests of all its blocks."""
+
+    offset: int
+    length: int
+    digests: npt.NDArray[np.uint64]
+    ranges: list[tuple[int, int, memoryview | None]]  # (offset, length, bytes; None: now zeros)
+    changed: int  # blocks
+    zero: int  # blocks of them that are now zeros
+    read: int
+
+    def detach(self) -> Changes:
+        """The same, with bytes of its own (``ranges`` point into a reused buffer until then)."""
+        own = [(o, n, None if b is None else memoryview(bytes(b))) for o, n, b in self.ranges]
+        return Changes(self.offset, self.length, self.digests, own, self.changed, self.zero, self.read)
+
+
+Theirs = Callable[[int, int], "npt.NDArray[np.uint64] | None"]
+
+
+def chunk_changes(
+    img: Image,
+    offset: int,
+    length: int,
+    bs: int,
+    checksum: str,
+    key: bytes,
+    theirs: npt.NDArray[np.uint64] | None,
+    out: memoryview,
+    keep_cache: bool = False,
+) -> Changes:
+    """Hash a chunk of ``img`` and compare with ``theirs`` (None: the other side is a hole there).
+
+    Only the bytes of changed, non-zero blocks are copied into ``out`` (at their chunk position),
+    while they are still in the CPU cache; the result's ranges point there.
+    """
+    mine = hole_digests(length, bs, checksum, key)
+    other = hole_digests(length, bs, checksum, key) if theirs is None else theirs
+    zero = np.ones(len(mine), dtype=np.bool_)
+    read, hole = 0, True
+    for p, view, n in _pieces(img, offset, length, bs, keep_cache, None):
+        b0, b1 = p // bs, -(-(p + len(view)) // bs)
+        read, hole = read + n, False
+        for c in _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1]).tolist():
+            lo, hi = c * bs, min((c + 1) * bs, len(view))
+            out[p + lo : p + hi] = view[lo:hi]
+    if hole and theirs is None:  # a hole on both sides
+        return Changes(offset, length, mine, [], 0, 0, 0)
+    changed = np.flatnonzero((mine != other).any(axis=1)).astype(np.int64)
+    ranges: list[tuple[int, int, memoryview | None]] = []
+    nchanged = nzero = 0
+    for b0, b1, is_zero in changed_runs(changed, zero[changed]):
+        lo, hi = b0 * bs, min(b1 * bs, length)
+        ranges.append((offset + lo, hi - lo, None if is_zero else out[lo:hi]))
+        nchanged += b1 - b0
+        nzero += (b1 - b0) if is_zero else 0
+    return Changes(offset, length, mine, ranges, nchanged, nzero, read)
+
+
+T = TypeVar("T")
+
+
+def _in_order(
+    work: Callable[[int, memoryview], T], offsets: Iterable[int], workers: int, ahead: int, buffers: bool
+) -> Iterator[T]:
+    """``work(offset, buffer)`` for each offset on ``workers`` threads, results yielded in order.
+
+    At most ``ahead`` run ahead of the result yielded last; with ``buffers`` each gets a chunk
+    buffer of its own that stays valid until the next result is asked for (``ahead + 1`` buffers
+    made on first need and reused: a fresh 8 MiB buffer per chunk costs 2048 page faults).
+    """
+    free: list[memoryview] = []
+    none = memoryview(b"")
+    it = iter(offsets)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vimg-hash") as ex:
+        pending: deque[tuple[memoryview, Future[T]]] = deque()
+        try:
+            while True:
+                while len(pending) < ahead and (offset := next(it, None)) is not None:
+                    buf = none
+                    if buffers:
+                        buf = free.pop() if free else memoryview(bytearray(CHUNK_SIZE))
+                    pending.append((buf, ex.submit(work, offset, buf)))
+                if not pending:
+                    return
+                buf, fut = pending.popleft()
+                yield fut.result()
+                if buffers:
+                    free.append(buf)
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+class InOrder:
+    """Makes ``fetch(offset, length)`` (a stream read in order) callable from threads in any order.
+
+    The caller asks for each chunk of [start, end) exactly once.
+    """
+
+    def __init__(self, fetch: Theirs, start: int, end: int) -> None:
+        self._fetch, self._next, self._end = fetch, start, end
+        self._got: dict[int, npt.NDArray[np.uint64] | None] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, offset: int, length: int) -> npt.NDArray[np.uint64] | None:
+        with self._lock:
+            while self._next <= offset:
+                n = min(CHUNK_SIZE, self._end - self._next)
+                self._got[self._next] = self._fetch(self._next, n)
+                self._next += n
+            return self._got.pop(offset)
+
+
+def digest_stream(
+    img: Image,
+    start: int,
+    end: int,
+    bs: int,
+    checksum: str,
+    key: bytes,
+    *,
+    keep_cache: bool = False,
+    size: int | None = None,
+    workers: int = 2,
+) -> Iterator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]]:
+    """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order."""
+    if not keep_cache:
+        img.no_readahead()
+
+    def work(
+        offset: int, _: memoryview
+    ) -> tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
+        length = min(CHUNK_SIZE, end - offset)
+        return offset, length, *chunk_digests(img, offset, length, bs, checksum, key, keep_cache, size)
+
+    return _in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False)
+
+
+def change_stream(
+    img: Image,
+    start: int,
+    end: int,
+    bs: int,
+    checksum: str,
+    key: bytes,
+    theirs: Theirs,
+    *,
+    keep_cache: bool = False,
+    workers: int = 2,
+) -> Iterator[Changes]:
+    """``chunk_changes`` of each chunk of [start, end), in order; ``theirs`` is asked chunk by chunk, in order."""
+    if not keep_cache:
+        img.no_readahead()
+    other = InOrder(theirs, start, end)
+
+    def work(offset: int, out: memoryview) -> Changes:
+        length = min(CHUNK_SIZE, end - offset)
+        return chunk_changes(img, offset, length, bs, checksum, key, other(offset, length), out, keep_cache)
+
+    return _in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=True)

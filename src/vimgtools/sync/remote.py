@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,10 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools.blocks import changed_runs
 from vimgtools.errors import Interrupted, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
-from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, block_digests, chunk_digests
+from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, block_digests, change_stream, digest_stream
 from vimgtools.sync.replica import Expect, Replica, Source, source_of
 from vimgtools.sync.scan import CHUNK_SIZE
 from vimgtools.sync.state import StateRun
@@ -200,67 +198,27 @@ def run_sender(
         record: gets every chunk's digests of SRC (to write a new state file).
     """
     bs, fig = sess.block_size, Figures()
-    if not keep_cache:
-        img.no_readahead()
-
-    # At most 3 chunks ahead plus the one being sent are alive: 5 buffers, reused in turn
-    # (a fresh 8 MiB buffer a chunk costs 2048 page faults).
-    ring = [memoryview(bytearray(CHUNK_SIZE)) for _ in range(5)]
-
-    def prepare(offset: int) -> tuple[int, memoryview, Digests, npt.NDArray[np.bool_] | None]:
-        length = min(CHUNK_SIZE, sess.end - offset)
-        buf = ring[(offset // CHUNK_SIZE) % len(ring)][:length]
-        mine, zero, read = chunk_digests(img, offset, length, bs, sess.checksum, sess.key, buf, keep_cache)
-        fig.bytes_read += read
-        return offset, buf, mine, zero
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vimg-hash") as ex:
-        ahead: deque[Future[tuple[int, memoryview, Digests, npt.NDArray[np.bool_] | None]]] = deque()
-        offsets = iter(range(sess.start, sess.end, CHUNK_SIZE))
-        for off in offsets:
-            ahead.append(ex.submit(prepare, off))
-            if len(ahead) >= 3:
-                break
-        while ahead:
-            offset, buf, mine, zero = ahead.popleft().result()
-            nxt = next(offsets, None)
-            if nxt is not None:
-                ahead.append(ex.submit(prepare, nxt))
-            length = min(CHUNK_SIZE, sess.end - offset)
-            other = theirs(offset, length)
-            if record is not None:
-                record(offset, mine)
-            if zero is None:  # our chunk is a hole: what the receiver has must become zeros
-                changed = (
-                    np.empty(0, dtype=np.int64)
-                    if other is None
-                    else np.flatnonzero((other != mine).any(axis=1)).astype(np.int64)
-                )
-                runs = changed_runs(changed, np.ones(len(changed), dtype=np.bool_))
+    for c in change_stream(
+        img, sess.start, sess.end, bs, sess.checksum, sess.key, theirs, keep_cache=keep_cache
+    ):
+        offset, length = c.offset, c.length
+        fig.bytes_read += c.read
+        fig.changed += c.changed
+        fig.zero += c.zero
+        if record is not None:
+            record(offset, c.digests)
+        for off, n, payload in [] if dry_run else c.ranges:
+            if payload is None:
+                sink.zero(off, n)
             else:
-                if other is None:  # the receiver has a hole: all we have that is not zero
-                    changed = np.flatnonzero(~zero).astype(np.int64)
-                else:
-                    changed = np.flatnonzero((other != mine).any(axis=1)).astype(np.int64)
-                runs = changed_runs(changed, zero[changed])
-            for b0, b1, is_zero in runs:
-                fig.changed += b1 - b0
-                fig.zero += (b1 - b0) if is_zero else 0
-                if dry_run:
-                    continue
-                off = offset + b0 * bs
-                n = min(b1 * bs, length) - b0 * bs
-                if is_zero:
-                    sink.zero(off, n)
-                else:
-                    sink.data(off, buf[off - offset : off - offset + n])
-            sink.end_chunk(offset + length)
-            if progress:
-                progress(offset + length, sess.end)
-            if stop is not None and stop.is_set() and offset + length < sess.end:
-                raise Interrupted(
-                    f"stopped at {offset + length} of {sess.end} bytes; run the same command again to resume"
-                )
+                sink.data(off, payload)
+        sink.end_chunk(offset + length)
+        if progress:
+            progress(offset + length, sess.end)
+        if stop is not None and stop.is_set() and offset + length < sess.end:
+            raise Interrupted(
+                f"stopped at {offset + length} of {sess.end} bytes; run the same command again to resume"
+            )
     return fig
 
 
@@ -298,28 +256,41 @@ def run_receiver(
         img.no_readahead()
 
     def digests() -> None:
-        whole = memoryview(bytearray(CHUNK_SIZE))  # reused: the digests are sent, the bytes not
         try:
-            for offset in range(sess.start, sess.end, CHUNK_SIZE):
-                length = min(CHUNK_SIZE, sess.end - offset)
-                inside = max(0, min(length, rep.dst_size - offset))
-                if img is None or inside == 0 or img.is_hole(offset, inside):
-                    ch.send(HOLES, RANGE.pack(offset, length))
-                    continue
-                mine, _, read = chunk_digests(
-                    img, offset, length, bs, sess.checksum, sess.key, whole, keep_cache
-                )
+            if img is None:  # a new replica: all holes
+                for offset in range(sess.start, sess.end, CHUNK_SIZE):
+                    ch.send(HOLES, RANGE.pack(offset, min(CHUNK_SIZE, sess.end - offset)))
+                return
+            for offset, length, mine, zero, read in digest_stream(
+                img,
+                sess.start,
+                sess.end,
+                bs,
+                sess.checksum,
+                sess.key,
+                keep_cache=keep_cache,
+                size=rep.dst_size,
+            ):
                 fig.bytes_read += read
-                ch.send(DIGESTS, OFFSET.pack(offset), mine.tobytes())
-        except BaseException as e:  # reported by the main loop
+                if zero is None:
+                    ch.send(HOLES, RANGE.pack(offset, length))
+                else:
+                    ch.send(DIGESTS, OFFSET.pack(offset), mine.tobytes())
+        except BaseException as e:  # reported by the main loop, which the sender's end wakes up
             failure.append(e)
+            send_error(ch, e)
 
     t = threading.Thread(target=digests, name="vimg-digests", daemon=True)
     if send_digests:  # with a trusted --state the sender needs none of ours
         t.start()
     chunk = sess.start
     while True:
-        ftype, payload = ch.recv(DATA, ZERO, CHUNK_END, DONE)
+        try:
+            ftype, payload = ch.recv(DATA, ZERO, CHUNK_END, DONE)
+        except VimgError:
+            if failure:  # the sender stopped because our digests did: that is the cause
+                raise failure[0] from None
+            raise
         if ftype == DONE:
             if chunk < sess.end:
                 raise TransportError(f"{ch.peer}: DONE before the end ({chunk} of {sess.end} bytes)")

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools.blocks import changed_runs, checksum64
+from vimgtools.blocks import checksum64
 from vimgtools.errors import ImageRefused, InvalidInput, JournalError
 from vimgtools.image import Image, describe_os_error, fsync_dir
-from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, chunk_digests, hole_digests
+from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, change_stream, digest_stream, hole_digests
 from vimgtools.sync.journal import (
     DATA,
     DELTA_MAGIC,
@@ -162,10 +162,9 @@ def write_signature(
             Path(out), magic=SIG_MAGIC, block_size=block_size, checksum=checksum, key=key, size=img.size
         )
         try:
-            buf = memoryview(bytearray(CHUNK_SIZE))
-            for offset in range(0, img.size, CHUNK_SIZE):
-                length = min(CHUNK_SIZE, img.size - offset)
-                digests, _, _ = chunk_digests(img, offset, length, block_size, checksum, key, buf, keep_cache)
+            for offset, length, digests, _, _ in digest_stream(
+                img, 0, img.size, block_size, checksum, key, keep_cache=keep_cache
+            ):
                 w.add(offset, digests)
                 if progress:
                     progress(offset + length, img.size)
@@ -316,26 +315,19 @@ def write_delta(
             )
             writer = JournalWriter(delta_path, header)
             try:
-                buf = memoryview(bytearray(CHUNK_SIZE))
-                for offset in range(0, img.size, CHUNK_SIZE):
-                    length = min(CHUNK_SIZE, img.size - offset)
-                    mine, zero, read = chunk_digests(
-                        img, offset, length, bs, sig.checksum, sig.key, buf, keep_cache
-                    )
-                    res.bytes_read += read
-                    theirs = sig.digests(offset, length)
-                    changed = np.flatnonzero((theirs != mine).any(axis=1)).astype(np.int64)
-                    zmask = np.ones(len(changed), dtype=np.bool_) if zero is None else zero[changed]
-                    for b0, b1, is_zero in changed_runs(changed, zmask):
-                        off, n = offset + b0 * bs, min(b1 * bs, length) - b0 * bs
-                        res.changed += b1 - b0
-                        if is_zero:
-                            res.zero += b1 - b0
+                for c in change_stream(
+                    img, 0, img.size, bs, sig.checksum, sig.key, sig.digests, keep_cache=keep_cache
+                ):
+                    res.bytes_read += c.read
+                    res.changed += c.changed
+                    res.zero += c.zero
+                    for off, n, payload in c.ranges:
+                        if payload is None:
                             writer.zero(off, n)
                         else:
-                            writer.data(off, buf[off - offset : off - offset + n])
+                            writer.data(off, payload)
                     if progress:
-                        progress(offset + length, img.size)
+                        progress(c.offset + c.length, img.size)
                 # Blocks of the base past our end are cut by the resize (FLAG_SHRINK): nothing to write.
                 sig.finish_reading()
                 sig.check_end()
@@ -389,10 +381,9 @@ def apply_delta(
                 f"{dst_path}: is {d.size} bytes; the delta was made against an image of {h.old_size} bytes"
             )
         acc = ChunkDigests()
-        buf = memoryview(bytearray(CHUNK_SIZE))
-        for offset in range(0, h.old_size, CHUNK_SIZE):
-            length = min(CHUNK_SIZE, h.old_size - offset)
-            digests, _, read = chunk_digests(d, offset, length, h.block_size, name, h.digest_key, buf, False)
+        for offset, length, digests, _, read in digest_stream(
+            d, 0, h.old_size, h.block_size, name, h.digest_key
+        ):
             res.bytes_read += read
             acc.add(digests)
             if progress:

@@ -20,8 +20,7 @@ import numpy.typing as npt
 
 from vimgtools.errors import InvalidInput, JournalError
 from vimgtools.image import Image
-from vimgtools.sync.digests import CHECKSUMS, chunk_digests
-from vimgtools.sync.scan import CHUNK_SIZE
+from vimgtools.sync.digests import CHECKSUMS, digest_stream
 from vimgtools.sync.signature import STATE_MAGIC, Signature, SignatureWriter
 
 log = logging.getLogger("vimgtools.sync")
@@ -71,10 +70,9 @@ class StateRun:
     def prepass(self, img: Image, start: int, bs: int, keep_cache: bool, trusted: bool) -> int:
         """A resumed run starts past 0, but the new state needs every chunk. Returns bytes read."""
         read = 0
-        buf = memoryview(bytearray(CHUNK_SIZE))
-        for offset in range(0, start, CHUNK_SIZE):
-            length = min(CHUNK_SIZE, img.size - offset)
-            mine, _, n = chunk_digests(img, offset, length, bs, self.checksum, self.key, buf, keep_cache)
+        for offset, length, mine, _, n in digest_stream(
+            img, 0, start, bs, self.checksum, self.key, keep_cache=keep_cache
+        ):
             read += n
             self.writer.add(offset, mine)
             if trusted and self.old is not None:

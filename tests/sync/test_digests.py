@@ -1,0 +1,131 @@
+"""Chunk digests read and hashed a piece at a time, on threads, equal the plain computation.
+
+The reference reads a chunk's bytes whole (zeros past the compared size) and hashes
+them with ``block_digests``; the pipeline reads only data extents, in 256 KiB pieces,
+on two threads. Real sparse files: holes inside a piece, across pieces and chunks,
+a short last block, a compared size that cuts a block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synchelp import MiB, poke, write_image
+
+from vimgtools.blocks import changed_runs, zero_blocks
+from vimgtools.image import Image
+from vimgtools.sync.digests import block_digests, change_stream, chunk_changes, chunk_digests, digest_stream
+from vimgtools.sync.scan import CHUNK_SIZE
+
+KEY = bytes(range(32))
+SIZE = 2 * CHUNK_SIZE + 5 * MiB + 4097  # three chunks, the last one ends in a short block
+EXTENTS = [
+    (0, 3000),
+    (300_000, MiB),
+    (CHUNK_SIZE - 4096, 8192),
+    (CHUNK_SIZE + 3 * MiB, 4 * MiB),
+    (SIZE - 5000, 5000),
+]
+
+
+def reference(path: Path, offset: int, length: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(max(0, min(length, size - offset)))
+    return data + bytes(length - len(data))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("digests")
+    new = write_image(d / "new.img", SIZE, EXTENTS, seed=1)
+    old = write_image(d / "old.img", SIZE, EXTENTS[:3], seed=1)  # same start, then differs
+    poke(old, 400_000, b"x" * 10)  # one block inside an extent both have
+    poke(new, CHUNK_SIZE + 6 * MiB, bytes(65536))  # zeros written (allocated) into new
+    return new, old
+
+
+@pytest.mark.parametrize("checksum", ["xxh128", "blake2b"])
+@pytest.mark.parametrize("bs", [4096, 65536, 8 * MiB])
+@pytest.mark.parametrize("size", [None, SIZE - 4097, CHUNK_SIZE + 100])
+def test_chunk_digests_equal_whole_chunk_hashing(
+    images: tuple[Path, Path], checksum: str, bs: int, size: int | None
+) -> None:
+    new, _ = images
+    limit = SIZE if size is None else size
+    with Image(new) as img:
+        for offset in range(0, SIZE, CHUNK_SIZE):
+            length = min(CHUNK_SIZE, SIZE - offset)
+            want = reference(new, offset, length, limit)
+            digests, zero, read = chunk_digests(img, offset, length, bs, checksum, KEY, size=size)
+            np.testing.assert_array_equal(digests, block_digests(memoryview(want), bs, checksum, KEY))
+            if zero is None:
+                assert read == 0 and not any(want)
+            else:
+                np.testing.assert_array_equal(zero, zero_blocks(want, bs))
+                assert 0 < read <= length
+
+
+def test_a_chunk_past_the_compared_size_is_a_hole(images: tuple[Path, Path]) -> None:
+    with Image(images[0]) as img:
+        digests, zero, read = chunk_digests(
+            img, CHUNK_SIZE, CHUNK_SIZE, 65536, "xxh128", KEY, size=CHUNK_SIZE
+        )
+    assert zero is None and read == 0
+    np.testing.assert_array_equal(digests, block_digests(memoryview(bytes(CHUNK_SIZE)), 65536, "xxh128", KEY))
+
+
+@pytest.mark.parametrize("bs", [4096, 65536])
+@pytest.mark.parametrize("against", ["old", "hole"])
+def test_chunk_changes_are_the_blocks_that_differ(images: tuple[Path, Path], bs: int, against: str) -> None:
+    new, old = images
+    out = memoryview(bytearray(CHUNK_SIZE))
+    with Image(new) as img:
+        for offset in range(0, SIZE, CHUNK_SIZE):
+            length = min(CHUNK_SIZE, SIZE - offset)
+            mine = reference(new, offset, length, SIZE)
+            theirs_bytes = reference(old, offset, length, SIZE) if against == "old" else bytes(length)
+            theirs = block_digests(memoryview(theirs_bytes), bs, "xxh128", KEY) if against == "old" else None
+            c = chunk_changes(img, offset, length, bs, "xxh128", KEY, theirs, out)
+            a, b = np.frombuffer(mine, np.uint8), np.frombuffer(theirs_bytes, np.uint8)
+            n = -(-length // bs)
+            differs = [
+                i for i in range(n) if not np.array_equal(a[i * bs : (i + 1) * bs], b[i * bs : (i + 1) * bs])
+            ]
+            z = zero_blocks(mine, bs)
+            want = [
+                (offset + b0 * bs, min(b1 * bs, length) - b0 * bs, is_zero)
+                for b0, b1, is_zero in changed_runs(np.array(differs, dtype=np.int64), z[differs])
+            ]
+            assert [(o, m, p is None) for o, m, p in c.ranges] == want
+            for o, m, p in c.ranges:
+                if p is not None:
+                    assert bytes(p) == mine[o - offset : o - offset + m]
+            assert c.changed == sum(-(-m // bs) for _, m, _ in want)
+            np.testing.assert_array_equal(c.digests, block_digests(memoryview(mine), bs, "xxh128", KEY))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streams_yield_every_chunk_in_order(images: tuple[Path, Path], workers: int) -> None:
+    new, old = images
+    asked: list[int] = []
+    with Image(old) as o:
+        theirs = {
+            off: d for off, _, d, _, _ in digest_stream(o, 0, SIZE, 65536, "xxh128", KEY, workers=workers)
+        }
+
+    def fetch(offset: int, length: int) -> np.ndarray:
+        asked.append(offset)
+        return theirs[offset]
+
+    with Image(new) as img:
+        got = [c.detach() for c in change_stream(img, 0, SIZE, 65536, "xxh128", KEY, fetch, workers=workers)]
+    assert [c.offset for c in got] == asked == list(range(0, SIZE, CHUNK_SIZE))
+    # Applying the changes to the old bytes gives the new ones.
+    rebuilt = bytearray(reference(old, 0, SIZE, SIZE))
+    for c in got:
+        for off, n, payload in c.ranges:
+            rebuilt[off : off + n] = bytes(n) if payload is None else payload
+    assert bytes(rebuilt) == reference(new, 0, SIZE, SIZE)
