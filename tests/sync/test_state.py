@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,46 @@ def test_dry_run_keeps_the_state(setup: tuple[Path, Path, Path]) -> None:
     poke(src, 0, b"dry")
     r = cli_json("-n", "--state", state, src, dst)
     assert r["changed"] == 1 and state.read_bytes() == before
+
+
+def test_remote_push_with_state_of_a_touched_replica(setup: tuple[Path, Path, Path]) -> None:
+    """The sender compares with the state while ssh connects; told the replica changed, it starts over."""
+    src, dst, state = setup
+    poke(src, 2 * MiB, os.urandom(4096))
+    poke(dst, 5 * MiB, b"the replica was mounted and written")
+    r = cli_json(*REMOTE, "--state", state, src, f"h:{dst}")
+    assert r["state"] == "replica changed since"
+    assert r["changed"] == 2 and r["bytes_received"] > 16 * MiB // 4096 * 16  # digests of DST's data came
+    assert digest(src) == digest(dst)
+    assert cli_json(*REMOTE, "--state", state, src, f"h:{dst}")["state"] == "trusted"
+
+
+@pytest.mark.slow
+def test_remote_push_with_state_resumes(tmp_path: Path) -> None:
+    """Far side killed mid-stream; the next --state run resumes with the state still trusted."""
+    size = 160 * MiB
+    src = write_image(tmp_path / "src.img", size, [(0, size)], seed=72)
+    dst, state, pidfile = tmp_path / "dst.img", tmp_path / "src.state", tmp_path / "pid"
+    journal = tmp_path / "dst.img.vimg-journal"
+    cli_json("--state", state, src, dst)
+    old_sum = digest(dst)
+    src.write_bytes(os.urandom(size))  # same inode, all new
+    env = dict(os.environ, FAKE_RSH_PIDFILE=str(pidfile))
+    client = subprocess.Popen(
+        [sys.executable, "-m", "vimgtools.sync", *REMOTE, "--state", str(state), str(src), f"h:{dst}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not (journal.exists() and journal.stat().st_size > 20 * MiB) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1, err
+    assert digest(dst) == old_sum
+    r = cli_json(*REMOTE, "--state", state, src, f"h:{dst}")
+    assert r["resumed_from"] > 0 and r["state"] == "trusted"
+    assert digest(dst) == digest(src)
+    r = cli_json(*REMOTE, "--state", state, src, f"h:{dst}")  # the state written after the resume is right
+    assert r["state"] == "trusted" and r["changed"] == 0

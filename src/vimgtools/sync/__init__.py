@@ -71,6 +71,7 @@ class SyncResult:
     warnings: list[str] = field(default_factory=list)
     bytes_sent: int | None = None  # remote sync only: bytes this side wrote to / read from the pipe
     bytes_received: int | None = None
+    seconds_connect: float | None = None  # remote sync only: starting the far side (ssh) until it answered
     state: str | None = (
         None  # --state: "trusted" (SRC alone was read), "none yet", "replica changed since", ...
     )
@@ -80,7 +81,9 @@ class SyncResult:
         d["seconds"] = round(self.seconds, 3)
         d["seconds_flush"] = round(self.seconds_flush, 3)
         if self.bytes_sent is None:
-            del d["bytes_sent"], d["bytes_received"]
+            del d["bytes_sent"], d["bytes_received"], d["seconds_connect"]
+        elif self.seconds_connect is not None:
+            d["seconds_connect"] = round(self.seconds_connect, 3)
         if self.state is None:
             del d["state"]
         return d

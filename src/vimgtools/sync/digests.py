@@ -12,7 +12,7 @@ import functools
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -190,7 +190,7 @@ T = TypeVar("T")
 
 def _in_order(
     work: Callable[[int, memoryview], T], offsets: Iterable[int], workers: int, ahead: int, buffers: bool
-) -> Iterator[T]:
+) -> Generator[T, None, None]:
     """``work(offset, buffer)`` for each offset on ``workers`` threads, results yielded in order.
 
     At most ``ahead`` run ahead of the result yielded last; with ``buffers`` each gets a chunk
@@ -251,7 +251,7 @@ def digest_stream(
     keep_cache: bool = False,
     size: int | None = None,
     workers: int = 2,
-) -> Iterator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]]:
+) -> Generator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int], None, None]:
     """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order."""
     if not keep_cache:
         img.no_readahead()
@@ -276,7 +276,7 @@ def change_stream(
     *,
     keep_cache: bool = False,
     workers: int = 2,
-) -> Iterator[Changes]:
+) -> Generator[Changes, None, None]:
     """``chunk_changes`` of each chunk of [start, end), in order; ``theirs`` is asked chunk by chunk, in order."""
     if not keep_cache:
         img.no_readahead()

@@ -10,6 +10,7 @@ never on a shell command line; the host is one argv element for ssh.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,7 +32,14 @@ import numpy.typing as npt
 
 from vimgtools.errors import Interrupted, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
-from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, block_digests, change_stream, digest_stream
+from vimgtools.sync.digests import (
+    CHECKSUMS,
+    DIGEST_BYTES,
+    Changes,
+    block_digests,
+    change_stream,
+    digest_stream,
+)
 from vimgtools.sync.replica import Expect, Replica, Source, source_of
 from vimgtools.sync.scan import CHUNK_SIZE
 from vimgtools.sync.state import StateRun
@@ -56,6 +64,8 @@ from vimgtools.sync.wire import (
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+    from vimgtools.sync.signature import Signature
 
 log = logging.getLogger("vimgtools.sync")
 
@@ -188,6 +198,7 @@ def run_sender(
     keep_cache: bool = False,
     dry_run: bool = False,
     record: Callable[[int, Digests], None] | None = None,
+    changes: Iterable[Changes] | None = None,
 ) -> Figures:
     """Read and hash SRC chunk by chunk, compare with the other side's digests, hand over what differs.
 
@@ -196,11 +207,14 @@ def run_sender(
             (from the wire, or from a state file).
         sink: receives the changed ranges.
         record: gets every chunk's digests of SRC (to write a new state file).
+        changes: the compared chunks, if the caller has started on them (``theirs`` is then unused).
     """
-    bs, fig = sess.block_size, Figures()
-    for c in change_stream(
-        img, sess.start, sess.end, bs, sess.checksum, sess.key, theirs, keep_cache=keep_cache
-    ):
+    fig = Figures()
+    if changes is None:
+        changes = change_stream(
+            img, sess.start, sess.end, sess.block_size, sess.checksum, sess.key, theirs, keep_cache=keep_cache
+        )
+    for c in changes:
         offset, length = c.offset, c.length
         fig.bytes_read += c.read
         fig.changed += c.changed
@@ -430,20 +444,32 @@ def sync_remote(
             if st is not None:
                 sess.checksum, sess.key = st.checksum, st.key
             opts = dict(options, state=None, state_expect=st.old.expect.to_json() if st and st.old else None)
+            t_connect = time.monotonic()
             peer = Peer.start(host, rsh, remote_python, timeout)
+            early: tuple[list[Changes], Generator[Changes, None, None]] | None = None
             try:
                 ch = peer.channel
                 ch.send_json(HELLO, hello("receiver", path_d, sess, opts, source_of(img)))
+                early = (
+                    _scan_while_connecting(img, sess, st.old, ch, keep_cache, stop) if st and st.old else None
+                )
                 _, ready = ch.recv_json(READY)
+                res.seconds_connect = time.monotonic() - t_connect
                 sess.start = _resume_point(ready, sess, host)
                 stored = st.trusted(ready.get("state_ok") is True) if st is not None else None
+                changes = None
+                if early is not None and stored is not None and sess.start == 0:
+                    changes = itertools.chain(*early)
+                elif early is not None and st is not None and st.old is not None:  # a replica changed since,
+                    early[1].close()  # or a resumed run: the early scan is of no use
+                    st.old.rewind()
                 pre = (
                     st.prepass(img, sess.start, sess.block_size, keep_cache, stored is not None) if st else 0
                 )
                 fig = run_sender(
                     img, sess, stored or (lambda o, n: _recv_digests(ch, o, n, sess.block_size)), ChannelSink(ch),
                     progress=progress, stop=stop, keep_cache=keep_cache, dry_run=bool(options.get("dry_run")),
-                    record=st.writer.add if st else None,
+                    record=st.writer.add if st else None, changes=changes,
                 )  # fmt: skip
                 fig.bytes_read += pre
                 ch.send_json(DONE, {"bytes_read": fig.bytes_read})
@@ -462,6 +488,8 @@ def sync_remote(
                     raise peer.explain(e) from e
                 raise
             finally:
+                if early is not None:
+                    early[1].close()  # its threads end before SRC is closed
                 peer.close()
                 if st is not None:
                     st.close()
@@ -477,11 +505,13 @@ def sync_remote(
         if options.get("state"):
             raise InvalidInput("--state keeps the source's digests: it works when SRC is on this host")
         sess = new_session(res.block_size, checksum, 0, 0)
+        t_connect = time.monotonic()
         peer = Peer.start(host, rsh, remote_python, timeout)
         try:
             ch = peer.channel
             ch.send_json(HELLO, hello("sender", path_s, sess, options, None))
             _, ready = ch.recv_json(READY)
+            res.seconds_connect = time.monotonic() - t_connect
             source = source_from_json(ready.get("source"), host)
             res.size, res.blocks = source.size, -(-source.size // res.block_size)
             sess.end = source.size
@@ -508,6 +538,32 @@ def sync_remote(
         res.changed, res.zero = fig.changed, fig.zero
         res.bytes_read = fig.bytes_read + _int(done, "bytes_read")
     res.bytes_sent, res.bytes_received = ch.counters.sent, ch.counters.received
+
+
+EARLY_LIMIT = 128 << 20  # changed bytes found and held while the far side starts
+
+
+def _scan_while_connecting(
+    img: Image, sess: Session, stored: Signature, ch: Channel, keep_cache: bool, stop: threading.Event | None
+) -> tuple[list[Changes], Generator[Changes, None, None]]:
+    """With a state file SRC's changes are known without the far side: find them while ssh connects.
+
+    Returns the chunks found before the far side answered (at most ``EARLY_LIMIT`` changed bytes
+    held) and the stream that goes on from there. Usable only if the far side trusts the state
+    and starts at 0; otherwise the caller closes the stream and rewinds ``stored``.
+    """
+    stream = change_stream(
+        img, 0, sess.end, sess.block_size, sess.checksum, sess.key, stored.digests, keep_cache=keep_cache
+    )
+    found: list[Changes] = []
+    held = 0
+    while held < EARLY_LIMIT and not ch.readable() and not (stop is not None and stop.is_set()):
+        c = next(stream, None)
+        if c is None:
+            break
+        found.append(c.detach())
+        held += sum(n for _, n, payload in c.ranges if payload is not None)
+    return found, stream
 
 
 def _int(obj: dict[str, Any], key: str) -> int:

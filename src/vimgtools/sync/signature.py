@@ -237,6 +237,10 @@ class Signature:
         """Check every stored digest now, before any is relied on; then read from the start again."""
         self.finish_reading()
         self.check_end()
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Read from the first chunk again."""
         self._acc = ChunkDigests()
         self._next_chunk = 0
 

@@ -108,6 +108,12 @@ class Channel:
             view = view[n:]
 
     # -- receiving ------------------------------------------------------
+    def readable(self) -> bool:
+        """Whether the peer has sent something (or hung up) that ``recv`` would now get at once."""
+        if len(self._buf) > self._pos:
+            return True
+        return bool(select.select([self.rfd], [], [], 0)[0])
+
     def _fill(self, want: int) -> None:
         """Have at least ``want`` unread bytes buffered."""
         while len(self._buf) - self._pos < want:
