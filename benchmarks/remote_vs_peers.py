@@ -31,7 +31,7 @@ PY = sys.executable
 
 def timed(cmd: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.DEVNULL if cmd[0] == "cat" else subprocess.PIPE
+    out = subprocess.DEVNULL if cmd[0] in ("cat", "ssh") else subprocess.PIPE
     p = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
@@ -62,22 +62,29 @@ def main() -> None:
     changed = probe["changed"] * 4096
     with loopback_sshd(args.dir / "sshd") as rsh:
         host = f"127.0.0.1:{dst}"
+        gcm = f"{rsh} -c aes128-gcm@openssh.com"  # the cipher a user can pick (-e); ssh's default is chacha20
         tools = {
             "cat SRC DST (local reference)": lambda: ["cat", str(src), str(old)],
+            "ssh HOST true (connecting alone)": lambda: [*rsh.split(), "127.0.0.1", "true"],
             "vimgtools.sync push": lambda: [PY, "-m", "vimgtools.sync", "--json", "-q", "-e", rsh,
                                             "--remote-python", PY, str(src), host],
             "vimgtools.sync push --state": lambda: [PY, "-m", "vimgtools.sync", "--json", "-q", "-e", rsh,
                                                     "--remote-python", PY, "--state", str(state), str(src), host],
+            "vimgtools.sync push, aes128-gcm": lambda: [PY, "-m", "vimgtools.sync", "--json", "-q", "-e", gcm,
+                                                     "--remote-python", PY, str(src), host],
+            "vimgtools.sync push --state, aes128-gcm": lambda: [PY, "-m", "vimgtools.sync", "--json", "-q", "-e",
+                                                             gcm, "--remote-python", PY, "--state", str(state),
+                                                             str(src), host],
             "rsync --inplace --no-whole-file over ssh": lambda: ["rsync", "--inplace", "--no-whole-file",
                                                                   "-B", "65536", "--stats", "-e", rsh,
                                                                   str(src), host],
         }  # fmt: skip
         rows = []
         for name, cmd in tools.items():
-            times, wire, sig = [], 0, 0
+            times, connects, wire, sig = [], [], 0, 0
             for _ in range(args.repeat):
                 reset(old, dst)
-                if name.endswith("--state"):
+                if "--state" in name:
                     # The previous night: the state of the old generation, replica as it left it.
                     subprocess.run([PY, "-m", "vimgtools.sync", "-q", "--state", str(state), str(old), str(dst)],
                                    check=True)  # fmt: skip
@@ -86,23 +93,28 @@ def main() -> None:
                 times.append(dt)
                 if name.startswith("vimgtools"):
                     r = json.loads(out)
+                    connects.append(r["seconds_connect"])
                     wire = r["bytes_sent"] + r["bytes_received"]
                     sig = r["bytes_received"] if "--state" not in name else 0
                 elif name.startswith("rsync"):
                     wire = rsync_wire(out)
-            if not name.startswith("cat") and subprocess.run(["cmp", "-s", src, dst]).returncode:
+            if not name.startswith(("cat", "ssh")) and subprocess.run(["cmp", "-s", src, dst]).returncode:
                 raise SystemExit(f"{name}: replica differs")
-            rows.append({"tool": name, "median_s": statistics.median(times), "wire": wire, "sig": sig})
+            connect = statistics.median(connects) if connects else None
+            rows.append({"tool": name, "median_s": statistics.median(times), "wire": wire, "sig": sig,
+                         "connect": connect})  # fmt: skip
             print(f"  {name:42} {statistics.median(times):7.3f} s  wire {wire / MiB:8.1f} MiB", flush=True)
     ref = rows[0]["median_s"]
     print(f"\nchanged 4 KiB pages: {changed / MiB:.1f} MiB\n")
-    print("| tool | median s | x cat (local) | bytes on the wire | wire / (changed + 1.1 x digests) |")
-    print("|---|---|---|---|---|")
+    print("| tool | median s | x cat (local) | of which connecting (s) | bytes on the wire | wire / (changed + 1.1 x digests) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for r in rows:
         budget = changed + 1.1 * r["sig"]
         ratio = f"{r['wire'] / budget:.3f}" if r["wire"] else "-"
+        connect = f"{r['connect']:.3f}" if r["connect"] is not None else "-"
         print(
-            f"| {r['tool']} | {r['median_s']:.3f} | {r['median_s'] / ref:.2f} | {r['wire'] / MiB:.1f} MiB | {ratio} |"
+            f"| {r['tool']} | {r['median_s']:.3f} | {r['median_s'] / ref:.2f} | {connect} | {r['wire'] / MiB:.1f} MiB "
+            f"| {ratio} |"
         )
 
 

@@ -8,6 +8,7 @@ a short last block, a compared size that cuts a block.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,15 @@ from synchelp import MiB, poke, write_image
 
 from vimgtools.blocks import changed_runs, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.digests import block_digests, change_stream, chunk_changes, chunk_digests, digest_stream
+from vimgtools.sync.digests import (
+    block_digests,
+    change_stream,
+    changes_of,
+    chunk_changes,
+    chunk_digests,
+    digest_stream,
+    hash_ahead,
+)
 from vimgtools.sync.scan import CHUNK_SIZE
 
 KEY = bytes(range(32))
@@ -129,3 +138,47 @@ def test_streams_yield_every_chunk_in_order(images: tuple[Path, Path], workers: 
         for off, n, payload in c.ranges:
             rebuilt[off : off + n] = bytes(n) if payload is None else payload
     assert bytes(rebuilt) == reference(new, 0, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("against", ["old", "hole"])
+def test_changes_of_a_chunk_hashed_ahead_equal_chunk_changes(images: tuple[Path, Path], against: str) -> None:
+    """Hashed while the peer connects, bytes read again afterwards: the same changes as in one go."""
+    new, old = images
+    bs = 4096
+    with Image(new) as img, Image(old) as o:
+        ahead = hash_ahead(img, 0, SIZE, bs, "xxh128", KEY, stop_when=lambda: False, limit=1 << 30)
+        assert [h.offset for h in ahead] == list(range(0, SIZE, CHUNK_SIZE))  # all cached: just written
+        for h in ahead:
+            theirs = chunk_digests(o, h.offset, h.length, bs, "xxh128", KEY)[0] if against == "old" else None
+            a = chunk_changes(
+                img, h.offset, h.length, bs, "xxh128", KEY, theirs, memoryview(bytearray(CHUNK_SIZE))
+            )
+            b = changes_of(img, h, theirs, bs, memoryview(bytearray(CHUNK_SIZE)), False)
+            assert [(o_, n, None if p is None else bytes(p)) for o_, n, p in a.ranges] == [
+                (o_, n, None if p is None else bytes(p)) for o_, n, p in b.ranges
+            ]
+            assert (a.changed, a.zero) == (b.changed, b.zero)
+            np.testing.assert_array_equal(a.digests, b.digests)
+
+
+def test_hash_ahead_stops_when_asked_and_at_uncached_data(images: tuple[Path, Path], tmp_path: Path) -> None:
+    new, _ = images
+    with Image(new) as img:
+        calls = []
+        got = hash_ahead(
+            img, 0, SIZE, 65536, "xxh128", KEY, stop_when=lambda: bool(calls.append(1)) or True, limit=1 << 30
+        )
+        assert len(got) == 1 and len(calls) == 1
+        assert len(hash_ahead(img, 0, SIZE, 65536, "xxh128", KEY, stop_when=lambda: False, limit=1)) == 1
+    cold = tmp_path / "cold.img"
+    cold.write_bytes(new.read_bytes())
+    fd = os.open(cold, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: really dropped
+    finally:
+        os.close(fd)
+    with Image(cold) as img:
+        if img.read_into(memoryview(bytearray(4096)), 0)[1]:
+            pytest.skip(f"{cold}: the page cache kept the pages (cannot make them cold here)")
+        assert hash_ahead(img, 0, SIZE, 65536, "xxh128", KEY, stop_when=lambda: False, limit=1 << 30) == []

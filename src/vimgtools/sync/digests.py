@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from vimgtools.blocks import changed_runs, digest_blocks, hash_blocks, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.scan import CHUNK_SIZE, PIECE, block_segments, read_piece
+from vimgtools.sync.scan import CHUNK_SIZE, PIECE, NotCached, block_segments, read_piece
 
 CHECKSUMS = ("xxh128", "blake2b")
 DIGEST_BYTES = 16
@@ -76,7 +76,13 @@ _local = threading.local()
 
 
 def _pieces(
-    img: Image, offset: int, length: int, bs: int, keep_cache: bool, size: int | None
+    img: Image,
+    offset: int,
+    length: int,
+    bs: int,
+    keep_cache: bool,
+    size: int | None,
+    cached_only: bool = False,
 ) -> Iterator[tuple[int, memoryview, int]]:
     """(chunk-relative position, bytes, bytes read) of the allocated blocks of a chunk, a piece at a time.
 
@@ -98,7 +104,7 @@ def _pieces(
             m = min(piece, rel + n - p)
             view = buf[:m]
             have = max(0, min(m, inside - p))
-            read = read_piece(img, view[:have], offset + p, keep_cache) if have else 0
+            read = read_piece(img, view[:have], offset + p, keep_cache, cached_only) if have else 0
             if have < m:
                 view[have:] = _ZEROS[: m - have]
             yield p, view, read
@@ -113,10 +119,11 @@ def chunk_digests(
     key: bytes,
     keep_cache: bool = False,
     size: int | None = None,
+    cached_only: bool = False,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
     """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read."""
     digests, zero, read = hole_digests(length, bs, checksum, key), None, 0
-    for p, view, n in _pieces(img, offset, length, bs, keep_cache, size):
+    for p, view, n in _pieces(img, offset, length, bs, keep_cache, size, cached_only):
         if zero is None:
             zero = np.ones(len(digests), dtype=np.bool_)
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
@@ -183,6 +190,89 @@ def chunk_changes(
         nchanged += b1 - b0
         nzero += (b1 - b0) if is_zero else 0
     return Changes(offset, length, mine, ranges, nchanged, nzero, read)
+
+
+@dataclass
+class Hashed:
+    """A chunk hashed ahead of the comparison, without its bytes (``changes_of`` reads them again)."""
+
+    offset: int
+    length: int
+    digests: npt.NDArray[np.uint64]
+    zero: npt.NDArray[np.bool_] | None  # None: a hole
+    read: int
+
+
+def changes_of(
+    img: Image, h: Hashed, theirs: npt.NDArray[np.uint64] | None, bs: int, out: memoryview, keep_cache: bool
+) -> Changes:
+    """Compare a chunk hashed earlier with ``theirs``, reading the changed non-zero blocks again into ``out``."""
+    if h.zero is None and theirs is None:  # a hole on both sides
+        return Changes(h.offset, h.length, h.digests, [], 0, 0, h.read)
+    zero = np.ones(len(h.digests), dtype=np.bool_) if h.zero is None else h.zero
+    if theirs is None:  # the other side is a hole: all we have that is not zero
+        changed = np.flatnonzero(~zero).astype(np.int64)
+    else:
+        changed = np.flatnonzero((h.digests != theirs).any(axis=1)).astype(np.int64)
+    ranges: list[tuple[int, int, memoryview | None]] = []
+    nchanged = nzero = 0
+    read = h.read
+    for b0, b1, is_zero in changed_runs(changed, zero[changed]):
+        lo, hi = b0 * bs, min(b1 * bs, h.length)
+        payload = None
+        if not is_zero:
+            payload = out[lo:hi]
+            read += read_piece(img, payload, h.offset + lo, keep_cache)
+        ranges.append((h.offset + lo, hi - lo, payload))
+        nchanged += b1 - b0
+        nzero += (b1 - b0) if is_zero else 0
+    return Changes(h.offset, h.length, h.digests, ranges, nchanged, nzero, read)
+
+
+def hash_ahead(
+    img: Image,
+    start: int,
+    end: int,
+    bs: int,
+    checksum: str,
+    key: bytes,
+    *,
+    stop_when: Callable[[], bool],
+    limit: int,
+    keep_cache: bool = False,
+) -> list[Hashed]:
+    """Hash the chunks from ``start`` on until ``stop_when()``, while they come from the page cache.
+
+    For a sender waiting for its peer: bytes are not kept, and a chunk that is not all in the
+    page cache ends the work (reading its changed blocks again later must not go to the disk).
+    At most ``limit`` bytes of digests are held.
+    """
+    if not keep_cache:
+        img.no_readahead()
+
+    def work(offset: int, _: memoryview) -> Hashed | None:
+        length = min(CHUNK_SIZE, end - offset)
+        try:
+            return Hashed(
+                offset, length, *chunk_digests(img, offset, length, bs, checksum, key, keep_cache, None, True)
+            )
+        except NotCached:
+            return None
+
+    found: list[Hashed] = []
+    held = 0
+    stream = _in_order(work, range(start, end, CHUNK_SIZE), 2, 4, buffers=False)
+    try:
+        for h in stream:
+            if h is None:
+                break
+            found.append(h)
+            held += h.digests.nbytes
+            if held >= limit or stop_when():
+                break
+    finally:
+        stream.close()
+    return found
 
 
 T = TypeVar("T")

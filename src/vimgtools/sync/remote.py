@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,9 +36,13 @@ from vimgtools.sync.digests import (
     CHECKSUMS,
     DIGEST_BYTES,
     Changes,
+    Hashed,
+    Theirs,
     block_digests,
     change_stream,
+    changes_of,
     digest_stream,
+    hash_ahead,
 )
 from vimgtools.sync.replica import Expect, Replica, Source, source_of
 from vimgtools.sync.scan import CHUNK_SIZE
@@ -447,27 +451,36 @@ def sync_remote(
             t_connect = time.monotonic()
             peer = Peer.start(host, rsh, remote_python, timeout)
             early: tuple[list[Changes], Generator[Changes, None, None]] | None = None
+            ahead: list[Hashed] = []
             try:
                 ch = peer.channel
                 ch.send_json(HELLO, hello("receiver", path_d, sess, opts, source_of(img)))
-                early = (
-                    _scan_while_connecting(img, sess, st.old, ch, keep_cache, stop) if st and st.old else None
-                )
+                waiting = lambda: ch.readable() or (stop is not None and stop.is_set())  # noqa: E731
+                if st is not None and st.old is not None:  # changes known without the far side
+                    early = _scan_while_connecting(img, sess, st.old, ch, keep_cache, stop)
+                else:  # our digests, at least
+                    ahead = hash_ahead(
+                        img, 0, sess.end, sess.block_size, sess.checksum, sess.key,
+                        stop_when=waiting, limit=EARLY_LIMIT, keep_cache=keep_cache,
+                    )  # fmt: skip
                 _, ready = ch.recv_json(READY)
                 res.seconds_connect = time.monotonic() - t_connect
                 sess.start = _resume_point(ready, sess, host)
                 stored = st.trusted(ready.get("state_ok") is True) if st is not None else None
-                changes = None
+                theirs: Theirs = stored or (lambda o, n: _recv_digests(ch, o, n, sess.block_size))
+                changes: Iterable[Changes] | None = None
                 if early is not None and stored is not None and sess.start == 0:
                     changes = itertools.chain(*early)
                 elif early is not None and st is not None and st.old is not None:  # a replica changed since,
                     early[1].close()  # or a resumed run: the early scan is of no use
                     st.old.rewind()
+                elif ahead and sess.start == 0:
+                    changes = _changes_after(img, sess, ahead, theirs, keep_cache)
                 pre = (
                     st.prepass(img, sess.start, sess.block_size, keep_cache, stored is not None) if st else 0
                 )
                 fig = run_sender(
-                    img, sess, stored or (lambda o, n: _recv_digests(ch, o, n, sess.block_size)), ChannelSink(ch),
+                    img, sess, theirs, ChannelSink(ch),
                     progress=progress, stop=stop, keep_cache=keep_cache, dry_run=bool(options.get("dry_run")),
                     record=st.writer.add if st else None, changes=changes,
                 )  # fmt: skip
@@ -540,7 +553,7 @@ def sync_remote(
     res.bytes_sent, res.bytes_received = ch.counters.sent, ch.counters.received
 
 
-EARLY_LIMIT = 128 << 20  # changed bytes found and held while the far side starts
+EARLY_LIMIT = 128 << 20  # bytes (changed bytes, or digests) found and held while the far side starts
 
 
 def _scan_while_connecting(
@@ -564,6 +577,19 @@ def _scan_while_connecting(
         found.append(c.detach())
         held += sum(n for _, n, payload in c.ranges if payload is not None)
     return found, stream
+
+
+def _changes_after(
+    img: Image, sess: Session, ahead: list[Hashed], theirs: Theirs, keep_cache: bool
+) -> Iterator[Changes]:
+    """The chunks hashed while connecting (their changed blocks read again), then the rest as usual."""
+    out = memoryview(bytearray(CHUNK_SIZE))
+    for h in ahead:
+        yield changes_of(img, h, theirs(h.offset, h.length), sess.block_size, out, keep_cache)
+    start = ahead[-1].offset + ahead[-1].length
+    yield from change_stream(
+        img, start, sess.end, sess.block_size, sess.checksum, sess.key, theirs, keep_cache=keep_cache
+    )
 
 
 def _int(obj: dict[str, Any], key: str) -> int:

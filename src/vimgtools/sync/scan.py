@@ -178,10 +178,19 @@ def block_segments(
     return [(lo, hi - lo) for lo, hi in merged]
 
 
-def read_piece(img: Image, view: memoryview, offset: int, keep_cache: bool) -> int:
-    """Read ``view`` from ``offset``; pages this read brought in are given back unless ``keep_cache``."""
+class NotCached(Exception):
+    """A read that was to come from the page cache alone would have gone to the disk."""
+
+
+def read_piece(img: Image, view: memoryview, offset: int, keep_cache: bool, cached_only: bool = False) -> int:
+    """Read ``view`` from ``offset``; pages this read brought in are given back unless ``keep_cache``.
+
+    With ``cached_only``, raises NotCached (after reading) if any of it was not in the page cache.
+    """
     got, cached = img.read_into(view, offset)
     if not cached and not keep_cache:
         # We brought these pages in; give them back so a nightly run does not evict the host's cache.
         img.drop_cache(offset, len(view))
+    if cached_only and not cached:
+        raise NotCached
     return got

@@ -120,13 +120,37 @@ class Channel:
             if self._pos:  # drop what was consumed, once per read rather than once per frame
                 del self._buf[: self._pos]
                 self._pos = 0
-            ready, _, _ = select.select([self.rfd], [], [], self.timeout)
-            if not ready:
-                raise TransportError(f"{self.peer}: no data for {self.timeout:.0f} s; giving up")
+            self._wait_readable()
             chunk = os.read(self.rfd, max(want - len(self._buf), 1 << 20))
             if not chunk:
                 raise TransportError(f"{self.peer}: connection closed in the middle of the conversation")
             self._buf += chunk
+
+    def _take(self, total: int) -> bytearray:
+        """The next ``total`` bytes, as a buffer of their own (a big frame is read straight into it)."""
+        have = len(self._buf) - self._pos
+        if have >= total or total < (1 << 20):
+            self._fill(total)
+            frame = self._buf[self._pos : self._pos + total]
+            self._pos += total
+            return frame
+        frame = bytearray(total)
+        frame[:have] = memoryview(self._buf)[self._pos :]
+        del self._buf[:]
+        self._pos = 0
+        view = memoryview(frame)[have:]
+        while view:
+            self._wait_readable()
+            n = os.readv(self.rfd, [view])
+            if not n:
+                raise TransportError(f"{self.peer}: connection closed in the middle of the conversation")
+            view = view[n:]
+        return frame
+
+    def _wait_readable(self) -> None:
+        ready, _, _ = select.select([self.rfd], [], [], self.timeout)
+        if not ready:
+            raise TransportError(f"{self.peer}: no data for {self.timeout:.0f} s; giving up")
 
     def recv(self, *expected: int) -> tuple[int, memoryview]:
         """The next frame, checked; ``expected`` limits which types are acceptable here."""
@@ -137,11 +161,9 @@ class Channel:
         if length > MAX_PAYLOAD:
             raise TransportError(f"{self.peer}: refused a frame of {length} bytes (limit {MAX_PAYLOAD})")
         total = FRAME.size + length + _SUM.size
-        self._fill(total)
-        frame = bytes(memoryview(self._buf)[self._pos : self._pos + total])
-        self._pos += total
+        frame = self._take(total)
         (stored,) = _SUM.unpack_from(frame, FRAME.size + length)
-        if checksum64(frame[: FRAME.size + length]) != stored:
+        if checksum64(memoryview(frame)[: FRAME.size + length]) != stored:
             raise TransportError(f"{self.peer}: frame checksum mismatch (corrupted stream)")
         self.counters.received += total
         payload = memoryview(frame)[FRAME.size : FRAME.size + length]
