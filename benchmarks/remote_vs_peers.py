@@ -63,6 +63,12 @@ def main() -> None:
     with loopback_sshd(args.dir / "sshd") as rsh:
         host = f"127.0.0.1:{dst}"
         gcm = f"{rsh} -c aes128-gcm@openssh.com"  # the cipher a user can pick (-e); ssh's default is chacha20
+        # A shared connection (ssh -M), as for a night of syncs to one host: no handshake per run.
+        sock = args.dir / "sshd" / "control.sock"
+        sock.unlink(missing_ok=True)
+        subprocess.run([*rsh.split(), "-M", "-S", str(sock), "-o", "ControlPersist=600", "-N", "-f", "127.0.0.1"],
+                       check=True)  # fmt: skip
+        shared = f"{rsh} -S {sock}"
         tools = {
             "cat SRC DST (local reference)": lambda: ["cat", str(src), str(old)],
             "ssh HOST true (connecting alone)": lambda: [*rsh.split(), "127.0.0.1", "true"],
@@ -75,6 +81,9 @@ def main() -> None:
             "vimgtools.sync push --state, aes128-gcm": lambda: [PY, "-m", "vimgtools.sync", "--json", "-q", "-e",
                                                              gcm, "--remote-python", PY, "--state", str(state),
                                                              str(src), host],
+            "vimgtools.sync push --state, shared connection": lambda: [PY, "-m", "vimgtools.sync", "--json", "-q",
+                                                                    "-e", shared, "--remote-python", PY, "--state",
+                                                                    str(state), str(src), host],
             "rsync --inplace --no-whole-file over ssh": lambda: ["rsync", "--inplace", "--no-whole-file",
                                                                   "-B", "65536", "--stats", "-e", rsh,
                                                                   str(src), host],
@@ -104,6 +113,7 @@ def main() -> None:
             rows.append({"tool": name, "median_s": statistics.median(times), "wire": wire, "sig": sig,
                          "connect": connect})  # fmt: skip
             print(f"  {name:42} {statistics.median(times):7.3f} s  wire {wire / MiB:8.1f} MiB", flush=True)
+        subprocess.run([*rsh.split(), "-S", str(sock), "-O", "exit", "127.0.0.1"], capture_output=True)
     ref = rows[0]["median_s"]
     print(f"\nchanged 4 KiB pages: {changed / MiB:.1f} MiB\n")
     print("| tool | median s | x cat (local) | of which connecting (s) | bytes on the wire | wire / (changed + 1.1 x digests) |")  # fmt: skip
