@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -88,3 +90,24 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devi
 FAKE_RSH = f"{sys.executable} {Path(__file__).with_name('fake_rsh.py')}"
 # The far side runs this venv's Python (it has vimgtools); `sh -c` execs it after `exec`.
 REMOTE = ("--rsh", FAKE_RSH, "--remote-python", sys.executable)
+
+
+def kill_far_side_mid_push(*args: str | Path, journal: Path, pidfile: Path) -> bytes:
+    """Run a push through the fake rsh, kill -9 the whole far side once the journal passed 20 MiB.
+
+    Returns the client's stderr; the client must have failed with exit 1.
+    """
+    env = dict(os.environ, FAKE_RSH_PIDFILE=str(pidfile))
+    client = subprocess.Popen(
+        [sys.executable, "-m", "vimgtools.sync", *REMOTE, *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not (journal.exists() and journal.stat().st_size > 20 * MiB) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1, err
+    return err

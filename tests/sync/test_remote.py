@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from synchelp import REMOTE, MiB, allocated, cli, cli_json, data_extents, digest, poke, write_image
+from synchelp import (
+    REMOTE,
+    MiB,
+    allocated,
+    cli,
+    cli_json,
+    data_extents,
+    digest,
+    kill_far_side_mid_push,
+    poke,
+    write_image,
+)
 
 from vimgtools.sync.journal import read_journal
 from vimgtools.sync.remote import split_remote
@@ -148,19 +158,7 @@ def test_far_side_killed_mid_stream(tmp_path: Path) -> None:
     journal = tmp_path / "dst.img.vimg-journal"
     for _ in range(3):
         dst.write_bytes(old.read_bytes())
-        env = dict(os.environ, FAKE_RSH_PIDFILE=str(pidfile))
-        client = subprocess.Popen(
-            [sys.executable, "-m", "vimgtools.sync", *REMOTE, str(src), f"h:{dst}"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while not (journal.exists() and journal.stat().st_size > 20 * MiB) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.killpg(int(pidfile.read_text()), signal.SIGKILL)  # the whole far side
-        _, err = client.communicate(timeout=60)
-        assert client.returncode == 1, err
+        err = kill_far_side_mid_push(src, f"h:{dst}", journal=journal, pidfile=pidfile)
         assert b"h: connection closed" in err
         assert journal.exists() and not read_journal(journal).committed
         assert digest(dst) == old_sum

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from synchelp import REMOTE, MiB, cli, cli_json, digest, poke, write_image
+from synchelp import REMOTE, MiB, cli, cli_json, digest, kill_far_side_mid_push, poke, write_image
 
 SIZE = 32 * MiB
 
@@ -114,19 +110,7 @@ def test_remote_push_with_state_resumes(tmp_path: Path) -> None:
     cli_json("--state", state, src, dst)
     old_sum = digest(dst)
     src.write_bytes(os.urandom(size))  # same inode, all new
-    env = dict(os.environ, FAKE_RSH_PIDFILE=str(pidfile))
-    client = subprocess.Popen(
-        [sys.executable, "-m", "vimgtools.sync", *REMOTE, "--state", str(state), str(src), f"h:{dst}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 60
-    while not (journal.exists() and journal.stat().st_size > 20 * MiB) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    os.killpg(int(pidfile.read_text()), signal.SIGKILL)
-    _, err = client.communicate(timeout=60)
-    assert client.returncode == 1, err
+    kill_far_side_mid_push("--state", state, src, f"h:{dst}", journal=journal, pidfile=pidfile)
     assert digest(dst) == old_sum
     r = cli_json(*REMOTE, "--state", state, src, f"h:{dst}")
     assert r["resumed_from"] > 0 and r["state"] == "trusted"
