@@ -114,23 +114,6 @@ class Image:
         return self.size
 
     # -- allocation -----------------------------------------------------
-    def is_hole(self, offset: int, length: int) -> bool:
-        """True when [offset, offset+length) holds no data (a hole, or past the end)."""
-        if offset >= self.size:
-            return True
-        if not self._seek_data_ok:
-            return False
-        try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data at or after offset
-                return True
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                self._seek_data_ok = False
-                return False
-            raise ImageError(f"{self.path}: SEEK_DATA at {offset}: {describe_os_error(e)}") from e
-        return data >= offset + length
-
     def next_data(self, offset: int) -> int:
         """The first offset at or after ``offset`` that may hold data (the size when none does)."""
         if offset >= self.size:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from synchelp import MiB, cli, digest, needs_root, poke, write_image
+from synchelp import REMOTE, MiB, cli, digest, needs_root, poke, write_image
 
 from vimgtools.errors import ImageError
 from vimgtools.sync import sync
@@ -68,7 +68,7 @@ once = "off"
 
 
 @contextlib.contextmanager
-def failing_disk(backing: Path, mountpoint: Path) -> Iterator[Path]:
+def failing_disk(backing: Path, mountpoint: Path, writable: bool = False) -> Iterator[Path]:
     """``backing`` exported through FUSE by qemu-storage-daemon, reads near 1 MiB failing with EIO
     (QEMU's blkdebug driver), as a dying disk would."""
     assert shutil.which("qemu-storage-daemon"), "qemu-storage-daemon missing (make installs qemu-system-x86)"
@@ -83,7 +83,7 @@ def failing_disk(backing: Path, mountpoint: Path) -> Iterator[Path]:
             "--blockdev", f"driver=file,filename={backing},node-name=f0",
             "--blockdev", f"driver=blkdebug,image=f0,config={conf},node-name=dbg",
             "--blockdev", "driver=raw,file=dbg,node-name=r0",
-            "--export", f"type=fuse,id=e0,node-name=r0,mountpoint={mountpoint},writable=off",
+            "--export", f"type=fuse,id=e0,node-name=r0,mountpoint={mountpoint},writable={'on' if writable else 'off'}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -114,6 +114,20 @@ def test_read_error_on_source(tmp_path: Path) -> None:
     assert str(src) in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert digest(dst) == before
     assert not (tmp_path / "dst.img.vimg-journal").exists()
+
+
+@needs_root
+def test_read_error_on_a_remote_replica(tmp_path: Path) -> None:
+    """The receiver cannot read DST for its digests: it tells the sender, both stop, DST as it was."""
+    src = write_image(tmp_path / "src.img", 4 * MiB, [(0, 4 * MiB)], seed=6)
+    backing = write_image(tmp_path / "backing.img", 4 * MiB, [(0, 4 * MiB)], seed=7)
+    before = digest(backing)
+    with failing_disk(backing, tmp_path / "dying.img", writable=True) as dst:
+        p = cli(*REMOTE, "--timeout", "60", src, f"h:{dst}", check=1, timeout=50)  # not the timeout
+    assert "Input/output error" in p.stderr and str(dst) in p.stderr
+    assert p.stderr.startswith("vimgtools.sync: error: h: ") and len(p.stderr.strip().splitlines()) == 1
+    assert digest(backing) == before
+    assert not (tmp_path / "dying.img.vimg-journal").exists()
 
 
 def test_dst_vanishing_mid_sync(tmp_path: Path) -> None:

@@ -176,20 +176,34 @@ def chunk_changes(
     for p, view, n in _pieces(img, offset, length, bs, keep_cache, None):
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
         read, hole = read + n, False
-        for c in _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1]).tolist():
-            lo, hi = c * bs, min((c + 1) * bs, len(view))
+        found = _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1])
+        for c0, c1, _ in changed_runs(found, np.zeros(len(found), dtype=np.bool_)):
+            lo, hi = c0 * bs, min(c1 * bs, len(view))
             out[p + lo : p + hi] = view[lo:hi]
     if hole and theirs is None:  # a hole on both sides
         return Changes(offset, length, mine, [], 0, 0, 0)
     changed = np.flatnonzero((mine != other).any(axis=1)).astype(np.int64)
+    return _changes(offset, length, bs, mine, changed, zero, read, lambda lo, hi: out[lo:hi])
+
+
+def _changes(
+    offset: int,
+    length: int,
+    bs: int,
+    digests: npt.NDArray[np.uint64],
+    changed: npt.NDArray[np.int64],
+    zero: npt.NDArray[np.bool_],
+    read: int,
+    payload: Callable[[int, int], memoryview],
+) -> Changes:
+    """``Changes`` of a chunk from its changed blocks; ``payload(lo, hi)`` gives the bytes of a data run."""
     ranges: list[tuple[int, int, memoryview | None]] = []
-    nchanged = nzero = 0
+    nzero = 0
     for b0, b1, is_zero in changed_runs(changed, zero[changed]):
         lo, hi = b0 * bs, min(b1 * bs, length)
-        ranges.append((offset + lo, hi - lo, None if is_zero else out[lo:hi]))
-        nchanged += b1 - b0
+        ranges.append((offset + lo, hi - lo, None if is_zero else payload(lo, hi)))
         nzero += (b1 - b0) if is_zero else 0
-    return Changes(offset, length, mine, ranges, nchanged, nzero, read)
+    return Changes(offset, length, digests, ranges, len(changed), nzero, read)
 
 
 @dataclass
@@ -214,19 +228,15 @@ def changes_of(
         changed = np.flatnonzero(~zero).astype(np.int64)
     else:
         changed = np.flatnonzero((h.digests != theirs).any(axis=1)).astype(np.int64)
-    ranges: list[tuple[int, int, memoryview | None]] = []
-    nchanged = nzero = 0
-    read = h.read
-    for b0, b1, is_zero in changed_runs(changed, zero[changed]):
-        lo, hi = b0 * bs, min(b1 * bs, h.length)
-        payload = None
-        if not is_zero:
-            payload = out[lo:hi]
-            read += read_piece(img, payload, h.offset + lo, keep_cache)
-        ranges.append((h.offset + lo, hi - lo, payload))
-        nchanged += b1 - b0
-        nzero += (b1 - b0) if is_zero else 0
-    return Changes(h.offset, h.length, h.digests, ranges, nchanged, nzero, read)
+    again = [0]
+
+    def read_again(lo: int, hi: int) -> memoryview:
+        again[0] += read_piece(img, out[lo:hi], h.offset + lo, keep_cache)
+        return out[lo:hi]
+
+    c = _changes(h.offset, h.length, bs, h.digests, changed, zero, h.read, read_again)
+    c.read += again[0]
+    return c
 
 
 def hash_ahead(

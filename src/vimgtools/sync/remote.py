@@ -455,9 +455,12 @@ def sync_remote(
             try:
                 ch = peer.channel
                 ch.send_json(HELLO, hello("receiver", path_d, sess, opts, source_of(img)))
-                waiting = lambda: ch.readable() or (stop is not None and stop.is_set())  # noqa: E731
+
+                def waiting() -> bool:  # for the far side's first answer
+                    return ch.readable() or (stop is not None and stop.is_set())
+
                 if st is not None and st.old is not None:  # changes known without the far side
-                    early = _scan_while_connecting(img, sess, st.old, ch, keep_cache, stop)
+                    early = _scan_while_connecting(img, sess, st.old, waiting, keep_cache)
                 else:  # our digests, at least
                     ahead = hash_ahead(
                         img, 0, sess.end, sess.block_size, sess.checksum, sess.key,
@@ -557,7 +560,7 @@ EARLY_LIMIT = 128 << 20  # bytes (changed bytes, or digests) found and held whil
 
 
 def _scan_while_connecting(
-    img: Image, sess: Session, stored: Signature, ch: Channel, keep_cache: bool, stop: threading.Event | None
+    img: Image, sess: Session, stored: Signature, stop_when: Callable[[], bool], keep_cache: bool
 ) -> tuple[list[Changes], Generator[Changes, None, None]]:
     """With a state file SRC's changes are known without the far side: find them while ssh connects.
 
@@ -570,7 +573,7 @@ def _scan_while_connecting(
     )
     found: list[Changes] = []
     held = 0
-    while held < EARLY_LIMIT and not ch.readable() and not (stop is not None and stop.is_set()):
+    while held < EARLY_LIMIT and not stop_when():
         c = next(stream, None)
         if c is None:
             break
