@@ -14,21 +14,43 @@ VimgError               base; catch this to catch everything            exit 1
 Library code raises these; the CLIs print ``prog: error: <message>`` and exit
 with the class's ``exit_code`` (DESIGN.md: 2 = refused before any change,
 1 = failed with the target as it was or recoverable as documented).
+
+Every class has a ``result`` attribute, None unless the call that gave up set it
+to what it had decided and done so far (a ``Report``: rekernel's ``Result``), so
+that ``--json`` still prints one object on failure.
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Report(Protocol):
+    """What a library call decided and did, as the ``--json`` object."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class VimgError(Exception):
     """Base of every error vimgtools raises on purpose."""
 
     exit_code = 1
+    #: What the failed call had decided and done (set once, where the call gives up); None: nothing.
+    result: Report | None = None
 
 
 class InvalidInput(VimgError, ValueError):
-    """The caller's fault: a bad path, block size or option. Nothing was changed."""
+    """The caller's fault: a bad path, block size or option. Nothing was changed.
+
+    ``option`` names the library option at fault (``block_size``), if one is; the message
+    then reads ``block_size: <reason>`` and a CLI words it as its flag (``--block-size``).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(f"{option}: {message}" if option else message)
+        self.option, self.reason = option, message
 
 
 class ImageError(VimgError):

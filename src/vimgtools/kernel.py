@@ -1,4 +1,7 @@
-"""Kernel(version, image, modules_dir, arch, ...): find and validate a kernel in a --from BOOTDIR.
+"""Kernel(version, image, modules_dir, arch, ...): find, validate and read a kernel in a --from BOOTDIR.
+
+``find_kernel`` reads everything the planner needs from BOOTDIR (sizes, module names, the config)
+once, so that planning is a pure function; ``list_initramfs`` lists an initramfs on the host.
 
 The version and the architecture come from the kernel image itself, not from file names, which
 can lie. References: the Linux x86 boot protocol (Documentation/arch/x86/boot.rst): the setup
@@ -10,8 +13,10 @@ pointer to a NUL-terminated string, 0x200 bytes further on) and ``xloadflags`` a
 from __future__ import annotations
 
 import re
+import shutil
 import struct
-from dataclasses import dataclass, field
+import subprocess
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vimgtools.errors import KernelError
@@ -95,6 +100,11 @@ class Kernel:
     config: Path | None = None
     system_map: Path | None = None
     options: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # Read from the host once, by find_kernel, so that the planner decides without I/O:
+    files_bytes: int = 0  # the image, config, System.map and initramfs together
+    modules_bytes: int = 0  # regular files of the module tree (symlinks not followed)
+    module_names: frozenset[str] = frozenset()  # the tree's modules, "-" as "_"
+    builtin_names: frozenset[str] = frozenset()  # what modules.builtin lists, "-" as "_"
 
     def files(self) -> list[tuple[Path, str]]:
         """(host file, name in the guest's /boot) for the image, config, System.map, initramfs."""
@@ -108,40 +118,49 @@ class Kernel:
             out.append((self.initramfs, f"initrd.img-{v}"))
         return out
 
-    def modules_size(self) -> int:
-        """Bytes of the modules tree (regular files; symlinks are not followed)."""
-        return sum(
-            p.lstat().st_size for p in self.modules_dir.rglob("*") if p.is_file() and not p.is_symlink()
-        )
-
-    def module_path(self, name: str) -> str | None:
-        """``kernel/drivers/block/virtio_blk.ko`` for ``virtio_blk`` if the tree has it as a module."""
-        want = {name.replace("-", "_")}
-        for p in self.modules_dir.rglob("*.ko*"):
-            stem = p.name.split(".ko")[0].replace("-", "_")
-            if stem in want:
-                return str(p.relative_to(self.modules_dir))
-        return None
-
-    def builtin(self, name: str) -> bool:
-        """Whether ``modules.builtin`` lists ``name`` (the kernel has it compiled in)."""
-        f = self.modules_dir / "modules.builtin"
-        if not f.is_file():
-            return False
-        n = name.replace("-", "_")
-        return any(
-            Path(line.strip()).name.split(".ko")[0].replace("-", "_") == n
-            for line in f.read_text().splitlines()
-        )
-
     def driver_state(self, symbol: str, module: str) -> str:
         """``"builtin"``, ``"module"`` or ``"missing"`` for a driver, by .config and then by the tree."""
         value = self.options.get(symbol)
-        if value == "y" or (value is None and self.builtin(module)):
+        name = module.replace("-", "_")
+        if value == "y" or (value is None and name in self.builtin_names):
             return "builtin"
-        if self.module_path(module):
+        if name in self.module_names:
             return "module"
         return "missing"
+
+
+def list_initramfs(path: Path) -> list[str]:
+    """Files in an initramfs, listed on the host with ``lsinitramfs`` (libguestfs 1.48 cannot read zstd)."""
+    exe = shutil.which("lsinitramfs")
+    if exe is None:
+        raise KernelError("lsinitramfs is missing on this host (Debian/Ubuntu: initramfs-tools-core)")
+    try:
+        out = subprocess.run([exe, str(path)], check=True, capture_output=True, text=True, timeout=300)
+    except subprocess.CalledProcessError as e:
+        raise KernelError(f"{path}: cannot list the initramfs: {e.stderr.strip()[-500:]}") from e
+    return out.stdout.splitlines()
+
+
+def initramfs_has(files: list[str], module: str) -> bool:
+    """Whether an initramfs's file list (``list_initramfs``) carries ``module``'s ``.ko``."""
+    names = {module.replace("-", "_"), module.replace("_", "-")}
+    for f in files:
+        base = f.rsplit("/", 1)[-1]
+        if ".ko" in base and base.split(".ko")[0] in names:
+            return True
+    return False
+
+
+def _module_tree(mods: Path) -> tuple[int, frozenset[str], frozenset[str]]:
+    """(bytes of regular files, module names, names in modules.builtin) of a module tree; ``-`` as ``_``."""
+    size = sum(p.lstat().st_size for p in mods.rglob("*") if p.is_file() and not p.is_symlink())
+    names = frozenset(p.name.split(".ko")[0].replace("-", "_") for p in mods.rglob("*.ko*"))
+    builtin_file = mods / "modules.builtin"
+    builtin = frozenset(
+        Path(line.strip()).name.split(".ko")[0].replace("-", "_")
+        for line in (builtin_file.read_text().splitlines() if builtin_file.is_file() else [])
+    )
+    return size, names, builtin
 
 
 def _first(d: Path, patterns: tuple[str, ...], version: str) -> Path | None:
@@ -211,7 +230,8 @@ def find_kernel(bootdir: Path, *, version: str | None = None) -> Kernel:
     if not (mods / "kernel").is_dir() and not any(mods.rglob("*.ko*")):
         raise KernelError(f"{mods}: holds no kernel modules")
     config = _first(bootdir, ("config-{v}", "config"), v)
-    return Kernel(
+    modules_bytes, module_names, builtin_names = _module_tree(mods)
+    kernel = Kernel(
         version=v,
         arch=hdr.arch,
         image=image,
@@ -221,4 +241,8 @@ def find_kernel(bootdir: Path, *, version: str | None = None) -> Kernel:
         config=config,
         system_map=_first(bootdir, ("System.map-{v}", "System.map"), v),
         options=parse_config(config.read_text(errors="replace")) if config else {},
+        modules_bytes=modules_bytes,
+        module_names=module_names,
+        builtin_names=builtin_names,
     )
+    return replace(kernel, files_bytes=sum(p.stat().st_size for p, _ in kernel.files()))

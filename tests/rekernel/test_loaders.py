@@ -26,7 +26,16 @@ from vimgtools.boot.grub2 import (
 from vimgtools.boot.grub_legacy import add_title, parse_menu
 from vimgtools.errors import BootloaderError, KernelError
 from vimgtools.guest.facts import GuestFacts
-from vimgtools.guest.steps import InstallModules, Move, RemoveDir, Run, SetDefault, Symlink, Upload, Write
+from vimgtools.guest.steps import (
+    InstallModules,
+    Move,
+    RemoveDir,
+    RunCommand,
+    SetDefault,
+    Symlink,
+    Upload,
+    Write,
+)
 from vimgtools.kernel import find_kernel, parse_config, read_bzimage_header
 from vimgtools.rekernel.plan import BOOT_MODULES_UNIT_NAME, Options, Plan, plan_rekernel
 
@@ -232,12 +241,10 @@ def facts(**kw: object) -> GuestFacts:
         "boot_separate": False,
         "lib_is_link": True,
         "modules_path": "/usr/lib/modules",
-        "modules_link": None,
         "modules_on_boot": False,
         "module_versions": {OLD: 400 << 20},
         "boot_kernels": [OLD],
         "boot_free": 2 << 30,
-        "boot_total": 3 << 30,
         "boot_sector": b"\xeb\x63\x90" + b"GRUB " + bytes(502) + b"\x55\xaa",
         "files": {
             "/etc/default/grub": (DATA / "default-grub").read_text(),
@@ -309,7 +316,7 @@ def test_plan_usrmerge_moves_and_links(bootdir: Path) -> None:
     assert steps.index(Move(f"/usr/lib/modules/{OLD}", f"/boot/modules/{OLD}")) < i_rm < i_ln
     assert InstallModules(str(bootdir / "modules" / NEW), f"/boot/modules/{NEW}", NEW) in steps
     assert Upload(str(bootdir / f"initrd.img-{NEW}"), f"/boot/initrd.img-{NEW}") in steps
-    assert Run(("/usr/sbin/update-grub",), "regenerate grub.cfg with the guest's own tool") in steps
+    assert RunCommand(("/usr/sbin/update-grub",), "regenerate grub.cfg with the guest's own tool") in steps
     assert steps.index(SetDefault("grub2", NEW)) > i_ln
     edit = next(s for s in steps if isinstance(s, Write) and s.path == "/etc/default/grub")
     assert "+GRUB_DEFAULT=saved" in edit.diff()
@@ -317,7 +324,7 @@ def test_plan_usrmerge_moves_and_links(bootdir: Path) -> None:
 
 
 def test_plan_convention_already_followed(bootdir: Path) -> None:
-    f = facts(modules_on_boot=True, modules_path="/boot/modules", modules_link="/boot/modules")
+    f = facts(modules_on_boot=True, modules_path="/boot/modules")
     steps = list(plan(f, bootdir).steps)
     assert not any(isinstance(s, (Move, RemoveDir, Symlink)) for s in steps)
     assert InstallModules(str(bootdir / "modules" / NEW), f"/boot/modules/{NEW}", NEW) in steps
@@ -361,7 +368,7 @@ def test_plan_regenerate(bootdir: Path) -> None:
     p = plan(facts(), bootdir)
     assert p.initramfs == "regenerate:update-initramfs"
     why = "make the initramfs with the guest's own tool"
-    assert Run(("/usr/sbin/update-initramfs", "-c", "-k", NEW), why) in p.steps
+    assert RunCommand(("/usr/sbin/update-initramfs", "-c", "-k", NEW), why) in p.steps
     assert not any(isinstance(s, Upload) and "initrd" in s.dst for s in p.steps)
     os.unlink(bootdir / f"config-{NEW}")
     p = plan(facts(), bootdir)

@@ -9,7 +9,7 @@ from vimgtools.errors import BootloaderError
 
 if TYPE_CHECKING:
     from vimgtools.guest.facts import GuestFacts
-    from vimgtools.guest.session import GuestImage
+    from vimgtools.guest.protocol import Guest
     from vimgtools.guest.steps import Step
 
 
@@ -30,19 +30,11 @@ def guest_path(facts: GuestFacts, loader_path: str) -> str:
     return loader_path
 
 
-def loader_path(facts: GuestFacts, path: str) -> str:
-    """/boot/vmlinuz-VER -> the path the loader must use (/vmlinuz-VER when /boot is separate)."""
-    if facts.boot_separate and path.startswith("/boot/"):
-        return path[len("/boot") :]
-    return path
-
-
 class Bootloader:
     """One bootloader family. Subclasses implement the class methods and the three methods."""
 
     name: ClassVar[str] = "?"
     boot_code: ClassVar[str | None] = None  # what GuestFacts.boot_code says when it is installed
-    arch: ClassVar[str | None] = None  # host arch needed to run its restamp tool, None: any
 
     @classmethod
     def detect(cls, facts: GuestFacts) -> bool:
@@ -55,15 +47,15 @@ class Bootloader:
         """Steps that add an entry for ``version``, keep the others, and make it the default."""
         raise NotImplementedError
 
-    def set_default(self, gi: GuestImage, facts: GuestFacts, version: str) -> None:
+    def set_default(self, gi: Guest, facts: GuestFacts, version: str) -> None:
         """Make the entry booting ``version`` the default (after the config has been regenerated)."""
         raise NotImplementedError
 
-    def default_entry(self, gi: GuestImage, facts: GuestFacts) -> BootEntry:
+    def default_entry(self, gi: Guest, facts: GuestFacts) -> BootEntry:
         """The entry the loader boots by default, read from the disk."""
         raise NotImplementedError
 
-    def entries(self, gi: GuestImage, facts: GuestFacts) -> list[BootEntry]:
+    def entries(self, gi: Guest, facts: GuestFacts) -> list[BootEntry]:
         raise NotImplementedError
 
     def _no_entry(self, version: str, where: str) -> BootloaderError:

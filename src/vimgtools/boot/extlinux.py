@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from vimgtools.boot.base import BootEntry, Bootloader, guest_path, loader_path
+from vimgtools.boot.base import BootEntry, Bootloader, guest_path
 from vimgtools.errors import BootloaderError
-from vimgtools.guest.steps import Run, Step, Write
+from vimgtools.guest.steps import RunCommand, Step, Write
 
 if TYPE_CHECKING:
     from vimgtools.guest.facts import GuestFacts
-    from vimgtools.guest.session import GuestImage
+    from vimgtools.guest.protocol import Guest
 
 CONF_PATHS = (
     "/boot/extlinux/extlinux.conf",
@@ -188,7 +188,7 @@ class Extlinux(Bootloader):
         assert tool is not None
         return [
             Write(conf, add_label(old, version, initrd=initrd), old),
-            Run((tool, "--install", posixpath.dirname(conf)), "reinstall the extlinux boot sector"),
+            RunCommand((tool, "--install", posixpath.dirname(conf)), "reinstall the extlinux boot sector"),
         ]
 
     def _resolve(self, facts: GuestFacts, conf: str, path: str) -> str:
@@ -196,7 +196,7 @@ class Extlinux(Bootloader):
             return guest_path(facts, path)
         return posixpath.normpath(posixpath.join(posixpath.dirname(conf), path))
 
-    def entries(self, gi: GuestImage, facts: GuestFacts) -> list[BootEntry]:
+    def entries(self, gi: Guest, facts: GuestFacts) -> list[BootEntry]:
         conf = self.conf_path(facts)
         _, labels = parse_labels(gi.text(conf) or "")
         return [
@@ -209,7 +209,7 @@ class Extlinux(Bootloader):
             for lab in labels
         ]
 
-    def set_default(self, gi: GuestImage, facts: GuestFacts, version: str) -> None:
+    def set_default(self, gi: Guest, facts: GuestFacts, version: str) -> None:
         conf = self.conf_path(facts)
         text = gi.text(conf) or ""
         for e in self.entries(gi, facts):
@@ -218,7 +218,7 @@ class Extlinux(Bootloader):
                 return
         raise self._no_entry(version, conf)
 
-    def default_entry(self, gi: GuestImage, facts: GuestFacts) -> BootEntry:
+    def default_entry(self, gi: Guest, facts: GuestFacts) -> BootEntry:
         conf = self.conf_path(facts)
         default, _ = parse_labels(gi.text(conf) or "")
         entries = self.entries(gi, facts)
@@ -230,4 +230,4 @@ class Extlinux(Bootloader):
         raise BootloaderError(f"{conf}: DEFAULT {default!r} names no LABEL")
 
 
-__all__ = ["Extlinux", "add_label", "loader_path", "parse_labels", "set_default_label"]
+__all__ = ["Extlinux", "add_label", "parse_labels", "set_default_label"]

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 from vimgtools.boot.base import BootEntry, Bootloader, guest_path
 from vimgtools.errors import BootloaderError
-from vimgtools.guest.steps import Run, SetDefault, Step, Write
+from vimgtools.guest.steps import RunCommand, SetDefault, Step, Write
 
 if TYPE_CHECKING:
     from vimgtools.guest.facts import GuestFacts
-    from vimgtools.guest.session import GuestImage
+    from vimgtools.guest.protocol import Guest
 
 GRUBENV_SIZE = 1024
 GRUBENV_HEADER = "# GRUB Environment Block\n"
@@ -248,15 +248,15 @@ class Grub2(Bootloader):
             steps.append(Write("/etc/default/grub", "GRUB_DEFAULT=saved\n", None))
         tool = facts.has_tool("update-grub")
         if tool and cfg == "/boot/grub/grub.cfg":
-            steps.append(Run((tool,), "regenerate grub.cfg with the guest's own tool"))
+            steps.append(RunCommand((tool,), "regenerate grub.cfg with the guest's own tool"))
         else:
             mk = facts.has_tool("grub-mkconfig", "grub2-mkconfig")
             assert mk is not None
-            steps.append(Run((mk, "-o", cfg), "regenerate grub.cfg with the guest's own tool"))
+            steps.append(RunCommand((mk, "-o", cfg), "regenerate grub.cfg with the guest's own tool"))
         steps.append(SetDefault(self.name, version))
         return steps
 
-    def entries(self, gi: GuestImage, facts: GuestFacts) -> list[BootEntry]:
+    def entries(self, gi: Guest, facts: GuestFacts) -> list[BootEntry]:
         cfg = gi.text(self.cfg_path(facts)) or ""
         return [
             BootEntry(
@@ -268,7 +268,7 @@ class Grub2(Bootloader):
             for e in parse_grub_cfg(cfg)
         ]
 
-    def set_default(self, gi: GuestImage, facts: GuestFacts, version: str) -> None:
+    def set_default(self, gi: Guest, facts: GuestFacts, version: str) -> None:
         cfg_file = self.cfg_path(facts)
         cfg = gi.text(cfg_file) or ""
         entry = entry_for(parse_grub_cfg(cfg), version)
@@ -283,7 +283,7 @@ class Grub2(Bootloader):
             env["saved_entry"] = entry.selector
             gi.write(envfile, make_grubenv(env))
 
-    def default_entry(self, gi: GuestImage, facts: GuestFacts) -> BootEntry:
+    def default_entry(self, gi: Guest, facts: GuestFacts) -> BootEntry:
         cfg_file = self.cfg_path(facts)
         cfg = gi.text(cfg_file) or ""
         env = parse_grubenv(gi.text(cfg_file.rsplit("/", 1)[0] + "/grubenv") or "")

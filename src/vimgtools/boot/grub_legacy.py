@@ -19,7 +19,7 @@ from vimgtools.guest.steps import Step, Write
 
 if TYPE_CHECKING:
     from vimgtools.guest.facts import GuestFacts
-    from vimgtools.guest.session import GuestImage
+    from vimgtools.guest.protocol import Guest
 
 CONF_PATHS = ("/boot/grub/menu.lst", "/boot/grub/grub.conf")
 
@@ -122,7 +122,7 @@ class GrubLegacy(Bootloader):
         old = facts.text(conf) or ""
         return [Write(conf, add_title(old, version, initrd=initrd), old)]
 
-    def entries(self, gi: GuestImage, facts: GuestFacts) -> list[BootEntry]:
+    def entries(self, gi: Guest, facts: GuestFacts) -> list[BootEntry]:
         _, titles = parse_menu(gi.text(self.conf_path(facts)) or "")
         return [
             BootEntry(
@@ -131,7 +131,7 @@ class GrubLegacy(Bootloader):
             for i, t in enumerate(titles)
         ]
 
-    def set_default(self, gi: GuestImage, facts: GuestFacts, version: str) -> None:
+    def set_default(self, gi: Guest, facts: GuestFacts, version: str) -> None:
         conf = self.conf_path(facts)
         text = gi.text(conf) or ""
         for e in self.entries(gi, facts):
@@ -141,7 +141,7 @@ class GrubLegacy(Bootloader):
                 return
         raise self._no_entry(version, conf)
 
-    def default_entry(self, gi: GuestImage, facts: GuestFacts) -> BootEntry:
+    def default_entry(self, gi: Guest, facts: GuestFacts) -> BootEntry:
         conf = self.conf_path(facts)
         default, _ = parse_menu(gi.text(conf) or "")
         entries = self.entries(gi, facts)

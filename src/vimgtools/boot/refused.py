@@ -38,7 +38,6 @@ class Zipl(Bootloader):
     """IBM Z loader. Refused: `zipl` must run on s390x against the guest's disk."""
 
     name = "zipl"
-    arch = "s390x"
 
     @classmethod
     def detect(cls, facts: GuestFacts) -> bool:

@@ -1,16 +1,20 @@
-"""GuestFacts: what rekernel needs to know about a guest, read once through a GuestImage, as plain data."""
+"""GuestFacts: what rekernel needs to know about a guest, read once through a Guest, as plain data.
+
+``collect_facts`` is the only reader; the planner and the loaders' ``steps`` decide from the facts alone.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vimgtools.errors import GuestError, InvalidInput
 
 if TYPE_CHECKING:
-    from vimgtools.guest.session import GuestImage
+    from vimgtools.guest.protocol import Guest
 
 log = logging.getLogger("vimgtools.guest")
 
@@ -68,12 +72,10 @@ class GuestFacts:
     boot_separate: bool
     lib_is_link: bool  # usrmerge: /lib -> usr/lib
     modules_path: str  # the real directory behind /lib/modules ("/usr/lib/modules")
-    modules_link: str | None  # where /lib/modules (or /usr/lib/modules) points if it is a symlink
     modules_on_boot: bool  # already follows the /boot/modules convention
     module_versions: dict[str, int]  # existing module trees: version -> bytes
     boot_kernels: list[str]  # versions of /boot/vmlinuz-*
     boot_free: int  # bytes free on the filesystem holding /boot
-    boot_total: int
     boot_sector: bytes
     files: dict[str, str] = field(default_factory=dict)
     tools: set[str] = field(default_factory=set)
@@ -123,7 +125,7 @@ class GuestFacts:
         }
 
 
-def choose_root(gi: GuestImage, wanted: str | None) -> str:
+def choose_root(gi: Guest, wanted: str | None) -> str:
     """The root to change: ``wanted``, or the only one. Snapper snapshots are never a target."""
     roots = gi.roots()
     if not roots:
@@ -141,8 +143,12 @@ def choose_root(gi: GuestImage, wanted: str | None) -> str:
     return real[0]
 
 
-def collect_facts(gi: GuestImage, root: str) -> GuestFacts:
-    """Read everything the plan needs; ``root`` must be mounted (GuestImage.mount_root)."""
+def collect_facts(gi: Guest, root: str, *, extra_files: Iterable[str] = ()) -> GuestFacts:
+    """Read everything the plan needs; ``root`` must be mounted (``Guest.mount_root``).
+
+    Args:
+        extra_files: more text files to read into ``files`` besides ``CONFIG_FILES`` (absent: left out).
+    """
     mps: dict[str, str] = gi.inspect_get_mountpoints(root)
     fs_types: dict[str, str] = {}
     for mp, dev in mps.items():
@@ -151,11 +157,6 @@ def collect_facts(gi: GuestImage, root: str) -> GuestFacts:
         except GuestError:
             fs_types[mp] = "unknown"
     lib_is_link = bool(gi.is_symlink("/lib"))
-    modules_link = None
-    for cand in ("/lib/modules", "/usr/lib/modules"):
-        if gi.exists(cand) and gi.is_symlink(cand):
-            modules_link = gi.readlink(cand)
-            break
     modules_path = gi.realpath("/lib/modules") if gi.exists("/lib/modules") else "/usr/lib/modules"
     boot_real = gi.realpath("/boot/modules") if gi.exists("/boot/modules") else "/boot/modules"
     modules_on_boot = modules_path == boot_real and gi.exists("/boot/modules")
@@ -170,7 +171,7 @@ def collect_facts(gi: GuestImage, root: str) -> GuestFacts:
     )
     st: dict[str, int] = gi.statvfs("/boot")
     files: dict[str, str] = {}
-    for f in CONFIG_FILES:
+    for f in (*CONFIG_FILES, *extra_files):
         t = gi.text(f)
         if t is not None:
             files[f] = t
@@ -193,12 +194,10 @@ def collect_facts(gi: GuestImage, root: str) -> GuestFacts:
         boot_separate="/boot" in mps,
         lib_is_link=lib_is_link,
         modules_path=modules_path,
-        modules_link=modules_link,
         modules_on_boot=modules_on_boot,
         module_versions=module_versions,
         boot_kernels=boot_kernels,
         boot_free=st["bavail"] * st["bsize"],
-        boot_total=st["blocks"] * st["bsize"],
         boot_sector=sector,
         files=files,
         tools=tools,

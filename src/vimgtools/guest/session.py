@@ -1,7 +1,9 @@
 """GuestImage: one libguestfs handle, one appliance launch, the OS inspection and the mounts.
 
 This is the only module that touches the guestfs bindings; libguestfs reports every failure as a
-bare ``RuntimeError``, which becomes a ``GuestError`` naming the call here, once.
+bare ``RuntimeError``, which becomes a ``GuestError`` naming the call here, once. GuestImage offers
+the calls of ``protocol.Guest`` (what rekernel uses; mypy checks it satisfies the protocol) and a
+few more for tests (``rm``); anything else is ``call(op, *args)``.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import os
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vimgtools.errors import GuestError
 from vimgtools.guest.bindings import load_guestfs
+
+if TYPE_CHECKING:
+    from vimgtools.guest.protocol import Guest
 
 log = logging.getLogger("vimgtools.guest")
 
@@ -61,17 +66,9 @@ class GuestImage:
             if (dt := time.monotonic() - t0) > 1.0:
                 log.debug("guestfs %s took %.1f s", op, dt)
 
-    def __getattr__(self, op: str) -> Any:
-        """Any other guestfs call, with the same error wrapping: ``gi.is_file("/boot/x")``."""
-        if op.startswith("_"):
-            raise AttributeError(op)
-        if not hasattr(self._g, op):
-            raise AttributeError(f"libguestfs has no call {op!r}")
-
-        def call(*args: Any, **kw: Any) -> Any:
-            return self._call(op, *args, **kw)
-
-        return call
+    def call(self, op: str, *args: Any, **kw: Any) -> Any:
+        """Any other guestfs call, with the same error wrapping: ``gi.call("lvs")``."""
+        return self._call(op, *args, **kw)
 
     def __enter__(self) -> GuestImage:
         return self
@@ -143,3 +140,86 @@ class GuestImage:
         out: str = self._call("command", list(argv))
         log.debug("took %.1f s; output: %s", time.monotonic() - t0, out[-2000:])
         return out
+
+    # -- the rest of protocol.Guest: thin typed calls ----------------------------------------------
+    def inspect_get_mountpoints(self, root: str) -> dict[str, str]:
+        out: dict[str, str] = self._call("inspect_get_mountpoints", root)
+        return out
+
+    def inspect_get_arch(self, root: str) -> str:
+        return str(self._call("inspect_get_arch", root))
+
+    def inspect_get_distro(self, root: str) -> str:
+        return str(self._call("inspect_get_distro", root))
+
+    def inspect_get_product_name(self, root: str) -> str:
+        return str(self._call("inspect_get_product_name", root))
+
+    def vfs_type(self, device: str) -> str:
+        return str(self._call("vfs_type", device))
+
+    def statvfs(self, path: str) -> dict[str, int]:
+        out: dict[str, int] = self._call("statvfs", path)
+        return out
+
+    def pread_device(self, device: str, count: int, offset: int) -> bytes:
+        return bytes(self._call("pread_device", device, count, offset))
+
+    def is_file(self, path: str) -> bool:
+        return bool(self._call("is_file", path))
+
+    def is_dir(self, path: str) -> bool:
+        return bool(self._call("is_dir", path))
+
+    def is_symlink(self, path: str) -> bool:
+        return bool(self._call("is_symlink", path))
+
+    def ls(self, directory: str) -> list[str]:
+        out: list[str] = self._call("ls", directory)
+        return out
+
+    def du(self, path: str) -> int:
+        return int(self._call("du", path))
+
+    def pread(self, path: str, count: int, offset: int) -> bytes:
+        return bytes(self._call("pread", path, count, offset))
+
+    def download(self, path: str, host_file: str) -> None:
+        self._call("download", path, host_file)
+
+    def mkdir_p(self, path: str) -> None:
+        self._call("mkdir_p", path)
+
+    def write(self, path: str, content: bytes | str) -> None:
+        self._call("write", path, content)
+
+    def chmod(self, mode: int, path: str) -> None:
+        self._call("chmod", mode, path)
+
+    def upload(self, host_file: str, path: str) -> None:
+        self._call("upload", host_file, path)
+
+    def tar_in(self, host_tarfile: str, directory: str) -> None:
+        self._call("tar_in", host_tarfile, directory)
+
+    def mv(self, src: str, dst: str) -> None:
+        self._call("mv", src, dst)
+
+    def rmdir(self, path: str) -> None:
+        self._call("rmdir", path)
+
+    def rm(self, path: str) -> None:
+        self._call("rm", path)
+
+    def rm_f(self, path: str) -> None:
+        self._call("rm_f", path)
+
+    def rm_rf(self, path: str) -> None:
+        self._call("rm_rf", path)
+
+    def ln_s(self, target: str, link: str) -> None:
+        self._call("ln_s", target, link)
+
+
+if TYPE_CHECKING:
+    _satisfies_the_protocol: type[Guest] = GuestImage

@@ -92,7 +92,7 @@ class Write:
 
 
 @dataclass(frozen=True)
-class Run:
+class RunCommand:
     """Run a command inside the guest (a chroot in the appliance)."""
 
     argv: tuple[str, ...]
@@ -113,4 +113,4 @@ class SetDefault:
         return f"{self.loader}: make {self.version} the default entry"
 
 
-Step = Mkdir | Upload | InstallModules | Move | RemoveDir | Symlink | Write | Run | SetDefault
+Step = Mkdir | Upload | InstallModules | Move | RemoveDir | Symlink | Write | RunCommand | SetDefault

@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(args)
     except VimgError as e:
         if args.json:  # one object on stdout even when it failed: what was decided, and why it stopped
-            partial = getattr(e, "result", None)
-            obj: dict[str, Any] = partial.to_dict() if partial is not None else {}
+            obj: dict[str, Any] = e.result.to_dict() if e.result is not None else {}
             obj.update(error=str(e), exit_code=e.exit_code, committed=False)
             _cli.print_json(obj)
         raise

@@ -1,4 +1,9 @@
-"""Run a Plan's steps on a GuestImage (one ``match`` loop), then verify by re-reading the disk."""
+"""Run a Plan's steps on a Guest (one ``match`` loop), then verify by re-reading the disk.
+
+The runner stops at the first step that fails and raises; what the steps did stays in the guest's
+work overlay, which the caller throws away (``rekernel.session``): that is the undo. ``done`` lists
+the steps that completed, also when a later one failed.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +16,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vimgtools.boot import Bootloader
+from vimgtools.boot import BootEntry, Bootloader
 from vimgtools.errors import GuestError, KernelError
 from vimgtools.guest.facts import GuestFacts
-from vimgtools.guest.session import GuestImage
+from vimgtools.guest.protocol import Guest
 from vimgtools.guest.steps import (
     InstallModules,
     Mkdir,
     Move,
     RemoveDir,
-    Run,
+    RunCommand,
     SetDefault,
     Step,
     Symlink,
     Upload,
     Write,
 )
-from vimgtools.kernel import read_bzimage_header
-from vimgtools.rekernel.plan import DISK_DRIVERS, FS_DRIVERS, MODULES_HOME, Options, Plan, initramfs_has
+from vimgtools.kernel import initramfs_has, list_initramfs, read_bzimage_header
+from vimgtools.rekernel.plan import MODULES_HOME, Plan, version_of
 
 log = logging.getLogger("vimgtools.rekernel")
-
-
-def list_initramfs(path: Path) -> list[str]:
-    """Files in an initramfs, listed on the host with ``lsinitramfs`` (libguestfs 1.48 cannot read zstd)."""
-    exe = shutil.which("lsinitramfs")
-    if exe is None:
-        raise KernelError("lsinitramfs is missing on this host (Debian/Ubuntu: initramfs-tools-core)")
-    try:
-        out = subprocess.run([exe, str(path)], check=True, capture_output=True, text=True, timeout=300)
-    except subprocess.CalledProcessError as e:
-        raise KernelError(f"{path}: cannot list the initramfs: {e.stderr.strip()[-500:]}") from e
-    return out.stdout.splitlines()
 
 
 def prepare_modules(src: Path, version: str, tmp: Path) -> Path:
@@ -65,7 +58,7 @@ def prepare_modules(src: Path, version: str, tmp: Path) -> Path:
     return tar
 
 
-def install_modules(gi: GuestImage, src: Path, dst: str, version: str) -> None:
+def install_modules(gi: Guest, src: Path, dst: str, version: str) -> None:
     """Copy a module tree into the guest (links stay links), with depmod run on the host first."""
     with tempfile.TemporaryDirectory(prefix="vimg-modules-") as tmp:
         tar = prepare_modules(src, version, Path(tmp))
@@ -75,7 +68,7 @@ def install_modules(gi: GuestImage, src: Path, dst: str, version: str) -> None:
         gi.tar_in(str(tar), dst)
 
 
-def run_step(gi: GuestImage, facts: GuestFacts, loader: Bootloader, step: Step) -> None:
+def run_step(gi: Guest, facts: GuestFacts, loader: Bootloader, step: Step) -> None:
     log.info("%s", step.describe())
     match step:
         case Mkdir(path):
@@ -100,7 +93,7 @@ def run_step(gi: GuestImage, facts: GuestFacts, loader: Bootloader, step: Step) 
         case Write(path, text, _old, mode):
             gi.write(path, text.encode())
             gi.chmod(mode, path)
-        case Run(argv, _why):
+        case RunCommand(argv, _why):
             gi.run(list(argv))
         case SetDefault(_name, version):
             loader.set_default(gi, facts, version)
@@ -109,18 +102,23 @@ def run_step(gi: GuestImage, facts: GuestFacts, loader: Bootloader, step: Step) 
 
 
 def apply_plan(
-    gi: GuestImage,
+    gi: Guest,
     facts: GuestFacts,
     loader: Bootloader,
     plan: Plan,
     progress: Callable[[int, int, str], None] | None = None,
+    *,
+    done: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every step; returns what was done with timings. Stops at the first failure (raises).
 
     Args:
         progress: called before each step with (index from 1, number of steps, description).
+        done: the list to append each completed step to (default: a new one), so that the caller
+            still has it when a later step fails.
     """
-    done: list[dict[str, Any]] = []
+    if done is None:
+        done = []
     for i, step in enumerate(plan.steps, 1):
         if progress is not None:
             progress(i, len(plan.steps), step.describe())
@@ -130,16 +128,18 @@ def apply_plan(
     return done
 
 
-def find_initramfs(gi: GuestImage, version: str) -> str | None:
+def find_initramfs(gi: Guest, version: str) -> str | None:
     for name in (f"initrd.img-{version}", f"initramfs-{version}.img", f"initrd-{version}"):
         if gi.is_file(f"/boot/{name}"):
             return f"/boot/{name}"
     return None
 
 
-def verify(
-    gi: GuestImage, facts: GuestFacts, loader: Bootloader, plan: Plan, options: Options
-) -> dict[str, Any]:
+def _entry_dict(entry: BootEntry) -> dict[str, Any]:
+    return {"title": entry.title, "kernel": entry.kernel, "initrd": entry.initrd}
+
+
+def verify(gi: Guest, facts: GuestFacts, loader: Bootloader, plan: Plan) -> dict[str, Any]:
     """Re-read the disk (unmount, drop caches, mount) and check that the guest will boot ``plan.version``.
 
     Raises:
@@ -178,7 +178,7 @@ def verify(
         raise GuestError(f"verify: the default entry's kernel {entry.kernel} does not exist")
     if entry.initrd and not gi.is_file(entry.initrd):
         raise GuestError(f"verify: the default entry's initramfs {entry.initrd} does not exist")
-    result["default_entry"] = {"title": entry.title, "kernel": entry.kernel, "initrd": entry.initrd}
+    result["default_entry"] = _entry_dict(entry)
     if plan.previous:
         kept = [e for e in loader.entries(gi, facts) if e.kernel.endswith(f"vmlinuz-{plan.previous}")]
         result["fallback_entry"] = kept[0].title if kept else None
@@ -190,16 +190,21 @@ def verify(
             local = Path(tmp) / "initrd"
             gi.download(initrd, str(local))
             files = list_initramfs(local)
-        missing = []
-        wanted = list(DISK_DRIVERS.get(options.target, ()))
-        fs = FS_DRIVERS.get(facts.fs_types.get("/", ""))
-        if fs:
-            wanted.append(fs)
-        for _symbol, module in wanted:
-            check = next((c for c in plan.checks if c.name == f"driver:{module}"), None)
-            if check and check.message.startswith("module") and not initramfs_has(files, module):
-                missing.append(module)
+        missing = [m for m in plan.initramfs_modules if not initramfs_has(files, m)]
         if missing:
             raise GuestError(f"verify: the regenerated initramfs {initrd} lacks {', '.join(missing)}")
         result["initramfs_files"] = len(files)
     return result
+
+
+def verify_rollback(gi: Guest, facts: GuestFacts, loader: Bootloader, plan: Plan) -> dict[str, Any]:
+    """Re-read the disk and check that the loader's default entry boots ``plan.version`` again.
+
+    Raises:
+        GuestError: the default entry boots another kernel.
+    """
+    gi.remount()
+    entry = loader.default_entry(gi, facts)
+    if version_of(entry.kernel) != plan.version:
+        raise GuestError(f"verify: the default entry boots {entry.kernel}, not vmlinuz-{plan.version}")
+    return {"default_entry": _entry_dict(entry)}

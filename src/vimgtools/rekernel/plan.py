@@ -1,4 +1,7 @@
-"""Facts + Kernel -> Plan: the preflight checks and the steps of a kernel swap, as data (no I/O).
+"""Facts + Kernel -> Plan: the preflight checks and the steps of a kernel swap or a rollback, as data.
+
+Pure: everything comes in as data (``collect_facts``, ``find_kernel``, ``list_initramfs`` read the
+guest and the host before); nothing here reads a file or the guest.
 
 The modules convention: ``/lib/modules`` (with usrmerge really ``/usr/lib/modules``) becomes an
 absolute symlink to ``/boot/modules``, so that ``/boot`` carries each kernel with its modules. With a
@@ -11,12 +14,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from vimgtools.boot import Bootloader
+from vimgtools.errors import BootloaderError, ImageRefused, InvalidInput, KernelError, VimgError
 from vimgtools.guest.facts import GuestFacts
-from vimgtools.guest.steps import InstallModules, Mkdir, Move, RemoveDir, Run, Step, Symlink, Upload, Write
-from vimgtools.kernel import Kernel
+from vimgtools.guest.steps import (
+    InstallModules,
+    Mkdir,
+    Move,
+    RemoveDir,
+    RunCommand,
+    SetDefault,
+    Step,
+    Symlink,
+    Upload,
+    Write,
+)
+from vimgtools.kernel import Kernel, initramfs_has
 
 MODULES_HOME = "/boot/modules"
 STATE_FILE = "/boot/vimgtools/rekernel.json"
@@ -71,17 +86,32 @@ WantedBy=sysinit.target
 """
 
 
+Severity = Literal["error", "warning"]
+
+
 @dataclass(frozen=True)
 class Check:
-    """One preflight check: ``ok``, or an error (refuses) or a warning (``--force`` goes on)."""
+    """One preflight check and what a failure does.
+
+    A failed ``error`` refuses; a failed ``warning`` refuses unless ``--force``; either refuses by
+    raising ``refuses_as`` (its exit code: 2, nothing was changed). A check with ``refuses_as=None``
+    only reports (``replace``: the version is already in /boot and is replaced).
+    """
 
     name: str
     ok: bool
     message: str
-    severity: str = "error"  # "error" or "warning"
+    severity: Severity = "error"
+    refuses_as: type[VimgError] | None = KernelError
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "severity": self.severity, "message": self.message}
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "severity": self.severity,
+            "message": self.message,
+            "refuses_as": self.refuses_as.__name__ if self.refuses_as else None,
+        }
 
 
 @dataclass
@@ -91,22 +121,23 @@ class Options:
     target: str = "kvm"  # "kvm" or "xen"
     force: bool = False
     regenerate_initramfs: bool | None = None  # None: only when BOOTDIR has none
-    make_default: bool = True
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything rekernel will do to one guest, decided before anything changes."""
+    """Everything a run will do to one guest (a rekernel or a rollback), decided before anything changes."""
 
     disk: str
     root: str
-    version: str
+    version: str  # the kernel the guest boots by default afterwards
     previous: str | None  # the kernel the guest boots by default now
     loader: str
-    initramfs: str  # "supplied" or "regenerate:<tool>"
+    initramfs: str  # "supplied", "regenerate:<tool>", or "unchanged" (rollback)
     checks: tuple[Check, ...]
     steps: tuple[Step, ...]
     facts: dict[str, Any] = field(default_factory=dict)
+    action: str = "rekernel"  # or "rollback"
+    initramfs_modules: tuple[str, ...] = ()  # drivers the initramfs must carry (modules, not built in)
 
     @property
     def errors(self) -> list[Check]:
@@ -116,9 +147,27 @@ class Plan:
     def warnings(self) -> list[Check]:
         return [c for c in self.checks if not c.ok and c.severity == "warning"]
 
+    def refusal(self, *, force: bool = False) -> VimgError | None:
+        """The exception that refuses this plan, or None to go on.
+
+        Failed errors refuse; failed warnings too unless ``force``; the first one's ``refuses_as``
+        is the class raised, the message lists them all.
+        """
+        errors = [c for c in self.errors if c.refuses_as is not None]
+        warnings = [c for c in self.warnings if c.refuses_as is not None]
+        if not errors and (force or not warnings):
+            return None
+        bad = errors or warnings
+        text = "; ".join(f"{c.name}: {c.message}" for c in bad)
+        if not errors:
+            text += " (warnings: --force to go on)"
+        cls = bad[0].refuses_as
+        assert cls is not None
+        return cls(f"{self.disk}: preflight: {text}")
+
     def describe(self, *, diffs: bool = False) -> str:
         lines = [
-            f"rekernel {self.disk} ({self.root}): {self.previous or '?'} -> {self.version}",
+            f"{self.action} {self.disk} ({self.root}): {self.previous or '?'} -> {self.version}",
             f"  bootloader {self.loader}; initramfs {self.initramfs}",
             "  checks:",
         ]
@@ -134,12 +183,14 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "action": self.action,
             "disk": self.disk,
             "root": self.root,
             "version": self.version,
             "previous": self.previous,
             "loader": self.loader,
             "initramfs": self.initramfs,
+            "initramfs_modules": list(self.initramfs_modules),
             "checks": [c.to_dict() for c in self.checks],
             "steps": [
                 {"op": type(s).__name__, "describe": s.describe()}
@@ -148,6 +199,21 @@ class Plan:
             ],
             "facts": self.facts,
         }
+
+
+def version_of(kernel_path: str) -> str | None:
+    """``/boot/vmlinuz-VER`` -> ``VER`` (None when the name is not ``vmlinuz-*``)."""
+    base = kernel_path.rsplit("/", 1)[-1]
+    return base[len("vmlinuz-") :] if base.startswith("vmlinuz-") else None
+
+
+def wanted_drivers(facts: GuestFacts, target: str) -> list[tuple[str, str]]:
+    """(config symbol, module) of the drivers needed to mount the guest's root on ``target``."""
+    wanted = list(DISK_DRIVERS.get(target, ()))
+    fs = FS_DRIVERS.get(facts.fs_types.get("/", "unknown"))
+    if fs:
+        wanted.append(fs)
+    return wanted
 
 
 def initramfs_tool(facts: GuestFacts, version: str) -> tuple[str, ...] | None:
@@ -183,8 +249,8 @@ def preflight(
         )
     )
     # Space on the filesystem holding /boot: kernel files, new modules, initramfs, moved module trees.
-    files = sum(p.stat().st_size for p, _ in kernel.files())
-    mods = kernel.modules_size()
+    files = kernel.files_bytes
+    mods = kernel.modules_bytes
     initrd = 0 if kernel.initramfs and not regenerate else INITRAMFS_ESTIMATE
     moved = 0
     if facts.boot_separate and not facts.modules_on_boot:
@@ -196,13 +262,11 @@ def preflight(
         f"margin {SPACE_MARGIN // MiB})"
     )
     fix = "" if need <= facts.boot_free else "; grow /boot or remove old kernels from it"
-    checks.append(Check("space", need <= facts.boot_free, msg + fix))
+    checks.append(Check("space", need <= facts.boot_free, msg + fix, refuses_as=ImageRefused))
     # Drivers to mount the root on the target hypervisor.
     root_fs = facts.fs_types.get("/", "unknown")
-    wanted = list(DISK_DRIVERS.get(options.target, ()))
-    if root_fs in FS_DRIVERS:
-        wanted.append(FS_DRIVERS[root_fs])
-    else:
+    wanted = wanted_drivers(facts, options.target)
+    if root_fs not in FS_DRIVERS:
         checks.append(Check("root-fs", False, f"root filesystem {root_fs}: driver not known", "warning"))
     for symbol, module in wanted:
         state = kernel.driver_state(symbol, module)
@@ -273,22 +337,20 @@ def preflight(
             else "no boot code in sector 0: the guest must be booted another way (direct kernel boot, "
             "a loader on another disk); --force to go on",
             "warning",
+            refuses_as=BootloaderError,
         )
     )
     if kernel.version in facts.boot_kernels:
         checks.append(
-            Check("replace", False, f"/boot/vmlinuz-{kernel.version} exists and is replaced", "warning")
+            Check(
+                "replace",
+                False,
+                f"/boot/vmlinuz-{kernel.version} exists and is replaced",
+                "warning",
+                refuses_as=None,
+            )
         )
     return checks
-
-
-def initramfs_has(files: list[str], module: str) -> bool:
-    names = {module.replace("-", "_"), module.replace("_", "-")}
-    for f in files:
-        base = f.rsplit("/", 1)[-1]
-        if ".ko" in base and base.split(".ko")[0] in names:
-            return True
-    return False
 
 
 def plan_rekernel(
@@ -324,7 +386,7 @@ def plan_rekernel(
                 steps.append(Move(f"{facts.modules_path}/{old}", f"{MODULES_HOME}/{old}"))
         link = facts.modules_path  # the real directory: /usr/lib/modules with usrmerge
         if v in facts.module_versions:
-            steps.append(Run(("rm", "-rf", f"{link}/{v}"), "replaced by the new tree"))
+            steps.append(RunCommand(("rm", "-rf", f"{link}/{v}"), "replaced by the new tree"))
         steps.append(RemoveDir(link))
         steps.append(Symlink(MODULES_HOME, link))
     steps.append(InstallModules(str(kernel.modules_dir), f"{MODULES_HOME}/{v}", v))
@@ -338,8 +400,8 @@ def plan_rekernel(
         tool = initramfs_tool(facts, v)
         if tool:
             if v in facts.boot_kernels:
-                steps.append(Run(("rm", "-f", f"/boot/initrd.img-{v}", f"/boot/initramfs-{v}.img")))
-            steps.append(Run(tool, "make the initramfs with the guest's own tool"))
+                steps.append(RunCommand(("rm", "-f", f"/boot/initrd.img-{v}", f"/boot/initramfs-{v}.img")))
+            steps.append(RunCommand(tool, "make the initramfs with the guest's own tool"))
             initramfs = "regenerate:" + tool[0].rsplit("/", 1)[-1]
         else:
             initramfs = "regenerate:none"
@@ -361,4 +423,73 @@ def plan_rekernel(
         checks=tuple(checks),
         steps=tuple(steps),
         facts=facts.summary(),
+        initramfs_modules=tuple(
+            module
+            for symbol, module in wanted_drivers(facts, options.target)
+            if kernel.driver_state(symbol, module) == "module"
+        ),
+    )
+
+
+def plan_rollback(facts: GuestFacts, loader: Bootloader, *, disk: str) -> Plan:
+    """Make the kernel the guest booted before the last rekernel its default again (``STATE_FILE``).
+
+    The state file must be in ``facts.files`` (``collect_facts(..., extra_files=(STATE_FILE,))``).
+    Refused (InvalidInput) when the guest was not rekernelled by vimgtools or its previous kernel is gone.
+    """
+    text = facts.text(STATE_FILE)
+    checks: list[Check] = []
+    state: dict[str, Any] = {}
+    if text is None:
+        checks.append(
+            Check(
+                "state",
+                False,
+                f"no {STATE_FILE}: this guest was not rekernelled by vimgtools",
+                refuses_as=InvalidInput,
+            )
+        )
+    else:
+        try:
+            loaded = json.loads(text)
+        except ValueError as e:
+            loaded = None
+            checks.append(Check("state", False, f"{STATE_FILE}: not JSON ({e})", refuses_as=InvalidInput))
+        if isinstance(loaded, dict):
+            state = loaded
+            checks.append(Check("state", True, f"{STATE_FILE}, written by {state.get('tool', '?')}"))
+        elif loaded is not None:
+            checks.append(Check("state", False, f"{STATE_FILE}: not a JSON object", refuses_as=InvalidInput))
+    previous, current = state.get("previous"), state.get("version")
+    steps: list[Step] = []
+    if state and not previous:
+        checks.append(
+            Check("previous", False, f"{STATE_FILE} does not name a previous kernel", refuses_as=InvalidInput)
+        )
+    elif previous:
+        there = previous in facts.boot_kernels
+        checks.append(
+            Check(
+                "previous",
+                there,
+                f"/boot/vmlinuz-{previous} " + ("is there" if there else "is gone"),
+                refuses_as=InvalidInput,
+            )
+        )
+        new_state = {**state, "version": previous, "previous": current}
+        steps = [
+            SetDefault(loader.name, previous),
+            Write(STATE_FILE, json.dumps(new_state, indent=1, sort_keys=True) + "\n", text),
+        ]
+    return Plan(
+        disk=disk,
+        root=facts.root,
+        version=previous or "?",
+        previous=current,
+        loader=loader.name,
+        initramfs="unchanged",
+        checks=tuple(checks),
+        steps=tuple(steps),
+        facts=facts.summary(),
+        action="rollback",
     )
