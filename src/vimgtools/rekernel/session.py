@@ -139,7 +139,7 @@ def guest_session(
     root: str | None = None,
     workdir: Path | None = None,
     extra_files: Iterable[str] = (),
-    open_guest: Callable[[Path], Guest] = open_image,
+    open_guest: Callable[[Path], Guest] | None = None,
 ) -> Iterator[Session]:
     """Run the body on DISK's guest; commit its changes when it returns (unless ``result.dry_run``).
 
@@ -149,7 +149,8 @@ def guest_session(
             attached to a VimgError raised inside as ``error.result``.
         fmt, root, workdir: as ``rekernel()`` takes them.
         extra_files: guest files to read into the facts besides the loaders' configuration.
-        open_guest: makes the guest on the work overlay (tests pass a FakeGuest).
+        open_guest: makes the guest on the work overlay (default: ``open_image``; tests give a
+            FakeGuest).
 
     Raises:
         whatever the body, the launch, the inspection or the commit raise; DISK is as it was
@@ -158,7 +159,7 @@ def guest_session(
     try:
         work = Work(disk, fmt, workdir)
         try:
-            guest = open_guest(work.overlay)
+            guest = (open_guest or open_image)(work.overlay)
             ok = False
             try:
                 result.seconds["launch"] = round(guest.launch_seconds, 2)
