@@ -9,11 +9,10 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from vimgtools.errors import VimgError
+from vimgtools.errors import InvalidInput, VimgError
 
 log = logging.getLogger("vimgtools")
 
@@ -91,9 +90,9 @@ def entry(prog: str) -> Callable[[MainFn], MainFn]:
                 return main(argv)
             except VimgError as e:
                 if verbose:
-                    log.exception("error: %s", e)
+                    log.exception("error: %s", describe_error(e))
                 else:
-                    log.error("error: %s", e)
+                    log.error("error: %s", describe_error(e))
                 return e.exit_code
             except KeyboardInterrupt:
                 log.error("interrupted")
@@ -113,6 +112,13 @@ def entry(prog: str) -> Callable[[MainFn], MainFn]:
     return wrap
 
 
+def describe_error(e: VimgError) -> str:
+    """The error as a CLI user reads it: a library option at fault is named by its flag."""
+    if isinstance(e, InvalidInput) and e.option:
+        return f"--{e.option.replace('_', '-')}: {e.reason}"
+    return str(e)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -122,34 +128,23 @@ def human_bytes(n: float) -> str:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second. Call it with (done, total)."""
+    """A progress bar on stderr (tqdm's), called with (bytes done, bytes total): a library progress callback.
+
+    The CLIs make one when stderr is a TTY or ``--progress`` asks for it; ``close()`` ends its line.
+    """
 
     def __init__(self, label: str) -> None:
-        self.label = label
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.drawn = False
+        from tqdm import tqdm  # only a CLI with a bar pays for the import
+
+        self._bar = tqdm(
+            desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+            mininterval=0.1, dynamic_ncols=True, leave=True,
+        )  # fmt: skip
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.1 and done < total:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-6)
-        rate = done / elapsed
-        pct = 100.0 * done / total if total else 100.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        width = 30
-        fill = int(width * pct / 100)
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% "
-            f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(rate)}/s ETA {eta:4.0f}s "
-        )
-        sys.stderr.flush()
-        self.drawn = True
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)  # tqdm redraws at most every mininterval
 
     def close(self) -> None:
-        if self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self.drawn = False
+        self._bar.close()

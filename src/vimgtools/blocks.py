@@ -12,7 +12,7 @@ from vimgtools._blockdiff import MAX_BLOCK_SIZE, diff_blocks, digest_blocks, has
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["changed_runs", "checksum64", "diff_blocks", "digest_blocks", "hash_blocks", "zero_blocks"]
+__all__ = ["checksum64", "coalesce_runs", "diff_blocks", "digest_blocks", "hash_blocks", "zero_blocks"]
 
 _EMPTY_XXH3_64 = 0x2D06800538D394C2  # XXH3-64 of b"" with seed 0
 
@@ -30,7 +30,7 @@ def checksum64(data: Buffer) -> int:
 Run = tuple[int, int, bool]  # (first block, end block (exclusive), all zero)
 
 
-def changed_runs(indices: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]) -> list[Run]:
+def coalesce_runs(indices: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]) -> list[Run]:
     """Coalesce sorted changed block indices into runs of the same kind (data or zero).
 
     ``zero[i]`` tells whether block ``indices[i]`` is all zeros in the new content.

@@ -29,7 +29,6 @@ _BLKGETSIZE64 = 0x80081272
 # QEMU's file-posix driver locks single bytes of the image with OFD locks:
 # 100 + bit for the permissions it holds, 200 + bit for those it refuses to share.
 QEMU_LOCK_PERM_BASE = 100
-QEMU_LOCK_SHARED_BASE = 200
 QEMU_PERM_WRITE_BIT = 1  # BLK_PERM_WRITE = 1 << 1
 _QEMU_LOCK_SPAN = 100  # bytes 100..299 cover every permission bit QEMU knows
 
@@ -51,6 +50,40 @@ def describe_os_error(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+def _describe_mode(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file" if not stat.S_ISREG(mode) else "a file"
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "file"
+    return "file" if stat.S_ISREG(mode) else _describe_mode(mode)
+
+
+def open_regular(path: Path, what: str) -> int:
+    """Open a file we only read (a journal, undo, delta, signature) without blocking on a FIFO.
+
+    Raises InvalidInput when ``path`` is not a regular file; OSError as ``os.open`` does.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InvalidInput(f"{path}: is {_describe_mode(mode)}, not a {what}")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class Image:
     """An open image: a regular file or a block device.
 
@@ -62,7 +95,8 @@ class Image:
     def __init__(self, path: str | os.PathLike[str], *, write: bool = False) -> None:
         self.path = Path(path)
         self.write = write
-        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO must be refused, not waited on (it is cleared once we know what this is).
+        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         try:
             self.fd = os.open(self.path, flags)
         except FileNotFoundError:
@@ -70,6 +104,10 @@ class Image:
         except IsADirectoryError:
             raise InvalidInput(f"{self.path}: is a directory, not an image") from None
         except OSError as e:
+            if e.errno == errno.ENXIO and _kind(self.path) != "file":  # a FIFO with no reader, a socket
+                raise InvalidInput(
+                    f"{self.path}: is {_kind(self.path)}, not a file or block device"
+                ) from None
             mode = "writing" if write else "reading"
             raise ImageError(f"{self.path}: cannot open for {mode}: {describe_os_error(e)}") from e
         st = os.fstat(self.fd)
@@ -77,8 +115,9 @@ class Image:
         self.is_block = stat.S_ISBLK(st.st_mode)
         if not (self.is_block or stat.S_ISREG(st.st_mode)):
             os.close(self.fd)
-            raise InvalidInput(f"{self.path}: not a regular file or block device")
-        self.size = self._block_size_bytes() if self.is_block else st.st_size
+            raise InvalidInput(f"{self.path}: is {_describe_mode(st.st_mode)}, not a file or block device")
+        os.set_blocking(self.fd, True)
+        self.size = self._device_size() if self.is_block else st.st_size
         self._seek_data_ok = not self.is_block
         self._nowait_ok = True
 
@@ -90,9 +129,6 @@ class Image:
             return (0, self.stat.st_rdev)
         return (self.stat.st_dev, self.stat.st_ino)
 
-    def same_as(self, other: Image) -> bool:
-        return self.identity == other.identity
-
     def still_at_path(self) -> bool:
         """Whether the path still names the file we hold open (not deleted or replaced)."""
         try:
@@ -103,14 +139,14 @@ class Image:
             return stat.S_ISBLK(st.st_mode) and st.st_rdev == self.stat.st_rdev
         return (st.st_dev, st.st_ino) == (self.stat.st_dev, self.stat.st_ino)
 
-    def _block_size_bytes(self) -> int:
+    def _device_size(self) -> int:
         buf = bytearray(8)
         fcntl.ioctl(self.fd, _BLKGETSIZE64, buf)
         return int(struct.unpack("Q", buf)[0])
 
     def refresh_size(self) -> int:
         self.stat = os.fstat(self.fd)
-        self.size = self._block_size_bytes() if self.is_block else self.stat.st_size
+        self.size = self._device_size() if self.is_block else self.stat.st_size
         return self.size
 
     # -- allocation -----------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from synchelp import MiB, cli, cli_json, digest, write_image
 
-from vimgtools.sync.journal import read_journal
+from vimgtools.journal import read_journal
 
 SIZE = 128 * MiB
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from synchelp import MiB, cli, cli_json, digest, poke, write_image
 
-from vimgtools.sync.journal import HEADER_SIZE, RECORD_SIZE
+from vimgtools.journal import HEADER_SIZE, RECORD_SIZE
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Chunk digests read and hashed a piece at a time, on threads, equal the plain computation.
 
 The reference reads a chunk's bytes whole (zeros past the compared size) and hashes
-them with ``block_digests``; the pipeline reads only data extents, in 256 KiB pieces,
+them with ``digests_of``; the pipeline reads only data extents, in 256 KiB pieces,
 on two threads. Real sparse files: holes inside a piece, across pieces and chunks,
 a short last block, a compared size that cuts a block.
 """
@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 from synchelp import MiB, poke, write_image
 
-from vimgtools.blocks import changed_runs, zero_blocks
+from vimgtools.blocks import coalesce_runs, zero_blocks
 from vimgtools.image import Image
 from vimgtools.sync.digests import (
-    block_digests,
+    digests_of,
     change_stream,
     changes_of,
     chunk_changes,
-    chunk_digests,
+    hash_chunk,
     digest_stream,
     hash_ahead,
 )
-from vimgtools.sync.scan import CHUNK_SIZE
+from vimgtools.sync.chunks import CHUNK_SIZE
 
 KEY = bytes(range(32))
 SIZE = 2 * CHUNK_SIZE + 5 * MiB + 4097  # three chunks, the last one ends in a short block
@@ -68,8 +68,8 @@ def test_chunk_digests_equal_whole_chunk_hashing(
         for offset in range(0, SIZE, CHUNK_SIZE):
             length = min(CHUNK_SIZE, SIZE - offset)
             want = reference(new, offset, length, limit)
-            digests, zero, read = chunk_digests(img, offset, length, bs, checksum, KEY, size=size)
-            np.testing.assert_array_equal(digests, block_digests(memoryview(want), bs, checksum, KEY))
+            digests, zero, read = hash_chunk(img, offset, length, bs, checksum, KEY, size=size)
+            np.testing.assert_array_equal(digests, digests_of(memoryview(want), bs, checksum, KEY))
             if zero is None:
                 assert read == 0 and not any(want)
             else:
@@ -79,11 +79,11 @@ def test_chunk_digests_equal_whole_chunk_hashing(
 
 def test_a_chunk_past_the_compared_size_is_a_hole(images: tuple[Path, Path]) -> None:
     with Image(images[0]) as img:
-        digests, zero, read = chunk_digests(
+        digests, zero, read = hash_chunk(
             img, CHUNK_SIZE, CHUNK_SIZE, 65536, "xxh128", KEY, size=CHUNK_SIZE
         )
     assert zero is None and read == 0
-    np.testing.assert_array_equal(digests, block_digests(memoryview(bytes(CHUNK_SIZE)), 65536, "xxh128", KEY))
+    np.testing.assert_array_equal(digests, digests_of(memoryview(bytes(CHUNK_SIZE)), 65536, "xxh128", KEY))
 
 
 @pytest.mark.parametrize("bs", [4096, 65536])
@@ -96,7 +96,7 @@ def test_chunk_changes_are_the_blocks_that_differ(images: tuple[Path, Path], bs:
             length = min(CHUNK_SIZE, SIZE - offset)
             mine = reference(new, offset, length, SIZE)
             theirs_bytes = reference(old, offset, length, SIZE) if against == "old" else bytes(length)
-            theirs = block_digests(memoryview(theirs_bytes), bs, "xxh128", KEY) if against == "old" else None
+            theirs = digests_of(memoryview(theirs_bytes), bs, "xxh128", KEY) if against == "old" else None
             c = chunk_changes(img, offset, length, bs, "xxh128", KEY, theirs, out)
             a, b = np.frombuffer(mine, np.uint8), np.frombuffer(theirs_bytes, np.uint8)
             n = -(-length // bs)
@@ -106,14 +106,14 @@ def test_chunk_changes_are_the_blocks_that_differ(images: tuple[Path, Path], bs:
             z = zero_blocks(mine, bs)
             want = [
                 (offset + b0 * bs, min(b1 * bs, length) - b0 * bs, is_zero)
-                for b0, b1, is_zero in changed_runs(np.array(differs, dtype=np.int64), z[differs])
+                for b0, b1, is_zero in coalesce_runs(np.array(differs, dtype=np.int64), z[differs])
             ]
             assert [(o, m, p is None) for o, m, p in c.ranges] == want
             for o, m, p in c.ranges:
                 if p is not None:
                     assert bytes(p) == mine[o - offset : o - offset + m]
             assert c.changed == sum(-(-m // bs) for _, m, _ in want)
-            np.testing.assert_array_equal(c.digests, block_digests(memoryview(mine), bs, "xxh128", KEY))
+            np.testing.assert_array_equal(c.digests, digests_of(memoryview(mine), bs, "xxh128", KEY))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -149,7 +149,7 @@ def test_changes_of_a_chunk_hashed_ahead_equal_chunk_changes(images: tuple[Path,
         ahead = hash_ahead(img, 0, SIZE, bs, "xxh128", KEY, stop_when=lambda: False, limit=1 << 30)
         assert [h.offset for h in ahead] == list(range(0, SIZE, CHUNK_SIZE))  # all cached: just written
         for h in ahead:
-            theirs = chunk_digests(o, h.offset, h.length, bs, "xxh128", KEY)[0] if against == "old" else None
+            theirs = hash_chunk(o, h.offset, h.length, bs, "xxh128", KEY)[0] if against == "old" else None
             a = chunk_changes(
                 img, h.offset, h.length, bs, "xxh128", KEY, theirs, memoryview(bytearray(CHUNK_SIZE))
             )

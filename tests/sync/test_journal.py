@@ -10,7 +10,7 @@ from synchelp import MiB, cli, digest, write_image
 
 from vimgtools.errors import JournalError
 from vimgtools.image import Image
-from vimgtools.sync.journal import (
+from vimgtools.journal import (
     HEADER_SIZE,
     JOURNAL_MAGIC,
     Header,

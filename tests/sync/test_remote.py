@@ -23,8 +23,9 @@ from synchelp import (
     write_image,
 )
 
-from vimgtools.sync.journal import read_journal
-from vimgtools.sync.remote import split_remote
+from vimgtools.journal import read_journal
+from vimgtools.sync.ssh import split_remote
+from vimgtools.sync.wire import WIRE_VERSION
 
 
 @pytest.fixture
@@ -178,7 +179,7 @@ def _server(tmp_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _hello(dst: Path, size: int, version: int = 1) -> dict[str, object]:
+def _hello(dst: Path, size: int, version: int = WIRE_VERSION) -> dict[str, object]:
     return {
         "magic": "VIMGSYNC",
         "version": version,
@@ -202,7 +203,7 @@ def test_hostile_sender_is_refused(tmp_path: Path, attack: str) -> None:
     srv = _server(tmp_path)
     assert srv.stdin is not None and srv.stdout is not None
     ch = Channel(srv.stdout.fileno(), srv.stdin.fileno(), peer="server", timeout=20)
-    ch.send_json(HELLO, _hello(dst, 16 * MiB, version=99 if attack == "bad-version" else 1))
+    ch.send_json(HELLO, _hello(dst, 16 * MiB, version=99 if attack == "bad-version" else WIRE_VERSION))
     if attack != "bad-version":
         ch.recv(READY)
         if attack == "outside-chunk":

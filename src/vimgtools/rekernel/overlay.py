@@ -92,7 +92,7 @@ def commit_overlay(overlay: Path, disk: Path, fmt: str) -> int:
     ``qemu-img commit`` (not crash-atomic: documented in docs/rekernel.md).
     """
     if fmt == "raw":
-        from vimgtools.sync.journal import apply_runs
+        from vimgtools.journal import apply_runs
 
         return apply_runs(disk, changed_runs(overlay))
     if fmt not in ("qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc"):

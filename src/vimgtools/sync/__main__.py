@@ -10,9 +10,18 @@ import threading
 from types import FrameType
 
 from vimgtools import _cli
-from vimgtools.errors import InvalidInput
-from vimgtools.sync import SyncResult, recover, rollback, sync
+from vimgtools.sync import (
+    SyncOptions,
+    SyncResult,
+    apply_delta,
+    recover,
+    rollback,
+    sync,
+    write_delta,
+    write_signature,
+)
 from vimgtools.sync.remote import serve
+from vimgtools.sync.ssh import split_remote
 
 log = logging.getLogger("vimgtools.sync")
 
@@ -29,6 +38,12 @@ durable before DST is touched. If the run is killed, the next run (or --recover)
 completes a committed update, or resumes an interrupted scan where it stopped;
 until then DST holds its old content. With --undo FILE the old content of every
 overwritten block is kept, and --rollback DST --undo FILE restores it later.
+
+Every option works in each mode that takes it, or is refused (exit 2) naming the
+option and the mode; -n/--dry-run rehearses every mode that writes (sync,
+--recover, --rollback, --signature, --write-delta, --apply-delta) and writes nothing.
+SRC and DST must be regular files or block devices (a FIFO, socket or character
+device is refused before it is opened for reading).
 """
 
 EPILOG = (
@@ -169,15 +184,58 @@ def _summary(r: SyncResult) -> str:
     return ", ".join(parts) + f" in {r.seconds:.2f} s"
 
 
-def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """--signature, --write-delta, --apply-delta."""
-    from vimgtools.sync.signature import apply_delta, write_delta, write_signature
+# The options each mode takes, besides -v, -q, --json and --[no-]progress; any other one given is refused.
+MODE_OPTIONS = {
+    "SRC DST": {
+        "block_size", "verify", "undo", "allow_shrink", "force", "journal", "state", "keep_cache",
+        "rsh", "remote_python", "checksum", "timeout", "progress", "dry_run",
+    },
+    "--recover": {"journal", "dry_run"},
+    "--rollback": {"undo", "dry_run"},
+    "--signature": {"output", "block_size", "checksum", "keep_cache", "progress", "dry_run"},
+    "--write-delta": {"against", "block_size", "keep_cache", "progress", "dry_run"},
+    "--apply-delta": {"force", "journal", "allow_shrink", "progress", "dry_run"},
+}  # fmt: skip
+REMOTE_ONLY = ("rsh", "remote_python", "timeout")
 
-    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
-    bar = _cli.ProgressBar("read") if show_bar and not args.quiet else None
+
+def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The one mode asked for; any option given that it does not take is a usage error (exit 2)."""
+    modes = [m for m in MODE_OPTIONS if m.startswith("--") and getattr(args, m[2:].replace("-", "_"))]
+    if len(modes) > 1:
+        parser.error(f"{modes[0]} and {modes[1]} are two modes: give one")
+    mode = modes[0] if modes else "SRC DST"
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    always = {"help", "verbose", "quiet", "json", "progress", "server", *(m[2:].replace("-", "_") for m in modes)}
+    given = [d for d in flags if d not in always and getattr(args, d) != parser.get_default(d)]
+    for dest in given:
+        if dest not in MODE_OPTIONS[mode]:
+            parser.error(f"{flags[dest]} does not apply to {mode}")
+    if mode == "SRC DST" and len(args.images) == 2:
+        remote = any(split_remote(p)[0] for p in args.images)
+        for dest in given:
+            if dest in REMOTE_ONLY and not remote:
+                parser.error(f"{flags[dest]} applies only when SRC or DST is [USER@]HOST:PATH")
+            if dest == "checksum" and not (remote or args.state):
+                parser.error(
+                    "--checksum applies only to a remote sync or --state (a local sync compares bytes)"
+                )
+    return mode
+
+
+def _bar(args: argparse.Namespace, label: str) -> _cli.ProgressBar | None:
+    """A bar on a TTY, or when --progress asks for one; never with -q or --no-progress."""
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    return _cli.ProgressBar(label) if show and not args.quiet else None
+
+
+def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: str) -> int:
+    """--signature, --write-delta, --apply-delta."""
+    bar = _bar(args, "read")
     h = _cli.human_bytes
+    would = "would write" if args.dry_run else "wrote"
     try:
-        if args.signature:
+        if mode == "--signature":
             if not args.output or args.images:
                 parser.error("--signature IMAGE needs -o SIGFILE and no other images")
             info = write_signature(
@@ -186,35 +244,33 @@ def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                 block_size=4096 if args.block_size is None else args.block_size,
                 checksum=args.checksum,
                 progress=bar,
+                keep_cache=args.keep_cache,
+                dry_run=args.dry_run,
             )
             log.info(
-                "%s: signature of %s, %d blocks of %s",
-                info.path,
-                h(info.size),
-                info.count,
-                h(info.block_size),
-            )
+                "%s: %s the signature of %s, %d blocks of %s",
+                info.path, would, h(info.size), info.count, h(info.block_size),
+            )  # fmt: skip
             summary: dict[str, object] = {
                 "signature": str(info.path),
                 "size": info.size,
                 "blocks": info.count,
                 "block_size": info.block_size,
                 "checksum": info.checksum,
+                "dry_run": args.dry_run,
             }
-        elif args.write_delta:
+        elif mode == "--write-delta":
             if not args.against or len(args.images) != 1:
                 parser.error("--write-delta DELTA needs SRC and --against SIGFILE")
             r = write_delta(
-                args.images[0], args.write_delta, args.against, block_size=args.block_size, progress=bar
-            )
+                args.images[0], args.write_delta, args.against, block_size=args.block_size, progress=bar,
+                keep_cache=args.keep_cache, dry_run=args.dry_run,
+            )  # fmt: skip
             log.info(
-                "%s: %d of %d blocks changed, %s of data",
-                args.write_delta,
-                r.changed,
-                r.blocks,
-                h(r.delta_bytes),
-            )
-            summary = {"delta": args.write_delta, **vars(r)}
+                "%s: %d of %d blocks changed, %s %s of data",
+                args.write_delta, r.changed, r.blocks, would, h(r.delta_bytes),
+            )  # fmt: skip
+            summary = {"delta": args.write_delta, "dry_run": args.dry_run, **vars(r)}
         else:
             if len(args.images) != 1:
                 parser.error("--apply-delta DELTA needs DST")
@@ -227,10 +283,13 @@ def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
                 journal=args.journal,
                 progress=bar,
             )
-            log.info(
-                "%s: applied %d changed blocks, %s written", args.images[0], r.changed, h(r.bytes_written)
-            )
-            summary = {"dst": args.images[0], **vars(r)}
+            if args.dry_run:
+                log.info("%s: checked; would apply %d changed blocks", args.images[0], r.changed)
+            else:
+                log.info(
+                    "%s: applied %d changed blocks, %s written", args.images[0], r.changed, h(r.bytes_written)
+                )
+            summary = {"dst": args.images[0], "dry_run": args.dry_run, **vars(r)}
     finally:
         if bar:
             bar.close()
@@ -247,58 +306,64 @@ def main(argv: list[str] | None = None) -> int:
         _cli.setup_logging(args.verbose, quiet=True)
         return serve(timeout=args.timeout)
     _cli.setup_logging(args.verbose, args.quiet)
-    if args.recover:
+    mode = _mode(parser, args)
+    if mode == "--recover":
         if args.images:
             parser.error("--recover takes only DST")
-        written = recover(args.recover, journal=args.journal)
+        written = recover(args.recover, journal=args.journal, dry_run=args.dry_run)
         if written is None:
             log.info("%s: no committed update to complete", args.recover)
+        elif args.dry_run:
+            log.info("%s: would complete the interrupted update (%s of data)", args.recover, written)
         else:
             log.info("%s: completed the interrupted update (%s written)", args.recover, written)
         if args.json:
-            _cli.print_json({"recovered": written is not None, "bytes_written": written or 0})
+            _cli.print_json(
+                {"recovered": written is not None and not args.dry_run, "bytes_written": 0 if args.dry_run else written or 0,
+                 "dry_run": args.dry_run, "would_write": written or 0 if args.dry_run else None}
+            )  # fmt: skip
         return 0
-    if args.rollback:
+    if mode == "--rollback":
         if not args.undo or args.images:
             parser.error("--rollback DST needs --undo FILE and no other images")
-        written = rollback(args.rollback, args.undo)
-        log.info("%s: rolled back with %s (%d bytes written)", args.rollback, args.undo, written)
+        written = rollback(args.rollback, args.undo, dry_run=args.dry_run)
+        if args.dry_run:
+            log.info(
+                "%s: checked against %s; a rollback would write %d bytes", args.rollback, args.undo, written
+            )
+        else:
+            log.info("%s: rolled back with %s (%d bytes written)", args.rollback, args.undo, written)
         if args.json:
-            _cli.print_json({"rolled_back": True, "bytes_written": written})
+            _cli.print_json(
+                {"rolled_back": not args.dry_run, "bytes_written": 0 if args.dry_run else written,
+                 "dry_run": args.dry_run, "would_write": written if args.dry_run else None}
+            )  # fmt: skip
         return 0
-    if args.signature or args.write_delta or args.apply_delta:
-        return _files_mode(parser, args)
-    if args.block_size is None:
-        args.block_size = 4096
+    if mode != "SRC DST":
+        return _files_mode(parser, args, mode)
     if len(args.images) != 2:
         parser.error("give SRC and DST (or --recover DST, or --rollback DST --undo FILE)")
     src, dst = args.images
-    show_bar = sys.stderr.isatty() if args.progress is None else args.progress
-    bar = _cli.ProgressBar("sync") if show_bar and not args.quiet else None
+    options = SyncOptions(
+        block_size=4096 if args.block_size is None else args.block_size,
+        dry_run=args.dry_run,
+        verify=args.verify,
+        undo=args.undo,
+        allow_shrink=args.allow_shrink,
+        force=args.force,
+        journal=args.journal,
+        keep_cache=args.keep_cache,
+        state=args.state,
+        checksum=args.checksum,
+        rsh=args.rsh,
+        remote_python=args.remote_python,
+        timeout=args.timeout,
+    )
+    bar = _bar(args, "sync")
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
-        result = sync(
-            src,
-            dst,
-            block_size=args.block_size,
-            dry_run=args.dry_run,
-            verify=args.verify,
-            undo=args.undo,
-            allow_shrink=args.allow_shrink,
-            force=args.force,
-            journal=args.journal,
-            keep_cache=args.keep_cache,
-            progress=bar,
-            stop=stop,
-            checksum=args.checksum,
-            rsh=args.rsh,
-            remote_python=args.remote_python,
-            timeout=args.timeout,
-            state=args.state,
-        )
-    except InvalidInput:
-        raise
+        result = sync(src, dst, options, progress=bar, stop=stop)
     finally:
         if bar:
             bar.close()

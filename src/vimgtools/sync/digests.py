@@ -11,25 +11,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from vimgtools.blocks import changed_runs, digest_blocks, hash_blocks, zero_blocks
+from vimgtools.blocks import coalesce_runs, digest_blocks, hash_blocks, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.scan import CHUNK_SIZE, PIECE, NotCached, block_segments, read_piece
+from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS, NotCached, in_order, pieces, read_piece
 
 CHECKSUMS = ("xxh128", "blake2b")
 DIGEST_BYTES = 16
-_ZEROS = memoryview(bytes(CHUNK_SIZE))
 
 
-def block_digests(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
+def digests_of(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
     """One 128-bit digest per block: (n, 2) uint64. XXH3-128 seeded, or keyed BLAKE2b."""
     if checksum == "xxh128":
         return hash_blocks(view, bs, "xxh128", int.from_bytes(key[:8], "little"))
@@ -51,7 +47,7 @@ def _digest_piece(
     """Fill ``digests`` and ``zero`` for the blocks of ``view``; the non-zero ones differing from ``against``."""
     if checksum == "xxh128":  # one native call, GIL released
         return digest_blocks(view, bs, int.from_bytes(key[:8], "little"), digests, zero, against)
-    digests[:] = block_digests(view, bs, checksum, key)
+    digests[:] = digests_of(view, bs, checksum, key)
     zero[:] = zero_blocks(view, bs)
     if against is None:
         return np.empty(0, dtype=np.int64)
@@ -60,7 +56,7 @@ def _digest_piece(
 
 @functools.lru_cache(maxsize=16)
 def _zero_digest(length: int, bs: int, checksum: str, key: bytes) -> bytes:
-    return block_digests(_ZEROS[:length], bs, checksum, key).tobytes()
+    return digests_of(ZEROS[:length], bs, checksum, key).tobytes()
 
 
 def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
@@ -72,45 +68,7 @@ def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> npt.NDArray
     return out
 
 
-_local = threading.local()
-
-
-def _pieces(
-    img: Image,
-    offset: int,
-    length: int,
-    bs: int,
-    keep_cache: bool,
-    size: int | None,
-    cached_only: bool = False,
-) -> Iterator[tuple[int, memoryview, int]]:
-    """(chunk-relative position, bytes, bytes read) of the allocated blocks of a chunk, a piece at a time.
-
-    Each piece is read into a small per-thread buffer that is still in the CPU cache when the
-    caller hashes it: reading a whole chunk into RAM first costs a second trip through memory.
-    Holes are skipped (their blocks are zeros); bytes at or past ``size`` (default: the image's
-    size) read as zeros. The buffer is reused for the next piece.
-    """
-    limit = img.size if size is None else min(size, img.size)
-    inside = max(0, min(length, limit - offset))
-    if not inside:
-        return
-    piece = max(PIECE, bs)
-    buf: memoryview | None = getattr(_local, "buf", None)
-    if buf is None or len(buf) < piece:
-        buf = _local.buf = memoryview(bytearray(piece))
-    for rel, n in block_segments(img.data_in(offset, inside), [], offset, bs, length):
-        for p in range(rel, rel + n, piece):
-            m = min(piece, rel + n - p)
-            view = buf[:m]
-            have = max(0, min(m, inside - p))
-            read = read_piece(img, view[:have], offset + p, keep_cache, cached_only) if have else 0
-            if have < m:
-                view[have:] = _ZEROS[: m - have]
-            yield p, view, read
-
-
-def chunk_digests(
+def hash_chunk(
     img: Image,
     offset: int,
     length: int,
@@ -123,7 +81,7 @@ def chunk_digests(
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
     """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read."""
     digests, zero, read = hole_digests(length, bs, checksum, key), None, 0
-    for p, view, n in _pieces(img, offset, length, bs, keep_cache, size, cached_only):
+    for p, view, n in pieces(img, offset, length, bs, keep_cache, size, cached_only):
         if zero is None:
             zero = np.ones(len(digests), dtype=np.bool_)
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
@@ -173,11 +131,11 @@ def chunk_changes(
     other = hole_digests(length, bs, checksum, key) if theirs is None else theirs
     zero = np.ones(len(mine), dtype=np.bool_)
     read, hole = 0, True
-    for p, view, n in _pieces(img, offset, length, bs, keep_cache, None):
+    for p, view, n in pieces(img, offset, length, bs, keep_cache, None):
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
         read, hole = read + n, False
         found = _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1])
-        for c0, c1, _ in changed_runs(found, np.zeros(len(found), dtype=np.bool_)):
+        for c0, c1, _ in coalesce_runs(found, np.zeros(len(found), dtype=np.bool_)):
             lo, hi = c0 * bs, min(c1 * bs, len(view))
             out[p + lo : p + hi] = view[lo:hi]
     if hole and theirs is None:  # a hole on both sides
@@ -199,7 +157,7 @@ def _changes(
     """``Changes`` of a chunk from its changed blocks; ``payload(lo, hi)`` gives the bytes of a data run."""
     ranges: list[tuple[int, int, memoryview | None]] = []
     nzero = 0
-    for b0, b1, is_zero in changed_runs(changed, zero[changed]):
+    for b0, b1, is_zero in coalesce_runs(changed, zero[changed]):
         lo, hi = b0 * bs, min(b1 * bs, length)
         ranges.append((offset + lo, hi - lo, None if is_zero else payload(lo, hi)))
         nzero += (b1 - b0) if is_zero else 0
@@ -250,6 +208,7 @@ def hash_ahead(
     stop_when: Callable[[], bool],
     limit: int,
     keep_cache: bool = False,
+    workers: int = 2,
 ) -> list[Hashed]:
     """Hash the chunks from ``start`` on until ``stop_when()``, while they come from the page cache.
 
@@ -264,14 +223,14 @@ def hash_ahead(
         length = min(CHUNK_SIZE, end - offset)
         try:
             return Hashed(
-                offset, length, *chunk_digests(img, offset, length, bs, checksum, key, keep_cache, None, True)
+                offset, length, *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, None, True)
             )
         except NotCached:
             return None
 
     found: list[Hashed] = []
     held = 0
-    stream = _in_order(work, range(start, end, CHUNK_SIZE), 2, 4, buffers=False)
+    stream = in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False)
     try:
         for h in stream:
             if h is None:
@@ -283,41 +242,6 @@ def hash_ahead(
     finally:
         stream.close()
     return found
-
-
-T = TypeVar("T")
-
-
-def _in_order(
-    work: Callable[[int, memoryview], T], offsets: Iterable[int], workers: int, ahead: int, buffers: bool
-) -> Generator[T, None, None]:
-    """``work(offset, buffer)`` for each offset on ``workers`` threads, results yielded in order.
-
-    At most ``ahead`` run ahead of the result yielded last; with ``buffers`` each gets a chunk
-    buffer of its own that stays valid until the next result is asked for (``ahead + 1`` buffers
-    made on first need and reused: a fresh 8 MiB buffer per chunk costs 2048 page faults).
-    """
-    free: list[memoryview] = []
-    none = memoryview(b"")
-    it = iter(offsets)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vimg-hash") as ex:
-        pending: deque[tuple[memoryview, Future[T]]] = deque()
-        try:
-            while True:
-                while len(pending) < ahead and (offset := next(it, None)) is not None:
-                    buf = none
-                    if buffers:
-                        buf = free.pop() if free else memoryview(bytearray(CHUNK_SIZE))
-                    pending.append((buf, ex.submit(work, offset, buf)))
-                if not pending:
-                    return
-                buf, fut = pending.popleft()
-                yield fut.result()
-                if buffers:
-                    free.append(buf)
-        finally:
-            for _, fut in pending:
-                fut.cancel()
 
 
 class InOrder:
@@ -360,9 +284,9 @@ def digest_stream(
         offset: int, _: memoryview
     ) -> tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
         length = min(CHUNK_SIZE, end - offset)
-        return offset, length, *chunk_digests(img, offset, length, bs, checksum, key, keep_cache, size)
+        return offset, length, *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, size)
 
-    return _in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False)
+    return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False)
 
 
 def change_stream(
@@ -386,4 +310,4 @@ def change_stream(
         length = min(CHUNK_SIZE, end - offset)
         return chunk_changes(img, offset, length, bs, checksum, key, other(offset, length), out, keep_cache)
 
-    return _in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=True)
+    return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=True)

@@ -3,35 +3,40 @@
 A ``Replica`` takes changed ranges (``data``/``zero``, a ``end_chunk`` after each
 chunk) and makes them reach the image crash-safely: through the redo journal for
 an existing image, or into ``DST.vimg-new`` renamed at the end for a new one.
+
+Every writer (local sync, the receiving end of a push or pull, apply-delta) goes
+through ``Replica.receiving()``, the one place for the end of a run: success makes
+the update durable (``finish``); a failure leaves the image untouched and removes the
+journal, unless the run was interrupted (``RESUMABLE``: a signal, or the far side
+gone) after a resume point, when the next run of the same command resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vimgtools.blocks import checksum64, zero_blocks
-from vimgtools.errors import ImageError, ImageRefused, InvalidInput, JournalError
+from vimgtools.errors import ImageError, ImageRefused, Interrupted, InvalidInput, JournalError, TransportError
 from vimgtools.image import Image, fsync_dir
-from vimgtools.sync.journal import (
+from vimgtools.journal import (
     FLAG_SHRINK,
     JOURNAL_MAGIC,
-    UNDO_MAGIC,
     Header,
-    JournalContents,
     JournalWriter,
-    iter_records,
     journal_path_for,
     read_journal,
     recover_image,
     remove_journal,
     replay,
 )
-from vimgtools.sync.scan import CHUNK_SIZE
+from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.undo import write_undo
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -39,6 +44,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("vimgtools.sync")
 
 NEW_SUFFIX = ".vimg-new"
+# A run stopped by these keeps its journal for the next run to resume (past its last checkpoint).
+RESUMABLE = (Interrupted, KeyboardInterrupt, TransportError)
+# What a replica reports of a run (SyncResult.take_replica; the far side's RESULT).
+REPLICA_FIGURES = (
+    "created", "resized_from", "resumed_from", "recovered", "dst_extra_bytes",
+    "bytes_written", "journal_bytes", "undo_bytes", "seconds_flush",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,7 @@ class Replica:
         self.image: Image | None = None
         self.opened: Expect | None = None  # the replica as found, before anything (recovery included)
         self._writer: JournalWriter | None = None
+        self._checkpointed = False  # a resume point was written (this run, or the run resumed)
         self._tmp: Path | None = None
         self.jpath: Path | None = None
         if not self.path.exists() and not self.path.is_symlink():
@@ -185,6 +198,7 @@ class Replica:
                 (*img.identity, img.stat.st_mtime_ns),
             )
             self._writer, self.resume_from = _open_journal(self.jpath, header)
+            self._checkpointed = self.resume_from > 0
         except BaseException:
             img.close()
             raise
@@ -228,6 +242,7 @@ class Replica:
         """Everything before ``position`` has been received: a resume point."""
         if self._writer is not None:
             self._writer.checkpoint(position)
+            self._checkpointed = True
 
     # -- the end --------------------------------------------------------
     def finish(self, undo: str | os.PathLike[str] | None = None) -> None:
@@ -254,7 +269,7 @@ class Replica:
         if not img.still_at_path():
             raise ImageError(f"{img.path}: vanished or was replaced during the sync; nothing written")
         if undo is not None:
-            self.undo_bytes = _write_undo(Path(undo), img, read_journal(jpath), writer.header)
+            self.undo_bytes = write_undo(Path(undo), img, read_journal(jpath), writer.header)
         writer.commit()
         writer.close()
         self.bytes_written = replay(img, jpath, read_journal(jpath))
@@ -284,6 +299,28 @@ class Replica:
             writer.close()
             if not writer.committed and not keep_for_resume and self.jpath is not None:
                 remove_journal(self.jpath)  # do not leave a big file on a full disk
+
+    @contextlib.contextmanager
+    def receiving(self, undo: str | os.PathLike[str] | None = None) -> Iterator[Replica]:
+        """Take changes inside this block; it ends with ``finish(undo)``, or ``abort`` on a failure.
+
+        The journal is kept for a resume only when a ``RESUMABLE`` failure came after a resume point.
+        """
+        try:
+            yield self
+            self.finish(undo)
+        except BaseException as e:
+            self.abort(keep_for_resume=isinstance(e, RESUMABLE) and self._checkpointed)
+            raise
+
+    def figures(self) -> dict[str, object]:
+        """What this run did to the replica, by the names of ``REPLICA_FIGURES``."""
+        return {
+            "created": self.created, "resized_from": self.resized_from, "resumed_from": self.resume_from,
+            "recovered": self.recovered, "dst_extra_bytes": self.dst_extra_bytes,
+            "bytes_written": self.bytes_written, "journal_bytes": self.journal_bytes,
+            "undo_bytes": self.undo_bytes, "seconds_flush": self.seconds_flush,
+        }  # fmt: skip
 
     def close(self) -> None:
         if self._writer is not None:
@@ -338,21 +375,21 @@ def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
     return JournalWriter(jpath, header), 0
 
 
-def _write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -> int:
-    """Keep the old content of everything the journal will overwrite (durable before any write)."""
-    uheader = Header(UNDO_MAGIC, header.block_size, d.size, header.new_size, 0, dst_id=header.dst_id)
-    undo = JournalWriter(path, uheader)
-    try:
-        buf = bytearray(CHUNK_SIZE)
-        for rec, payload in iter_records(journal):
-            new_sum = checksum64(payload if payload is not None else bytes(rec.length))
-            view = memoryview(buf)[: rec.length]
-            d.read_into(view, rec.offset)
-            if not zero_blocks(view, 1 << 24).all():
-                undo.data(rec.offset, view, aux=new_sum)
-            else:
-                undo.zero(rec.offset, rec.length, aux=new_sum)
-        undo.commit()
-        return undo.data_bytes
-    finally:
-        undo.close()
+def recover(
+    dst: str | os.PathLike[str], *, journal: str | os.PathLike[str] | None = None, dry_run: bool = False
+) -> int | None:
+    """Complete the update an interrupted sync committed. None when there was nothing to complete.
+
+    Returns the bytes written (with ``dry_run``: the bytes of data the journal would write;
+    nothing is written). A journal whose scan was interrupted before commit is left alone:
+    ``dst`` is untouched by it, and running the same sync again resumes it.
+    """
+    with Image(dst, write=not dry_run) as d:
+        jpath = Path(journal) if journal is not None else journal_path_for(d)
+        if dry_run:
+            if not jpath.exists():
+                return None
+            contents = read_journal(jpath)
+            return contents.data_bytes if contents.committed else None
+        d.lock_exclusive("recovery")
+        return recover_image(d, jpath)

@@ -1,17 +1,15 @@
-"""Signature and delta files: sync through another channel (a disk in the post, a one-way link).
+"""Signature files: one 128-bit digest per block of an image, for a sync through another channel.
 
-``write_signature(image, sigfile)`` stores one 128-bit digest per block of an image.
-``write_delta(src, delta, against=sigfile)`` stores the blocks of SRC that differ
-from that signature. ``apply_delta(delta, dst)`` checks that DST holds exactly the
-content the signature was made of, then applies the delta through the journal
-(crash-atomic, like a sync).
+``write_signature(image, sigfile)`` stores the digests; ``delta`` compares an image with
+them. A state file (``--state``) is a signature of SRC under another magic, with what the
+replica looked like right after that sync.
 
-Signature layout (little endian): a 4096-byte header (``SIG_HEADER`` + its
-XXH3-64), ``count`` digests of 16 bytes, then a trailer (``SIG_TRAILER``): the
-*content digest*, XXH3-64 over the XXH3-64 of each chunk's digests, and its own
-checksum. A delta is a journal-format file (magic ``VIMGDLTA``) whose header holds
-the digest algorithm, the key and the content digest of the signature it was made
-against; it ends with a COMMIT record, so a truncated delta is recognised.
+Layout (little endian): a 4096-byte header (``SIG_HEADER`` + its XXH3-64), ``count``
+digests of 16 bytes, then a trailer (``SIG_TRAILER``): the *content digest* and its own
+checksum. The content digest is XXH3-64 over the XXH3-64 of each group of digests that
+covers ``DIGEST_GROUP`` bytes of the image (the last group may be short): it identifies
+the content a delta applies to. It depends on the block size (in the header) and on
+``DIGEST_GROUP``, a constant of this format, not on how the image is read.
 """
 
 from __future__ import annotations
@@ -28,22 +26,14 @@ import numpy as np
 import numpy.typing as npt
 
 from vimgtools.blocks import checksum64
-from vimgtools.errors import ImageRefused, InvalidInput, JournalError
-from vimgtools.image import Image, describe_os_error, fsync_dir
-from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, change_stream, digest_stream, hole_digests
-from vimgtools.sync.journal import (
-    DATA,
-    DELTA_MAGIC,
-    FLAG_SHRINK,
-    Header,
-    JournalWriter,
-    iter_records,
-    read_journal,
-    remove_journal,
-)
-from vimgtools.sync.replica import NO_EXPECT, Expect, Replica, Source
-from vimgtools.sync.scan import CHUNK_SIZE
+from vimgtools.errors import InvalidInput, JournalError
+from vimgtools.image import Image, describe_os_error, fsync_dir, open_regular
+from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, digest_stream, hole_digests
+from vimgtools.sync.options import check_block_size, check_checksum
+from vimgtools.sync.replica import NO_EXPECT, Expect
 
+DIGEST_GROUP = 8 << 20  # image bytes per group of the content digest (the chunk size of version 1's writers)
 SIG_MAGIC = b"VIMGSIGN"
 STATE_MAGIC = b"VIMGSTAT"  # a signature of SRC, plus what DST looked like right after that sync
 SIG_VERSION = 1
@@ -69,22 +59,31 @@ class SignatureInfo:
     digest: int  # content digest (see module docstring)
 
 
-class ChunkDigests:
-    """Accumulates the content digest of an image chunk by chunk."""
+class ContentDigest:
+    """Accumulates the content digest of an image from its block digests, given in order in any pieces."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int) -> None:
+        self._per = max(1, DIGEST_GROUP // block_size)  # digests per group
         self._sums = bytearray()
+        self._pending: npt.NDArray[np.uint64] = np.empty((0, 2), dtype=np.uint64)
 
     def add(self, digests: npt.NDArray[np.uint64]) -> None:
-        self._sums += _SUM.pack(checksum64(np.ascontiguousarray(digests).tobytes()))
+        rows = digests if not len(self._pending) else np.concatenate([self._pending, digests])
+        full = len(rows) // self._per * self._per
+        for i in range(0, full, self._per):
+            self._sums += _SUM.pack(checksum64(np.ascontiguousarray(rows[i : i + self._per]).tobytes()))
+        self._pending = rows[full:].copy()
 
     @property
     def value(self) -> int:
+        sums = bytes(self._sums)
+        if len(self._pending):
+            sums += _SUM.pack(checksum64(np.ascontiguousarray(self._pending).tobytes()))
         step = 16 << 20  # checksum64's limit; an image past 16 TiB hashes the sums in pieces
-        if len(self._sums) <= step:
-            return checksum64(self._sums)
+        if len(sums) <= step:
+            return checksum64(sums)
         return checksum64(
-            b"".join(_SUM.pack(checksum64(self._sums[i : i + step])) for i in range(0, len(self._sums), step))
+            b"".join(_SUM.pack(checksum64(sums[i : i + step])) for i in range(0, len(sums), step))
         )
 
 
@@ -98,7 +97,7 @@ class SignatureWriter:
         self.block_size, self.checksum, self.key, self.size = block_size, checksum, key, size
         self.count = -(-size // block_size)
         self.tmp = path.with_name(path.name + ".tmp")
-        self._acc = ChunkDigests()
+        self._acc = ContentDigest(block_size)
         self._next = 0
         try:
             self._f = open(self.tmp, "wb")  # noqa: SIM115 (closed by finish/abort)
@@ -149,30 +148,38 @@ def write_signature(
     checksum: str = "xxh128",
     progress: Progress | None = None,
     keep_cache: bool = False,
+    dry_run: bool = False,
 ) -> SignatureInfo:
-    """Write the block digests of ``image`` to ``out`` (atomically: a temporary name, then renamed)."""
-    from vimgtools.sync import check_block_size
+    """Write the block digests of ``image`` to ``out`` (atomically: a temporary name, then renamed).
 
+    With ``dry_run`` the image is read and hashed and nothing is written.
+    """
     check_block_size(block_size)
-    if checksum not in CHECKSUMS:
-        raise InvalidInput(f"--checksum {checksum!r}: known are {', '.join(CHECKSUMS)}")
+    check_checksum(checksum)
     key = secrets.token_bytes(32)
     with Image(image) as img:
-        w = SignatureWriter(
-            Path(out), magic=SIG_MAGIC, block_size=block_size, checksum=checksum, key=key, size=img.size
-        )
+        w = None
+        if not dry_run:
+            w = SignatureWriter(
+                Path(out), magic=SIG_MAGIC, block_size=block_size, checksum=checksum, key=key, size=img.size
+            )
+        acc = ContentDigest(block_size)
         try:
             for offset, length, digests, _, _ in digest_stream(
                 img, 0, img.size, block_size, checksum, key, keep_cache=keep_cache
             ):
-                w.add(offset, digests)
+                if w is not None:
+                    w.add(offset, digests)
+                else:
+                    acc.add(digests)
                 if progress:
                     progress(offset + length, img.size)
         except BaseException:
-            w.abort()
+            if w is not None:
+                w.abort()
             raise
-        digest = w.finish()
-    return SignatureInfo(Path(out), block_size, checksum, key, img.size, w.count, digest)
+        digest = w.finish() if w is not None else acc.value
+    return SignatureInfo(Path(out), block_size, checksum, key, img.size, -(-img.size // block_size), digest)
 
 
 class Signature:
@@ -180,10 +187,11 @@ class Signature:
 
     def __init__(self, path: str | os.PathLike[str], magic: bytes = SIG_MAGIC) -> None:
         self.path = Path(path)
+        what = "signature" if magic == SIG_MAGIC else "state file"
         try:
-            self._f = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+            self._f = os.fdopen(open_regular(self.path, what), "rb")
         except OSError as e:
-            raise InvalidInput(f"{self.path}: cannot read the signature: {describe_os_error(e)}") from e
+            raise InvalidInput(f"{self.path}: cannot read the {what}: {describe_os_error(e)}") from e
         raw = self._f.read(HEADER_SIZE)
         if len(raw) < SIG_HEADER.size + 8:
             raise JournalError(f"{self.path}: truncated signature header")
@@ -207,7 +215,7 @@ class Signature:
         have = os.fstat(self._f.fileno()).st_size
         if have != want:
             raise JournalError(f"{self.path}: truncated or damaged signature ({have} bytes, expected {want})")
-        self._acc = ChunkDigests()
+        self._acc = ContentDigest(bs)
         self._next_chunk = 0  # signature chunks are read (and checked) in order, each once
 
     def _chunk(self, index: int) -> npt.NDArray[np.uint64]:
@@ -241,7 +249,7 @@ class Signature:
 
     def rewind(self) -> None:
         """Read from the first chunk again."""
-        self._acc = ChunkDigests()
+        self._acc = ContentDigest(self.block_size)
         self._next_chunk = 0
 
     def finish_reading(self) -> None:
@@ -265,159 +273,3 @@ class Signature:
 
     def close(self) -> None:
         self._f.close()
-
-
-@dataclass
-class DeltaResult:
-    blocks: int = 0
-    changed: int = 0
-    zero: int = 0
-    bytes_read: int = 0
-    delta_bytes: int = 0  # payload bytes in the delta
-    bytes_written: int = 0
-    journal_bytes: int = 0
-    seconds: float = 0.0
-
-
-def write_delta(
-    src: str | os.PathLike[str],
-    delta: str | os.PathLike[str],
-    against: str | os.PathLike[str],
-    *,
-    block_size: int | None = None,
-    progress: Progress | None = None,
-    keep_cache: bool = False,
-) -> DeltaResult:
-    """Write the blocks of ``src`` that differ from the signature ``against`` into ``delta``.
-
-    ``block_size``, when given, must be the signature's (a check, not a choice).
-    """
-    t0 = time.monotonic()
-    sig = Signature(against)
-    if block_size is not None and block_size != sig.block_size:
-        sig.close()
-        raise InvalidInput(
-            f"{sig.path}: made with {sig.block_size}-byte blocks, but --block-size asks {block_size}"
-        )
-    res = DeltaResult()
-    delta_path = Path(delta)
-    try:
-        bs = sig.block_size
-        base_digest = sig.content_digest()
-        with Image(src) as img:
-            res.blocks = -(-img.size // bs)
-            header = Header(
-                DELTA_MAGIC,
-                bs,
-                sig.size,
-                img.size,
-                FLAG_SHRINK if img.size < sig.size else 0,
-                img.size,
-                digest_name=sig.checksum.encode(),
-                digest_key=sig.key,
-                base_digest=base_digest,
-            )
-            writer = JournalWriter(delta_path, header)
-            try:
-                for c in change_stream(
-                    img, 0, img.size, bs, sig.checksum, sig.key, sig.digests, keep_cache=keep_cache
-                ):
-                    res.bytes_read += c.read
-                    res.changed += c.changed
-                    res.zero += c.zero
-                    for off, n, payload in c.ranges:
-                        if payload is None:
-                            writer.zero(off, n)
-                        else:
-                            writer.data(off, payload)
-                    if progress:
-                        progress(c.offset + c.length, img.size)
-                # Blocks of the base past our end are cut by the resize (FLAG_SHRINK): nothing to write.
-                sig.finish_reading()
-                sig.check_end()
-                writer.commit()
-                res.delta_bytes = writer.data_bytes
-            except BaseException:
-                writer.close()
-                remove_journal(delta_path)
-                raise
-            writer.close()
-    finally:
-        sig.close()
-    res.seconds = time.monotonic() - t0
-    return res
-
-
-def apply_delta(
-    delta: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    allow_shrink: bool = True,
-    force: bool = False,
-    dry_run: bool = False,
-    journal: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
-) -> DeltaResult:
-    """Apply ``delta`` to ``dst`` crash-atomically, after proving ``dst`` is the content it was made against.
-
-    Raises:
-        JournalError: the delta is truncated or damaged (nothing written, exit 1... reported as 2 by the CLI).
-        ImageRefused: ``dst`` holds other content than the delta's base (nothing written, exit 2).
-    """
-    t0 = time.monotonic()
-    delta_path = Path(delta)
-    contents = read_journal(delta_path, DELTA_MAGIC)
-    if not contents.committed:
-        raise ImageRefused(
-            f"{delta_path}: truncated or damaged delta (no intact end record); nothing written"
-        )
-    h = contents.header
-    name = h.digest_name.decode(errors="replace")
-    if name not in CHECKSUMS:
-        raise ImageRefused(f"{delta_path}: unknown block digest {name!r}")
-    dst_path = Path(dst)
-    if not dst_path.exists():
-        raise InvalidInput(f"{dst_path}: no such file or device (a delta applies to an existing image)")
-    res = DeltaResult(blocks=-(-h.new_size // h.block_size))
-    with Image(dst_path) as d:
-        if d.size != h.old_size and not (d.is_block and d.size >= h.old_size):
-            raise ImageRefused(
-                f"{dst_path}: is {d.size} bytes; the delta was made against an image of {h.old_size} bytes"
-            )
-        acc = ChunkDigests()
-        for offset, length, digests, _, read in digest_stream(
-            d, 0, h.old_size, h.block_size, name, h.digest_key
-        ):
-            res.bytes_read += read
-            acc.add(digests)
-            if progress:
-                progress(offset + length, h.old_size)
-        if acc.value != h.base_digest:
-            raise ImageRefused(
-                f"{dst_path}: holds other content than the image the delta was made against; nothing written"
-            )
-    with Replica(
-        dst_path,
-        Source(h.new_size),
-        block_size=h.block_size,
-        dry_run=dry_run,
-        allow_shrink=allow_shrink,
-        force=force,
-        journal=journal,
-    ) as rep:
-        try:
-            for rec, payload in iter_records(contents):
-                res.changed += -(-rec.length // h.block_size)
-                if rec.kind == DATA and payload is not None:
-                    res.delta_bytes += len(payload)
-                    rep.data(rec.offset, payload)
-                else:
-                    res.zero += -(-rec.length // h.block_size)
-                    rep.zero(rec.offset, rec.length)
-            rep.finish()
-        except BaseException:
-            rep.abort(keep_for_resume=False)
-            raise
-        res.bytes_written, res.journal_bytes = rep.bytes_written, rep.journal_bytes
-    res.seconds = time.monotonic() - t0
-    return res

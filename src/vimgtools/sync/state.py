@@ -20,7 +20,8 @@ import numpy.typing as npt
 
 from vimgtools.errors import InvalidInput, JournalError
 from vimgtools.image import Image
-from vimgtools.sync.digests import CHECKSUMS, digest_stream
+from vimgtools.sync.digests import digest_stream
+from vimgtools.sync.sender import Session
 from vimgtools.sync.signature import STATE_MAGIC, Signature, SignatureWriter
 
 log = logging.getLogger("vimgtools.sync")
@@ -30,8 +31,6 @@ class StateRun:
     """The state of the last run (if usable) and the writer of this run's."""
 
     def __init__(self, path: str, block_size: int, checksum: str, size: int) -> None:
-        if checksum not in CHECKSUMS:
-            raise InvalidInput(f"--checksum {checksum!r}: known are {', '.join(CHECKSUMS)}")
         self.path = Path(path)
         self.old: Signature | None = None
         self.note = "none yet"
@@ -67,12 +66,13 @@ class StateRun:
             return None
         return self.old.digests
 
-    def prepass(self, img: Image, start: int, bs: int, keep_cache: bool, trusted: bool) -> int:
+    def prepass(self, img: Image, sess: Session, keep_cache: bool, trusted: bool) -> int:
         """A resumed run starts past 0, but the new state needs every chunk. Returns bytes read."""
         read = 0
         for offset, length, mine, _, n in digest_stream(
-            img, 0, start, bs, self.checksum, self.key, keep_cache=keep_cache
-        ):
+            img, 0, sess.start, sess.block_size, self.checksum, self.key,
+            keep_cache=keep_cache, workers=sess.workers,
+        ):  # fmt: skip
             read += n
             self.writer.add(offset, mine)
             if trusted and self.old is not None:

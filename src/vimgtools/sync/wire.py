@@ -12,6 +12,8 @@ Conversation (the client starts the far side with ``python3 -m vimgtools.sync --
     sender -> receiver DATA     offset + bytes | ZERO offset, length | CHUNK_END offset
     sender -> receiver DONE     json: figures of the sender
     receiver -> sender RESULT   json: figures of the receiver (or ERROR)
+    with --verify, after RESULT: the far side (the server) reads its image again and sends
+    its digests, DIGESTS | HOLES per chunk from 0 on; the client compares them with its own
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vimgtools import errors
 from vimgtools.blocks import checksum64
-from vimgtools.errors import TransportError
+from vimgtools.errors import InvalidInput, TransportError, VimgError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 WIRE_MAGIC = b"VIMGSYNC"
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: options as SyncOptions.for_peer, the --verify exchange after RESULT
 FRAME_MAGIC = b"VS"
 FRAME = struct.Struct("<2sBxI")  # magic, type, payload length
 _SUM = struct.Struct("<Q")
@@ -189,18 +192,35 @@ class Channel:
 
 def remote_error(peer: str, payload: Buffer) -> Exception:
     """An ERROR frame becomes the same exception class on this side, named after the peer."""
-    from vimgtools import errors
-
     try:
         obj = json.loads(bytes(memoryview(payload)))
         cls = getattr(errors, str(obj.get("class", "")), None)
         message = str(obj.get("message", "unknown error"))
-    except ValueError:
-        cls, message = None, "unreadable error message"
+        option = obj.get("option")
+    except (ValueError, AttributeError):
+        cls, message, option = None, "unreadable error message", None
     if not (isinstance(cls, type) and issubclass(cls, errors.VimgError)):
         cls = TransportError
+    if cls is InvalidInput and isinstance(option, str):
+        return InvalidInput(f"{peer}: {message}", option=option)
     return cls(f"{peer}: {message}")
 
 
-def error_payload(e: Exception) -> dict[str, Any]:
-    return {"class": type(e).__name__, "message": str(e), "exit_code": getattr(e, "exit_code", 1)}
+def error_payload(e: BaseException) -> dict[str, Any]:
+    """An exception as an ERROR frame's message; anything not a VimgError is an internal error."""
+    if not isinstance(e, VimgError):
+        return {
+            "class": "TransportError",
+            "message": f"internal error: {type(e).__name__}: {e}",
+            "exit_code": 1,
+        }
+    obj: dict[str, Any] = {"class": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
+    if isinstance(e, InvalidInput) and e.option:
+        obj["option"], obj["message"] = e.option, e.reason
+    return obj
+
+
+def send_error(ch: Channel, e: BaseException) -> None:
+    """Tell the peer why we stop, if it still listens."""
+    with contextlib.suppress(TransportError, OSError):
+        ch.send_json(ERROR, error_payload(e))

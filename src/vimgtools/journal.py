@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from vimgtools.blocks import checksum64
 from vimgtools.errors import ImageError, JournalError
-from vimgtools.image import Image, describe_os_error, fsync_dir, start_writeback
+from vimgtools.image import Image, describe_os_error, fsync_dir, open_regular, start_writeback
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -262,7 +262,7 @@ def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int]]:
 def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
     """Verify a journal or undo file from end to end; a torn tail is ignored (it was never committed)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path, "journal-format file (journal, undo file or delta)")
     except OSError as e:
         raise JournalError(f"{path}: cannot read: {describe_os_error(e)}") from e
     try:

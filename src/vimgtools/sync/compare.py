@@ -1,0 +1,116 @@
+"""The local compare: both images read once, side by side, block by block, in order.
+
+Chunks go through the shared pipeline (``chunks.in_order``: two threads, I/O and the
+engine release the GIL), so memory is bounded whatever the image size. Regions that
+are holes in both images are never read. Within a chunk both images are read in
+pieces into two small per-thread buffers that stay in the CPU cache while they are
+compared; only the changed blocks are copied out for the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vimgtools.blocks import Run, coalesce_runs, diff_blocks, zero_blocks
+from vimgtools.image import Image
+from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, block_segments, in_order, read_piece
+
+
+@dataclass
+class Chunk:
+    """One compared chunk. ``src`` holds SRC's bytes of the changed runs (only those) until the next chunk."""
+
+    offset: int
+    length: int
+    runs: list[Run]  # block indices relative to the chunk
+    src: memoryview
+    bytes_read: int
+
+
+def scan(
+    src: Image,
+    dst: Image | None,
+    *,
+    start: int,
+    end: int,
+    block_size: int,
+    dst_size: int,
+    workers: int = 2,
+    keep_cache: bool = False,
+    stop: threading.Event | None = None,
+) -> Iterator[Chunk]:
+    """Yield the chunks of [start, end) with the runs of blocks where ``src`` differs from ``dst``.
+
+    ``dst`` None (or past ``dst_size``) reads as zeros. ``start`` must be chunk-aligned.
+    A chunk's ``src`` bytes stay valid until the next chunk is asked for.
+    """
+    if not keep_cache:
+        for img in (src, dst):
+            if img is not None:
+                img.no_readahead()
+    piece = max(PIECE, block_size)
+    local = threading.local()
+
+    def work(offset: int, buf: memoryview) -> Chunk:
+        length = min(CHUNK_SIZE, end - offset)
+        segments = block_segments(
+            src.data_in(offset, length),
+            dst.data_in(offset, min(length, dst_size - offset)) if dst is not None else [],
+            offset,
+            block_size,
+            length,
+        )
+        if not segments:  # holes on both sides: nothing to read
+            return Chunk(offset, length, [], ZEROS[:length], 0)
+        if not hasattr(local, "a"):  # per thread: two pieces that stay in the CPU cache
+            local.a, local.b = memoryview(bytearray(piece)), memoryview(bytearray(piece))
+        out = buf[:length]  # receives SRC's bytes of the changed blocks only
+        read = 0
+        runs: list[Run] = []
+        for rel, n in segments:
+            for p in range(rel, rel + n, piece):
+                m = min(piece, rel + n - p)
+                a, b = local.a[:m], local.b[:m]
+                read += read_piece(src, a, offset + p, keep_cache)
+                inside = max(0, min(m, dst_size - offset - p)) if dst is not None else 0
+                if inside:
+                    assert dst is not None
+                    read += read_piece(dst, b[:inside], offset + p, keep_cache)
+                if inside < m:
+                    b[inside:] = ZEROS[: m - inside]
+                idx = diff_blocks(a, b, block_size)
+                if not len(idx):
+                    continue
+                base = p // block_size
+                for b0, b1, z in coalesce_runs(idx, zero_blocks(a, block_size)[idx]):
+                    if not z:
+                        lo, hi = b0 * block_size, min(b1 * block_size, m)
+                        out[p + lo : p + hi] = a[lo:hi]
+                    if runs and runs[-1][1] == b0 + base and runs[-1][2] == z:
+                        runs[-1] = (runs[-1][0], b1 + base, z)  # continues the last run
+                    else:
+                        runs.append((b0 + base, b1 + base, z))
+        return Chunk(offset, length, runs, out, read)
+
+    def offsets() -> Iterator[int]:
+        offset = start
+        while offset < end and not (stop is not None and stop.is_set()):
+            offset = _skip_holes(src, dst, dst_size, offset, end)
+            if offset >= end:
+                return
+            yield offset
+            offset += CHUNK_SIZE
+
+    return in_order(work, offsets(), workers, 2 * workers, buffers=True)
+
+
+def _skip_holes(src: Image, dst: Image | None, dst_size: int, offset: int, end: int) -> int:
+    """Jump over whole chunks that are holes on both sides (a mostly empty 64 GiB image is 8192 chunks)."""
+    nd = src.next_data(offset)
+    if dst is not None and offset < dst_size:
+        nd = min(nd, dst.next_data(offset))
+    if nd >= end:
+        return end
+    return offset + (nd - offset) // CHUNK_SIZE * CHUNK_SIZE

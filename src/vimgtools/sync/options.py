@@ -1,0 +1,121 @@
+"""What a sync is asked to do: one frozen, validated options object for every mode and both ends.
+
+``SyncOptions`` is checked once, when it is made; the far side of a remote sync gets
+the part it acts on (``for_peer``) inside HELLO and rebuilds it (``from_peer``).
+Errors name the option as the library knows it (``block_size``); the CLI words it as
+its flag (``--block-size``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from vimgtools.blocks import zero_blocks
+from vimgtools.errors import InvalidInput
+from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.digests import CHECKSUMS
+
+PathArg = str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """Options of ``sync()``; the same object drives a local run, a push, a pull and the far side.
+
+    Attributes:
+        block_size: comparison unit in bytes (power of two, 4 KiB to 8 MiB).
+        dry_run: read and report; write nothing.
+        verify: afterwards, read the replica back (on its own host) and compare it with SRC.
+        undo: keep the old content of every overwritten block in this file (see ``rollback``).
+        allow_shrink: let a larger replica file be cut to SRC's size.
+        force: write a replica that a running QEMU holds open.
+        journal: redo journal path (default: ``DST.vimg-journal``; for devices under /var/lib/vimgtools).
+        keep_cache: keep the pages this run brought into the page cache.
+        state: keep SRC's digests in this file; the next run then reads SRC alone.
+        workers: reader threads on each end.
+        checksum: block digest where the images are not side by side: ``"xxh128"`` (seeded per
+            session) or ``"blake2b"`` (keyed).
+        rsh: remote only: the command that reaches the host, split like a shell would.
+        remote_python: remote only: the Python that runs ``-m vimgtools.sync --server`` there.
+        timeout: remote only: seconds of silence from the far side before giving up.
+    """
+
+    block_size: int = 4096
+    dry_run: bool = False
+    verify: bool = False
+    undo: str | None = None
+    allow_shrink: bool = False
+    force: bool = False
+    journal: str | None = None
+    keep_cache: bool = False
+    state: str | None = None
+    workers: int = 2
+    checksum: str = "xxh128"
+    rsh: str = "ssh"
+    remote_python: str = "python3"
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("undo", "journal", "state"):  # paths as given (PathLike too), kept as str
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+        check_block_size(self.block_size)
+        check_checksum(self.checksum)
+        if not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
+            raise InvalidInput(f"{self.workers!r}: use 1 to 64 reader threads", option="workers")
+        if not self.timeout > 0:
+            raise InvalidInput(f"{self.timeout!r}: must be more than 0 seconds", option="timeout")
+
+    # The options the far side acts on (the rest is this side's business).
+    PEER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "dry_run",
+        "verify",
+        "undo",
+        "allow_shrink",
+        "force",
+        "journal",
+        "keep_cache",
+        "workers",
+    )
+
+    def for_peer(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k in self.PEER_FIELDS}
+
+    @classmethod
+    def from_peer(cls, obj: object, *, block_size: int, checksum: str) -> SyncOptions:
+        """The far side's options from HELLO; unknown keys are ignored, bad values refused."""
+        given = obj if isinstance(obj, dict) else {}
+        kw: dict[str, Any] = {}
+        for k in cls.PEER_FIELDS:
+            if k not in given:
+                continue
+            v = given[k]
+            if k in ("undo", "journal"):
+                kw[k] = None if v is None else str(v)
+            elif k == "workers":
+                kw[k] = v
+            else:
+                kw[k] = bool(v)
+        return cls(block_size=block_size, checksum=checksum, **kw)
+
+
+def check_block_size(block_size: int) -> None:
+    """A power of two from 4 KiB to 8 MiB: a block never spans two chunks."""
+    try:
+        zero_blocks(b"", block_size)
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(str(e), option="block_size") from None
+    if block_size > CHUNK_SIZE:
+        raise InvalidInput(
+            f"{block_size} is larger than sync's 8 MiB chunks: use a power of two "
+            "from 4096 (4 KiB) to 8388608 (8 MiB)",
+            option="block_size",
+        )
+
+
+def check_checksum(checksum: str) -> None:
+    if checksum not in CHECKSUMS:
+        raise InvalidInput(f"{checksum!r}: known are {', '.join(CHECKSUMS)}", option="checksum")

@@ -1,0 +1,90 @@
+"""Undo files: the old content of what a sync overwrote, and ``rollback`` to that generation.
+
+An undo file is a journal-format file (magic ``VIMGUNDO``, see ``vimgtools.journal``): each
+record holds the old content of a range and, in ``aux``, the checksum of the new content,
+so a rollback first proves the replica still holds the generation that sync wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vimgtools.blocks import checksum64, zero_blocks
+from vimgtools.errors import ImageRefused, JournalError
+from vimgtools.image import Image
+from vimgtools.journal import (
+    UNDO_MAGIC,
+    Header,
+    JournalContents,
+    JournalWriter,
+    iter_records,
+    journal_path_for,
+    read_journal,
+    recover_image,
+    write_through_journal,
+)
+from vimgtools.sync.chunks import CHUNK_SIZE
+
+
+def write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -> int:
+    """Keep the old content of everything the journal will overwrite (durable before any write)."""
+    uheader = Header(UNDO_MAGIC, header.block_size, d.size, header.new_size, 0, dst_id=header.dst_id)
+    undo = JournalWriter(path, uheader)
+    try:
+        buf = bytearray(CHUNK_SIZE)
+        for rec, payload in iter_records(journal):
+            new_sum = checksum64(payload if payload is not None else bytes(rec.length))
+            view = memoryview(buf)[: rec.length]
+            d.read_into(view, rec.offset)
+            if not zero_blocks(view, 1 << 24).all():
+                undo.data(rec.offset, view, aux=new_sum)
+            else:
+                undo.zero(rec.offset, rec.length, aux=new_sum)
+        undo.commit()
+        return undo.data_bytes
+    finally:
+        undo.close()
+
+
+def rollback(dst: str | os.PathLike[str], undo: str | os.PathLike[str], *, dry_run: bool = False) -> int:
+    """Return ``dst`` to the generation before the sync that wrote ``undo``. Returns bytes written.
+
+    With ``dry_run`` every check is made and nothing is written; the bytes that would be written
+    are returned. Refuses (ImageRefused) when ``dst`` no longer holds what that sync wrote, and
+    (dry run) when an interrupted update must be completed first.
+    """
+    upath = Path(undo)
+    contents = read_journal(upath, UNDO_MAGIC)
+    if not contents.committed:
+        raise JournalError(f"{upath}: incomplete undo file (its sync never reached the point of writing)")
+    h = contents.header
+    with Image(dst, write=not dry_run) as d:
+        jpath = journal_path_for(d)
+        if dry_run:
+            if jpath.exists() and read_journal(jpath).committed:
+                raise ImageRefused(
+                    f"{d.path}: an interrupted update must be completed first (it is committed in {jpath}); "
+                    "run the rollback without dry run, or recover first"
+                )
+        else:
+            d.lock_exclusive("rollback")
+            recover_image(d, jpath)
+            d.refresh_size()
+        if d.size != h.new_size and not d.is_block:
+            raise ImageRefused(f"{d.path}: is {d.size} bytes, the undo file is for {h.new_size} bytes")
+        buf = bytearray(CHUNK_SIZE)
+        would = 0
+        for rec, payload in iter_records(contents):
+            view = memoryview(buf)[: rec.length]
+            d.read_into(view, rec.offset)
+            if checksum64(view) != rec.aux:
+                raise ImageRefused(
+                    f"{d.path}: changed since the sync that wrote {upath} "
+                    f"(offset {rec.offset}); not rolled back"
+                )
+            would += rec.length if payload is not None else 0
+        if dry_run:
+            return would
+        old = ((rec.offset, payload, rec.length) for rec, payload in iter_records(contents))
+        return write_through_journal(d, jpath, h.old_size, h.block_size, old)
