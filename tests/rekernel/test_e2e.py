@@ -67,6 +67,17 @@ def test_grub2_usrmerge_supplied_initramfs_then_rollback(
     assert_booted(report.values, new)
     assert report["UNLOADED"].split()[0] == "0", report["UNLOADED"]
 
+    # --dry-run --rollback: the rollback plan, rehearsed and verified on the overlay; DISK unchanged.
+    before = sha256(disk)
+    p = run_cli("--json", "--dry-run", "--rollback", str(disk))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["action"] == "rollback" and out["dry_run"] and not out["committed"]
+    assert [s["op"] for s in out["plan"]["steps"]] == ["SetDefault", "Write"]
+    assert (out["plan"]["previous"], out["plan"]["version"]) == (new, guest_version)
+    assert out["verified"]["default_entry"]["kernel"] == f"/boot/vmlinuz-{guest_version}"
+    assert sha256(disk) == before
+
     p = run_cli("--json", "--rollback", str(disk))
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["verified"]["default_entry"]["kernel"] == f"/boot/vmlinuz-{guest_version}"
@@ -221,6 +232,14 @@ def test_refusals_leave_disk_byte_identical(
     mods.rename(mods.parent / "9.9.9-other")
     assert main([str(disk), "--from", str(wrong)]) == 2
     assert "modules are for 9.9.9-other" in capsys.readouterr().err
+    assert sha256(disk) == before
+    # --rollback on a guest vimgtools never rekernelled: refused by the rollback plan, dry run or not.
+    for dry in ([], ["--dry-run"]):
+        assert main(["--json", *dry, "--rollback", str(disk)]) == 2
+        captured = capsys.readouterr()
+        assert "not rekernelled by vimgtools" in captured.err
+        out = json.loads(captured.out)
+        assert out["action"] == "rollback" and out["plan"]["steps"] == [] and out["done"] == []
     assert sha256(disk) == before
 
 

@@ -56,7 +56,7 @@ def create_overlay(disk: Path, fmt: str, directory: Path) -> Path:
     return overlay
 
 
-def changed_runs(overlay: Path, *, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+def overlay_extents(overlay: Path, *, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
     """(guest offset, data) for every extent the overlay itself holds; zeros written out as zeros."""
     extents = json.loads(_qemu_img("map", "--output=json", "-f", "qcow2", str(overlay)))
     with open(overlay, "rb") as f:
@@ -94,7 +94,7 @@ def commit_overlay(overlay: Path, disk: Path, fmt: str) -> int:
     if fmt == "raw":
         from vimgtools.journal import apply_runs
 
-        return apply_runs(disk, changed_runs(overlay))
+        return apply_runs(disk, overlay_extents(overlay))
     if fmt not in ("qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc"):
         raise InvalidInput(f"{disk}: cannot commit into format {fmt}")
     size = os.path.getsize(overlay)
