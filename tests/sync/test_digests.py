@@ -17,16 +17,16 @@ from synchelp import MiB, poke, write_image
 
 from vimgtools.blocks import coalesce_runs, zero_blocks
 from vimgtools.image import Image
+from vimgtools.sync.chunks import CHUNK_SIZE
 from vimgtools.sync.digests import (
-    digests_of,
     change_stream,
     changes_of,
     chunk_changes,
-    hash_chunk,
     digest_stream,
+    digests_of,
     hash_ahead,
+    hash_chunk,
 )
-from vimgtools.sync.chunks import CHUNK_SIZE
 
 KEY = bytes(range(32))
 SIZE = 2 * CHUNK_SIZE + 5 * MiB + 4097  # three chunks, the last one ends in a short block
@@ -79,9 +79,7 @@ def test_chunk_digests_equal_whole_chunk_hashing(
 
 def test_a_chunk_past_the_compared_size_is_a_hole(images: tuple[Path, Path]) -> None:
     with Image(images[0]) as img:
-        digests, zero, read = hash_chunk(
-            img, CHUNK_SIZE, CHUNK_SIZE, 65536, "xxh128", KEY, size=CHUNK_SIZE
-        )
+        digests, zero, read = hash_chunk(img, CHUNK_SIZE, CHUNK_SIZE, 65536, "xxh128", KEY, size=CHUNK_SIZE)
     assert zero is None and read == 0
     np.testing.assert_array_equal(digests, digests_of(memoryview(bytes(CHUNK_SIZE)), 65536, "xxh128", KEY))
 

@@ -206,7 +206,15 @@ def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         parser.error(f"{modes[0]} and {modes[1]} are two modes: give one")
     mode = modes[0] if modes else "SRC DST"
     flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-    always = {"help", "verbose", "quiet", "json", "progress", "server", *(m[2:].replace("-", "_") for m in modes)}
+    always = {
+        "help",
+        "verbose",
+        "quiet",
+        "json",
+        "progress",
+        "server",
+        *(m[2:].replace("-", "_") for m in modes),
+    }
     given = [d for d in flags if d not in always and getattr(args, d) != parser.get_default(d)]
     for dest in given:
         if dest not in MODE_OPTIONS[mode]:
