@@ -67,6 +67,7 @@ def rekernel(
     Raises:
         KernelError, BootloaderError, ImageRefused, InvalidInput: refused before any change (exit 2).
         GuestError, ImageError: failed; ``disk`` is as it was.
+        Once the disk is opened, the exception's ``result`` is what was decided and done (for --json).
     """
     if target not in ("kvm", "xen"):
         raise InvalidInput(f"--target {target}: use kvm or xen")
@@ -102,7 +103,7 @@ def rekernel(
             options=options,
             initrd_files=initrd_files,
         )
-        _refuse_or_go_on(result.plan, force=force, dry_run=dry_run)
+        _refuse_or_go_on(result.plan, force=options.force, dry_run=dry_run)
         t1 = time.monotonic()
         apply_plan(s.guest, s.facts, s.loader, result.plan, progress, done=result.done)
         result.seconds["apply"] = round(time.monotonic() - t1, 2)
@@ -126,7 +127,8 @@ def rollback(
 
     Raises:
         InvalidInput: the guest was not rekernelled by vimgtools (no state file) or its previous kernel
-            is gone.
+            is gone (the rollback plan's checks; exit 2, nothing changed).
+        GuestError, ImageError: failed; ``disk`` is as it was. As with ``rekernel``, ``error.result``.
     """
     t_start = time.monotonic()
     disk = Path(disk)

@@ -27,6 +27,7 @@ from vimgtools.boot import Bootloader, detect
 from vimgtools.errors import ImageRefused, InvalidInput, VimgError
 from vimgtools.guest.facts import GuestFacts, choose_root, collect_facts
 from vimgtools.guest.protocol import Guest
+from vimgtools.guest.session import GuestImage
 from vimgtools.rekernel.overlay import commit_overlay, create_overlay, probe_format, refuse_if_in_use
 from vimgtools.rekernel.plan import Plan
 
@@ -121,8 +122,6 @@ class Session:
 
 def open_image(overlay: Path) -> Guest:
     """The real guest: one libguestfs appliance on the work overlay (the only launch of a run)."""
-    from vimgtools.guest.session import GuestImage  # lazy: `import vimgtools.rekernel` needs no guestfs
-
     return GuestImage(overlay, write=True, fmt="qcow2")
 
 
