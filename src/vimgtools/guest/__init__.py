@@ -1,1 +1,1 @@
-"""Guest layer: one libguestfs appliance over one disk image."""
+"""Guest layer: the Guest protocol, GuestImage (libguestfs) and FakeGuest (tests), facts, typed steps."""
