@@ -134,7 +134,7 @@ def test_serve_answers_a_foreign_version_with_an_error(images: tuple[Path, Path]
         server = Background(lambda: serve(rx.rfd, rx.wfd, timeout=10))
         msg = hello("receiver", str(dst), session(img.size), SyncOptions(), source_of(img))
         tx.send_json(HELLO, dict(msg, version=1, source=source_to_json(source_of(img))))
-        ftype, payload = tx.recv(ERROR)
+        _, payload = tx.recv(ERROR)
         assert "wire version 1" in json.loads(bytes(payload))["message"]
         assert server.result() == 1
 
