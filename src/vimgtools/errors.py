@@ -9,6 +9,7 @@ VimgError               base; catch this to catch everything            exit 1
 ├── GuestError          libguestfs: launch, inspect, mount, write-back     exit 1
 ├── KernelError         the --from tree: no kernel, modules do not match   exit 2
 ├── BootloaderError     unknown loader, cannot restamp here, restamp failed exit 2
+├── DrillError          drill: qemu would not start, its monitor went away exit 1
 └── Interrupted         SIGINT/SIGTERM: stopped at a consistent point      exit 130
 
 Library code raises these; the CLIs print ``prog: error: <message>`` and exit
@@ -85,6 +86,13 @@ class BootloaderError(VimgError):
     """The guest's bootloader cannot be restamped."""
 
     exit_code = 2
+
+
+class DrillError(VimgError):
+    """qemu could not run a drill: it would not start, or its monitor went away.
+
+    A guest that does not boot is not an error: it is the drill's answer (a report, exit 1).
+    """
 
 
 class Interrupted(VimgError):
