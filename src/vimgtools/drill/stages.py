@@ -25,7 +25,8 @@ from dataclasses import dataclass
 STAGES = ("firmware", "bootloader", "kernel", "userspace")
 END_STAGES = ("login", "expect", "agent")
 
-_ANSI = re.compile(rb"\x1b(\[[0-9;?=]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM])")
+# Escape sequences; then what is left of one cut short (systemd shortens long unit names with "…").
+_ANSI = re.compile(rb"\x1b(\[[0-9;?=]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78cDEHM]|\[[0-9;?=]*|)")
 _KTIME = re.compile(r"^\[\s*\d+\.\d+\]")
 _BANNER = re.compile(r"Linux version (\S+)")
 _LOGIN = re.compile(r"^\S+ login: *$")

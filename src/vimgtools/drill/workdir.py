@@ -50,6 +50,8 @@ def check_disk(path: Path, fmt: str | None = None) -> Disk:
         raise InvalidInput(f"{path}: {e.strerror}") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise InvalidInput(f"{path}: not a regular file or block device")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise InvalidInput(f"{path}: empty (0 bytes), nothing to boot")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -140,8 +142,11 @@ def sweep(base: Path) -> None:
     """Remove the overlays of drills that died (their directory is no longer locked)."""
     for d in base.glob(PREFIX + "*"):
         lock = d / LOCK
-        if not lock.exists() or not any(p.suffix == ".qcow2" for p in d.iterdir()):
-            continue
+        try:
+            if not lock.exists() or not any(p.suffix == ".qcow2" for p in d.iterdir()):
+                continue
+        except OSError:
+            continue  # another user's
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
