@@ -1,7 +1,8 @@
 """Disk images as files or block devices: size, allocation map, windowed reads, hole punching, locks.
 
 References: lseek(2) SEEK_DATA/SEEK_HOLE, fallocate(2) FALLOC_FL_PUNCH_HOLE, preadv2(2) RWF_NOWAIT,
-posix_fadvise(2), fcntl(2) open file description locks (what QEMU takes on its images).
+posix_fadvise(2), cachestat(2) (Linux 6.5), mincore(2), fcntl(2) open file description locks (what
+QEMU takes on its images).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
@@ -36,6 +38,46 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+
+# Page-cache residency (see Image.cache_probe): cachestat(2) since Linux 6.5 (451 on every
+# architecture: it came after the syscall tables were unified), else mincore(2) over a mapping.
+_SYS_CACHESTAT = 451
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_libc.syscall.restype = ctypes.c_long
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+CACHE_PROBES = ("cachestat", "mincore", "nowait")
+# Pages asked for per POSIX_FADV_WILLNEED call: the kernel reads at most max(read_ahead_kb,
+# max_sectors_kb) per call (mm/readahead.c force_page_cache_ra), 128 KiB on some devices.
+_WILLNEED_STEP = 128 << 10
+_RESIDENT = bytes.maketrans(bytes(range(256)), bytes(i & 1 for i in range(256)))
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    ]
+
+
+Residency = bool | bytes  # True: every page cached; False: none; else one byte per page, 1 = cached
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -85,12 +127,18 @@ def open_regular(path: Path, what: str) -> int:
 
 
 class Image:
-    """An open image: a regular file or a block device.
+    """An open image: a regular file or a block device, read as raw bytes.
+
+    The interface every image has: ``nbd.NbdImage`` (any QEMU format, through NBD) is the
+    other backend, and ``images.open_image`` picks one.
 
     Args:
         path: the file or device.
         write: open for writing (O_RDWR) instead of read-only.
     """
+
+    format = "raw"
+    cluster_size = 0  # of a qcow2: what a replica created from it gets
 
     def __init__(self, path: str | os.PathLike[str], *, write: bool = False) -> None:
         self.path = Path(path)
@@ -120,6 +168,13 @@ class Image:
         self.size = self._device_size() if self.is_block else st.st_size
         self._seek_data_ok = not self.is_block
         self._nowait_ok = True
+        self._probe: str | None = None
+        self._step: int | None = None
+
+    @property
+    def chain(self) -> list[dict[str, str]]:
+        """The image and its backing files, as ``qemu-img info --backing-chain`` lists them."""
+        return [{"filename": str(self.path), "format": self.format}]
 
     # -- identity -------------------------------------------------------
     @property
@@ -208,16 +263,19 @@ class Image:
         return out
 
     # -- reading --------------------------------------------------------
-    def read_into(self, buf: memoryview, offset: int) -> tuple[int, bool]:
+    def read_into(self, buf: memoryview, offset: int, *, probe: bool = True) -> tuple[int, bool]:
         """Fill ``buf`` from ``offset``; bytes past the end read as zeros.
 
         Returns (bytes read from the image, whether all of it came from the page cache).
-        The second value lets a caller evict what it alone brought in (see ``drop_cache``).
+        The second value lets a caller evict what it alone brought in (see ``drop_cache``);
+        it is learned by trying the read with RWF_NOWAIT first. With ``probe`` False the read
+        is a plain one (the caller learned residency before, see ``residency``) and the second
+        value is False.
         """
         want = len(buf)
         got = 0
-        cached = True
-        if self._nowait_ok and not self.is_block:
+        cached = probe
+        if probe and self._nowait_ok and not self.is_block:
             try:
                 got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
             except BlockingIOError:
@@ -245,10 +303,10 @@ class Image:
         return ImageError(f"{self.path}: read error at offset {offset}: {describe_os_error(e)}")
 
     def no_readahead(self) -> None:
-        """Read exactly what is asked (our reads are MiB-sized and pipelined already).
+        """Read exactly what is asked: no kernel readahead on this open file (POSIX_FADV_RANDOM).
 
-        Kernel readahead would bring in pages beyond what we read, making them look
-        "cached before we came" to ``read_into`` and so never given back.
+        Kernel readahead would bring in pages beyond what we read, pages we would not know
+        to give back. Readers ask for what they will read instead (``prefetch``).
         """
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -257,6 +315,98 @@ class Image:
         """Tell the kernel we are done with this range (a nightly run must not evict the host's cache)."""
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    def cache_probe(self) -> str:
+        """How this image's page-cache residency is learned: "cachestat", "mincore" or "nowait".
+
+        cachestat(2) (Linux >= 6.5) counts the cached pages of a range; where a chunk is partly
+        cached, mincore(2) over a mapping of it says which. Both answer truly only to a caller
+        who owns the file or may write it (root here; Linux restricts them as a side channel
+        otherwise): for anyone else, and where neither works, "nowait": each read is tried with
+        RWF_NOWAIT first (``read_into``), which needs kernel readahead off and no prefetching.
+        ``$VIMGTOOLS_CACHE_PROBE`` forces one (for tests and the benchmarks).
+        """
+        if self._probe is None:
+            forced = os.environ.get("VIMGTOOLS_CACHE_PROBE", "")
+            trusted = os.geteuid() in (0, self.stat.st_uid) or os.access(self.path, os.W_OK)
+            if forced in CACHE_PROBES:
+                self._probe = forced
+            elif not trusted:
+                self._probe = "nowait"
+            elif self._cachestat(0, _PAGE) is not None:
+                self._probe = "cachestat"
+            elif self._mincore(0, _PAGE) is not None:
+                self._probe = "mincore"
+            else:
+                self._probe = "nowait"
+        return self._probe
+
+    def residency(self, offset: int, length: int) -> Residency | None:
+        """Which pages of [offset, offset+length) are in the page cache (None: cannot tell).
+
+        ``offset`` must be page-aligned. True: all of them; False: none; else one byte per page,
+        1 for cached. Past the end of the image nothing is cached.
+        """
+        length = max(0, min(length, self.size - offset))
+        pages = -(-length // _PAGE)
+        if not pages:
+            return True
+        if self.cache_probe() == "cachestat":
+            n = self._cachestat(offset, length)
+            if n is not None and (n == 0 or n >= pages):
+                return n > 0
+        vec = self._mincore(offset, length)
+        if vec is None:
+            return None
+        vec = vec.translate(_RESIDENT)
+        if vec.count(0) == 0:
+            return True
+        return False if vec.count(1) == 0 else vec
+
+    def _cachestat(self, offset: int, length: int) -> int | None:
+        rng, cs = _CachestatRange(offset, length), _Cachestat()
+        r = _libc.syscall(
+            _SYS_CACHESTAT, ctypes.c_uint(self.fd), ctypes.byref(rng), ctypes.byref(cs), ctypes.c_uint(0)
+        )
+        return None if r != 0 else int(cs.nr_cache)
+
+    def _mincore(self, offset: int, length: int) -> bytes | None:
+        if length <= 0:
+            return b""
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            return None
+        try:
+            vec = ctypes.create_string_buffer(-(-length // _PAGE))
+            if _libc.mincore(addr, length, vec) != 0:
+                return None
+            return vec.raw
+        finally:
+            _libc.munmap(addr, length)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading [offset, offset+length) into the page cache without waiting (POSIX_FADV_WILLNEED)."""
+        step = self._prefetch_step()
+        with contextlib.suppress(OSError):
+            for o in range(offset, offset + length, step):
+                os.posix_fadvise(self.fd, o, min(step, offset + length - o), os.POSIX_FADV_WILLNEED)
+
+    def _prefetch_step(self) -> int:
+        """The most one WILLNEED reads: max(read_ahead_kb, max_sectors_kb) of the device, from sysfs."""
+        if self._step is None:
+            dev = self.stat.st_rdev if self.is_block else self.stat.st_dev
+            base = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+            queue = base / "queue" if (base / "queue").is_dir() else base / ".." / "queue"
+            kib = 0
+            for f in (
+                queue / "read_ahead_kb",
+                queue / "max_sectors_kb",
+                Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"),
+            ):
+                with contextlib.suppress(OSError, ValueError):
+                    kib = max(kib, int(f.read_text()))
+            self._step = min(max(_WILLNEED_STEP, kib << 10), 8 << 20)
+        return self._step
 
     # -- writing --------------------------------------------------------
     def pwrite_all(self, data: Buffer, offset: int) -> int:

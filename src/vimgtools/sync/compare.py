@@ -4,7 +4,9 @@ Chunks go through the shared pipeline (``chunks.in_order``: two threads, I/O and
 engine release the GIL), so memory is bounded whatever the image size. Regions that
 are holes in both images are never read. Within a chunk both images are read in
 pieces into two small per-thread buffers that stay in the CPU cache while they are
-compared; only the changed blocks are copied out for the caller.
+compared; only the changed blocks are copied out for the caller. Each image's reads go
+through a ``chunks.CacheGuard``: read ahead of the comparison, the host's page cache left
+as found.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 from vimgtools.blocks import Run, coalesce_runs, diff_blocks, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, block_segments, in_order, read_piece
+from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, CacheGuard, block_segments, in_order
 
 
 @dataclass
@@ -46,10 +48,10 @@ def scan(
     ``dst`` None (or past ``dst_size``) reads as zeros. ``start`` must be chunk-aligned.
     A chunk's ``src`` bytes stay valid until the next chunk is asked for.
     """
-    if not keep_cache:
-        for img in (src, dst):
-            if img is not None:
-                img.no_readahead()
+    guards = [CacheGuard(src, end, keep_cache)]
+    if dst is not None:
+        guards.append(CacheGuard(dst, min(end, dst_size), keep_cache))
+    read_src, read_dst = guards[0].read, guards[-1].read
     piece = max(PIECE, block_size)
     local = threading.local()
 
@@ -73,11 +75,11 @@ def scan(
             for p in range(rel, rel + n, piece):
                 m = min(piece, rel + n - p)
                 a, b = local.a[:m], local.b[:m]
-                read += read_piece(src, a, offset + p, keep_cache)
+                read += read_src(a, offset + p)
                 inside = max(0, min(m, dst_size - offset - p)) if dst is not None else 0
                 if inside:
                     assert dst is not None
-                    read += read_piece(dst, b[:inside], offset + p, keep_cache)
+                    read += read_dst(b[:inside], offset + p)
                 if inside < m:
                     b[inside:] = ZEROS[: m - inside]
                 idx = diff_blocks(a, b, block_size)
@@ -103,7 +105,7 @@ def scan(
             yield offset
             offset += CHUNK_SIZE
 
-    return in_order(work, offsets(), workers, 2 * workers, buffers=True)
+    return in_order(work, offsets(), workers, 2 * workers, buffers=True, guards=guards)
 
 
 def _skip_holes(src: Image, dst: Image | None, dst_size: int, offset: int, end: int) -> int:

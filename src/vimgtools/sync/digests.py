@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from vimgtools.blocks import coalesce_runs, digest_blocks, hash_blocks, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS, NotCached, in_order, pieces, read_piece
+from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS, CacheGuard, NotCached, in_order, pieces, read_piece
 
 CHECKSUMS = ("xxh128", "blake2b")
 DIGEST_BYTES = 16
@@ -78,10 +78,11 @@ def hash_chunk(
     keep_cache: bool = False,
     size: int | None = None,
     cached_only: bool = False,
+    guard: CacheGuard | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
     """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read."""
     digests, zero, read = hole_digests(length, bs, checksum, key), None, 0
-    for p, view, n in pieces(img, offset, length, bs, keep_cache, size, cached_only):
+    for p, view, n in pieces(img, offset, length, bs, keep_cache, size, cached_only, guard):
         if zero is None:
             zero = np.ones(len(digests), dtype=np.bool_)
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
@@ -121,6 +122,7 @@ def chunk_changes(
     theirs: npt.NDArray[np.uint64] | None,
     out: memoryview,
     keep_cache: bool = False,
+    guard: CacheGuard | None = None,
 ) -> Changes:
     """Hash a chunk of ``img`` and compare with ``theirs`` (None: the other side is a hole there).
 
@@ -131,7 +133,7 @@ def chunk_changes(
     other = hole_digests(length, bs, checksum, key) if theirs is None else theirs
     zero = np.ones(len(mine), dtype=np.bool_)
     read, hole = 0, True
-    for p, view, n in pieces(img, offset, length, bs, keep_cache, None):
+    for p, view, n in pieces(img, offset, length, bs, keep_cache, None, guard=guard):
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
         read, hole = read + n, False
         found = _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1])
@@ -216,21 +218,24 @@ def hash_ahead(
     page cache ends the work (reading its changed blocks again later must not go to the disk).
     At most ``limit`` bytes of digests are held.
     """
-    if not keep_cache:
-        img.no_readahead()
+    guard = CacheGuard(img, end, keep_cache, fetch=False)  # nothing is read from the disk here
 
     def work(offset: int, _: memoryview) -> Hashed | None:
         length = min(CHUNK_SIZE, end - offset)
         try:
             return Hashed(
-                offset, length, *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, None, True)
+                offset,
+                length,
+                *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, None, True, guard),
             )
         except NotCached:
             return None
 
     found: list[Hashed] = []
     held = 0
-    stream = in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False)
+    stream = in_order(
+        work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False, guards=[guard]
+    )
     try:
         for h in stream:
             if h is None:
@@ -277,16 +282,19 @@ def digest_stream(
     workers: int = 2,
 ) -> Generator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int], None, None]:
     """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order."""
-    if not keep_cache:
-        img.no_readahead()
+    guard = CacheGuard(img, end if size is None else min(end, size), keep_cache)
 
     def work(
         offset: int, _: memoryview
     ) -> tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
         length = min(CHUNK_SIZE, end - offset)
-        return offset, length, *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, size)
+        return (
+            offset,
+            length,
+            *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, size, guard=guard),
+        )
 
-    return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False)
+    return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False, guards=[guard])
 
 
 def change_stream(
@@ -302,12 +310,12 @@ def change_stream(
     workers: int = 2,
 ) -> Generator[Changes, None, None]:
     """``chunk_changes`` of each chunk of [start, end), in order; ``theirs`` is asked chunk by chunk, in order."""
-    if not keep_cache:
-        img.no_readahead()
+    guard = CacheGuard(img, end, keep_cache)
     other = InOrder(theirs, start, end)
 
     def work(offset: int, out: memoryview) -> Changes:
         length = min(CHUNK_SIZE, end - offset)
-        return chunk_changes(img, offset, length, bs, checksum, key, other(offset, length), out, keep_cache)
+        theirs = other(offset, length)
+        return chunk_changes(img, offset, length, bs, checksum, key, theirs, out, keep_cache, guard)
 
-    return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=True)
+    return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=True, guards=[guard])

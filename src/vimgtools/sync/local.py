@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from vimgtools.errors import ImageError, Interrupted
 from vimgtools.image import Image
+from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
 from vimgtools.sync.compare import scan
 from vimgtools.sync.digests import hash_chunk
 from vimgtools.sync.options import SyncOptions
@@ -84,19 +85,30 @@ def _compare_with_state(
     sess = Session(bs, st.checksum, st.key, rep.resume_from, s.size, opts.workers)
     res.bytes_read += st.prepass(s, sess, keep_cache, stored is not None)
     dst_read = [0]
+    # The replica is hashed chunk by chunk, in order, as the sender asks: read one chunk ahead.
+    guard = CacheGuard(rep.image, rep.dst_size, keep_cache) if rep.image is not None else None
 
     def replica_digests(offset: int, length: int) -> npt.NDArray[np.uint64] | None:
         img = rep.image
-        if img is None or offset >= rep.dst_size:
+        if img is None or guard is None or offset >= rep.dst_size:
             return None
-        digests, _, n = hash_chunk(img, offset, length, bs, st.checksum, st.key, keep_cache, rep.dst_size)
+        guard.prepare(offset)
+        guard.prepare(offset + CHUNK_SIZE)
+        digests, _, n = hash_chunk(
+            img, offset, length, bs, st.checksum, st.key, keep_cache, rep.dst_size, guard=guard
+        )
+        guard.done(offset)
         dst_read[0] += n
         return digests
 
-    fig = run_sender(
-        s, sess, stored or replica_digests, rep, progress=progress, stop=stop, keep_cache=keep_cache,
-        dry_run=rep.dry_run, record=st.writer.add,
-    )  # fmt: skip
+    try:
+        fig = run_sender(
+            s, sess, stored or replica_digests, rep, progress=progress, stop=stop, keep_cache=keep_cache,
+            dry_run=rep.dry_run, record=st.writer.add,
+        )  # fmt: skip
+    finally:
+        if guard is not None:
+            guard.close()
     res.changed, res.zero = fig.changed, fig.zero
     res.bytes_read += fig.bytes_read + dst_read[0]
 

@@ -1,0 +1,159 @@
+"""The host's page cache is left as found, whichever way residency is learned, in every reading mode.
+
+Residency comes from cachestat(2) (Linux >= 6.5), mincore(2) over a mapping, or RWF_NOWAIT
+reads ($VIMGTOOLS_CACHE_PROBE forces one). Files are made cold with fsync + FADV_DONTNEED
+(clean pages really go), then a known part of them is read to stand for the host's working
+set; after a run exactly that part is cached. Pre-cached ranges are 256 KiB-aligned so that
+the RWF_NOWAIT probe, which learns residency a piece at a time, can be exact too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from synchelp import MiB, cli, digest, write_image
+
+from vimgtools.image import CACHE_PROBES, Image
+from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
+
+SIZE = 24 * MiB
+HOST = [(0, 8 * MiB), (12 * MiB, 256 << 10), (20 * MiB, 1 * MiB)]  # what "the host" had cached
+
+
+def _cold(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _warm(path: Path, ranges: list[tuple[int, int]]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # exactly these pages, no readahead
+        for off, n in ranges:
+            os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def _cached(path: Path) -> list[tuple[int, int]]:
+    """The cached byte ranges of ``path`` (mincore over a mapping: we own the file)."""
+    with Image(path) as img:
+        r = img.residency(0, img.size)
+    assert r is not None
+    if r is True:
+        return [(0, os.path.getsize(path))]
+    if r is False:
+        return []
+    out: list[tuple[int, int]] = []
+    for i, v in enumerate(r):
+        if v:
+            if out and out[-1][0] + out[-1][1] == i * 4096:
+                out[-1] = (out[-1][0], out[-1][1] + 4096)
+            else:
+                out.append((i * 4096, 4096))
+    return out
+
+
+def _probe_works(probe: str) -> bool:
+    if probe == "nowait":
+        return True
+    img = Image(__file__)
+    try:
+        return (img._cachestat(0, 4096) if probe == "cachestat" else img._mincore(0, 4096)) is not None
+    finally:
+        img.close()
+
+
+@pytest.fixture(params=CACHE_PROBES)
+def probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    name: str = request.param
+    if not _probe_works(name):
+        pytest.skip(f"{name} does not work on this kernel")
+    monkeypatch.setenv("VIMGTOOLS_CACHE_PROBE", name)
+    return name
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    src = write_image(tmp_path / "src.img", SIZE, [(0, SIZE)], seed=41)
+    dst = write_image(tmp_path / "dst.img", SIZE, [(0, SIZE)], seed=42)
+    return src, dst
+
+
+@pytest.mark.parametrize("mode", ["compare", "state", "signature"])
+def test_host_cache_left_as_found(pair: tuple[Path, Path], tmp_path: Path, probe: str, mode: str) -> None:
+    """Cold pages a run brings in go; the host's cached pages stay (whole chunks and parts of chunks)."""
+    src, dst = pair
+    state = tmp_path / "s.state"
+    if mode == "state":  # the previous night: a state describing the replica as it is now
+        cli("--state", state, src, dst)
+        write_image(src, SIZE, [(0, SIZE)], seed=43)
+    for p in (src, dst):
+        _cold(p)
+        _warm(p, HOST)
+    assert _cached(src) == HOST and _cached(dst) == HOST
+    if mode == "signature":
+        cli("--signature", src, "-o", tmp_path / "src.sig")
+    elif mode == "state":
+        assert cli("--json", "--state", state, src, dst).stdout.count('"trusted"') == 1
+    else:
+        cli("-n", src, dst)
+    assert _cached(src) == HOST
+    if mode == "compare":
+        assert _cached(dst) == HOST
+    if mode == "state":
+        assert digest(src) == digest(dst)
+
+
+def test_keep_cache_keeps_what_it_read(pair: tuple[Path, Path], probe: str) -> None:
+    src, dst = pair
+    for p in (src, dst):
+        _cold(p)
+    cli("-n", "--keep-cache", src, dst)
+    assert _cached(src) == [(0, SIZE)] and _cached(dst) == [(0, SIZE)]
+
+
+def test_residency_says_which_pages_are_cached(pair: tuple[Path, Path], probe: str) -> None:
+    src, _ = pair
+    if probe == "nowait":
+        pytest.skip("nowait learns residency by reading")
+    _cold(src)
+    _warm(src, [(CHUNK_SIZE + 4096, 8192)])
+    with Image(src) as img:
+        assert img.cache_probe() == probe
+        assert img.residency(0, CHUNK_SIZE) is False
+        part = img.residency(CHUNK_SIZE, CHUNK_SIZE)
+        assert isinstance(part, bytes) and part[:4] == b"\0\1\1\0" and sum(part) == 2
+        _warm(src, [(0, CHUNK_SIZE)])
+        assert img.residency(0, CHUNK_SIZE) is True
+        assert img.residency(SIZE, CHUNK_SIZE) is True  # nothing there, so nothing to give back
+
+
+def test_guard_reads_ahead_and_gives_back_what_it_did_not_read(pair: tuple[Path, Path], probe: str) -> None:
+    """A chunk prepared is read from the disk without a reader; closing early gives it back."""
+    src, _ = pair
+    if probe == "nowait":
+        pytest.skip("nowait does not read ahead")
+    _cold(src)
+    with Image(src) as img:
+        g = CacheGuard(img, img.size, keep_cache=False)
+        g.prepare(0)
+        deadline = time.monotonic() + 10
+        while img.residency(0, CHUNK_SIZE) is not True and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert img.residency(0, CHUNK_SIZE) is True  # read ahead (POSIX_FADV_WILLNEED)
+        g.close()
+        assert img.residency(0, CHUNK_SIZE) is False
+
+
+def test_unknown_probe_name_is_ignored(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIMGTOOLS_CACHE_PROBE", "bogus")
+    with Image(pair[0]) as img:
+        assert img.cache_probe() in CACHE_PROBES
