@@ -353,7 +353,7 @@ def replay(dst: Image, path: Path, contents: JournalContents) -> int:
                 written += dst.pwrite_all(payload, rec.offset)
                 pending += len(payload)
                 if pending >= (8 << 20):  # start the disk on it; the final fsync waits for less
-                    start_writeback(dst.fd, 0, 0)
+                    dst.start_writeback()
                     pending = 0
         if not dst.is_block and dst.size > h.new_size:
             dst.truncate(h.new_size)

@@ -28,8 +28,19 @@ log = logging.getLogger("vimgtools.sync")
 DESCRIPTION = """\
 Make DST a byte-identical copy of SRC, writing only the blocks that differ.
 
-SRC and DST are raw images (files) or block devices. A missing DST is created
-sparse; a DST file of another size is resized (shrinking needs --allow-shrink).
+SRC and DST are images in any format QEMU reads (raw files, block devices,
+qcow2 with its backing chain, vmdk, ...): what is compared and copied is what
+the guest sees. A missing DST is created sparse, in the format its name says
+(mail.qcow2: qcow2 with SRC's virtual and cluster size; else raw); a DST of
+another virtual size is resized (shrinking needs --allow-shrink).
+
+Formats: one given with --src-format/--dst-format is never probed. Without one,
+a block device is raw, and a file is probed with qemu-img info, but a non-raw
+answer is believed only when the file's name says that format (mail.qcow2): a
+mail.img that looks like qcow2 is refused (it may be a raw guest disk whose
+guest wrote such a header, CVE-2010-3851); name its format to go on. Non-raw
+images are read and written through a private NBD export (qemu-storage-daemon,
+stopped when vimgtools ends); -v and --json show each SRC's backing chain.
 Blocks that are all zeros in SRC become holes in a DST file; holes in both are
 never read.
 
@@ -96,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep what this run reads in the page cache (default: evict what it brought in)",
     )
+    p.add_argument("--src-format", metavar="FMT", help="SRC's format (raw, qcow2, vmdk, ...): never probed")
+    p.add_argument("--dst-format", metavar="FMT", help="DST's format, also of a DST to create: never probed")
     r = p.add_argument_group("remote (SRC or DST as [USER@]HOST:PATH; see docs/remote.md)")
     r.add_argument(
         "-e",
@@ -163,9 +176,10 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 def _summary(r: SyncResult) -> str:
     h = _cli.human_bytes
     verb = "would write" if r.dry_run else "wrote"
+    formats = f" ({r.src_format} -> {r.dst_format})" if (r.src_format, r.dst_format) != ("raw", "raw") else ""
     parts = [
-        f"{r.src} -> {r.dst}: {h(r.size)}, {r.changed} of {r.blocks} blocks of {h(r.block_size)} changed "
-        f"({r.zero} now zero)",
+        f"{r.src} -> {r.dst}{formats}: {h(r.size)}, {r.changed} of {r.blocks} blocks of {h(r.block_size)} "
+        f"changed ({r.zero} now zero)",
         f"{verb} {h(r.changed * r.block_size if r.dry_run else r.bytes_written)}",
         f"read {h(r.bytes_read)}",
     ]
@@ -188,13 +202,13 @@ def _summary(r: SyncResult) -> str:
 MODE_OPTIONS = {
     "SRC DST": {
         "block_size", "verify", "undo", "allow_shrink", "force", "journal", "state", "keep_cache",
-        "rsh", "remote_python", "checksum", "timeout", "progress", "dry_run",
+        "rsh", "remote_python", "checksum", "timeout", "progress", "dry_run", "src_format", "dst_format",
     },
-    "--recover": {"journal", "dry_run"},
-    "--rollback": {"undo", "dry_run"},
-    "--signature": {"output", "block_size", "checksum", "keep_cache", "progress", "dry_run"},
-    "--write-delta": {"against", "block_size", "keep_cache", "progress", "dry_run"},
-    "--apply-delta": {"force", "journal", "allow_shrink", "progress", "dry_run"},
+    "--recover": {"journal", "dry_run", "dst_format"},
+    "--rollback": {"undo", "dry_run", "dst_format"},
+    "--signature": {"output", "block_size", "checksum", "keep_cache", "progress", "dry_run", "src_format"},
+    "--write-delta": {"against", "block_size", "keep_cache", "progress", "dry_run", "src_format"},
+    "--apply-delta": {"force", "journal", "allow_shrink", "progress", "dry_run", "dst_format"},
 }  # fmt: skip
 REMOTE_ONLY = ("rsh", "remote_python", "timeout")
 
@@ -254,6 +268,7 @@ def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, mode:
                 progress=bar,
                 keep_cache=args.keep_cache,
                 dry_run=args.dry_run,
+                fmt=args.src_format,
             )
             log.info(
                 "%s: %s the signature of %s, %d blocks of %s",
@@ -272,7 +287,7 @@ def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, mode:
                 parser.error("--write-delta DELTA needs SRC and --against SIGFILE")
             r = write_delta(
                 args.images[0], args.write_delta, args.against, block_size=args.block_size, progress=bar,
-                keep_cache=args.keep_cache, dry_run=args.dry_run,
+                keep_cache=args.keep_cache, dry_run=args.dry_run, fmt=args.src_format,
             )  # fmt: skip
             log.info(
                 "%s: %d of %d blocks changed, %s %s of data",
@@ -290,6 +305,7 @@ def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, mode:
                 dry_run=args.dry_run,
                 journal=args.journal,
                 progress=bar,
+                fmt=args.dst_format,
             )
             if args.dry_run:
                 log.info("%s: checked; would apply %d changed blocks", args.images[0], r.changed)
@@ -318,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "--recover":
         if args.images:
             parser.error("--recover takes only DST")
-        written = recover(args.recover, journal=args.journal, dry_run=args.dry_run)
+        written = recover(args.recover, journal=args.journal, dry_run=args.dry_run, fmt=args.dst_format)
         if written is None:
             log.info("%s: no committed update to complete", args.recover)
         elif args.dry_run:
@@ -334,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "--rollback":
         if not args.undo or args.images:
             parser.error("--rollback DST needs --undo FILE and no other images")
-        written = rollback(args.rollback, args.undo, dry_run=args.dry_run)
+        written = rollback(args.rollback, args.undo, dry_run=args.dry_run, fmt=args.dst_format)
         if args.dry_run:
             log.info(
                 "%s: checked against %s; a rollback would write %d bytes", args.rollback, args.undo, written
@@ -366,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         rsh=args.rsh,
         remote_python=args.remote_python,
         timeout=args.timeout,
+        src_format=args.src_format,
+        dst_format=args.dst_format,
     )
     bar = _bar(args, "sync")
     stop = threading.Event()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vimgtools.errors import ImageRefused, InvalidInput
-from vimgtools.image import Image
+from vimgtools.images import open_image
 from vimgtools.journal import (
     DATA,
     DELTA_MAGIC,
@@ -57,8 +57,9 @@ def write_delta(
     progress: Progress | None = None,
     keep_cache: bool = False,
     dry_run: bool = False,
+    fmt: str | None = None,
 ) -> DeltaResult:
-    """Write the blocks of ``src`` that differ from the signature ``against`` into ``delta``.
+    """Write the blocks of ``src`` (read as ``fmt``, see ``vimgtools.formats``) that differ from the signature ``against`` into ``delta``.
 
     ``block_size``, when given, must be the signature's (a check, not a choice). With
     ``dry_run`` SRC is compared and nothing is written (``delta_bytes``: what would be).
@@ -75,7 +76,7 @@ def write_delta(
     try:
         bs = sig.block_size
         base_digest = sig.content_digest()
-        with Image(src) as img:
+        with open_image(src, fmt=fmt, option="src_format") as img:
             res.blocks = -(-img.size // bs)
             header = Header(
                 DELTA_MAGIC, bs, sig.size, img.size, FLAG_SHRINK if img.size < sig.size else 0, img.size,
@@ -127,8 +128,9 @@ def apply_delta(
     dry_run: bool = False,
     journal: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    fmt: str | None = None,
 ) -> DeltaResult:
-    """Apply ``delta`` to ``dst`` crash-atomically, after proving ``dst`` is the content it was made against.
+    """Apply ``delta`` to ``dst`` (in format ``fmt``) crash-atomically, after proving ``dst`` is the content it was made against.
 
     With ``dry_run`` every check is made and nothing is written.
 
@@ -151,7 +153,7 @@ def apply_delta(
     if not dst_path.exists():
         raise InvalidInput(f"{dst_path}: no such file or device (a delta applies to an existing image)")
     res = DeltaResult(blocks=-(-h.new_size // h.block_size))
-    with Image(dst_path) as d:
+    with open_image(dst_path, fmt=fmt, option="dst_format") as d:
         if d.size != h.old_size and not (d.is_block and d.size >= h.old_size):
             raise ImageRefused(
                 f"{dst_path}: is {d.size} bytes; the delta was made against an image of {h.old_size} bytes"
@@ -170,7 +172,7 @@ def apply_delta(
             )
     with Replica(
         dst_path, Source(h.new_size), block_size=h.block_size, dry_run=dry_run,
-        allow_shrink=allow_shrink, force=force, journal=journal,
+        allow_shrink=allow_shrink, force=force, journal=journal, fmt=fmt,
     ) as rep, rep.receiving():  # fmt: skip
         for rec, payload in iter_records(contents):
             res.changed += -(-rec.length // h.block_size)

@@ -15,12 +15,13 @@ import numpy.typing as npt
 
 from vimgtools.errors import ImageError, Interrupted
 from vimgtools.image import Image
+from vimgtools.images import open_image
 from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
 from vimgtools.sync.compare import scan
 from vimgtools.sync.digests import hash_chunk
 from vimgtools.sync.options import SyncOptions
 from vimgtools.sync.replica import Replica, source_of
-from vimgtools.sync.result import SyncResult, warn_if_written_by_vm
+from vimgtools.sync.result import SyncResult, take_source
 from vimgtools.sync.sender import Session, run_sender
 from vimgtools.sync.state import StateRun
 
@@ -32,13 +33,11 @@ def sync_local(
 ) -> SyncResult:
     t0 = time.monotonic()
     res = SyncResult(str(src), str(dst), opts.block_size, dry_run=opts.dry_run)
-    with Image(src) as s:
-        res.size = s.size
-        res.blocks = -(-s.size // opts.block_size)
-        warn_if_written_by_vm(s, res)
+    with open_image(src, fmt=opts.src_format, option="src_format") as s:
+        take_source(res, s)
         with Replica(
             dst, source_of(s), block_size=opts.block_size, dry_run=opts.dry_run,
-            allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal,
+            allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal, fmt=opts.dst_format,
         ) as rep:  # fmt: skip
             st = StateRun(opts.state, opts.block_size, opts.checksum, s.size) if opts.state else None
             try:
@@ -153,7 +152,7 @@ def _compare_into(
 
 def verify_local(s: Image, dst: Path, opts: SyncOptions) -> bool:
     """Read the replica back (from the disk, not our cached writes) and compare it with SRC."""
-    with Image(dst) as d:
+    with open_image(dst, fmt=opts.dst_format, option="dst_format") as d:
         if not d.is_block and d.size != s.size:
             return False
         d.drop_cache(0, 0)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from vimgtools.errors import InvalidInput
+from vimgtools.formats import check_format_name
 from vimgtools.sync.chunks import CHUNK_SIZE
 from vimgtools.sync.digests import CHECKSUMS
 
@@ -39,6 +40,8 @@ class SyncOptions:
         rsh: remote only: the command that reaches the host, split like a shell would.
         remote_python: remote only: the Python that runs ``-m vimgtools.sync --server`` there.
         timeout: remote only: seconds of silence from the far side before giving up.
+        src_format, dst_format: the images' formats (``qcow2``, ``raw``, ...), never probed when
+            given; None: by the rule in ``vimgtools.formats``.
     """
 
     block_size: int = 4096
@@ -55,6 +58,8 @@ class SyncOptions:
     rsh: str = "ssh"
     remote_python: str = "python3"
     timeout: float = 300.0
+    src_format: str | None = None
+    dst_format: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("undo", "journal", "state"):  # paths as given (PathLike too), kept as str
@@ -67,6 +72,10 @@ class SyncOptions:
             raise InvalidInput(f"{self.workers!r}: use 1 to 64 reader threads", option="workers")
         if not self.timeout > 0:
             raise InvalidInput(f"{self.timeout!r}: must be more than 0 seconds", option="timeout")
+        for name in ("src_format", "dst_format"):
+            value = getattr(self, name)
+            if value is not None:
+                check_format_name(value, name)
 
     # The options the far side acts on (the rest is this side's business).
     PEER_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -78,6 +87,8 @@ class SyncOptions:
         "journal",
         "keep_cache",
         "workers",
+        "src_format",
+        "dst_format",
     )
 
     def for_peer(self) -> dict[str, Any]:
@@ -92,7 +103,7 @@ class SyncOptions:
             if k not in given:
                 continue
             v = given[k]
-            if k in ("undo", "journal"):
+            if k in ("undo", "journal", "src_format", "dst_format"):
                 kw[k] = None if v is None else str(v)
             elif k == "workers":
                 kw[k] = v

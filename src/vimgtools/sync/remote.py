@@ -22,12 +22,13 @@ import numpy as np
 
 from vimgtools.errors import ImageError, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
+from vimgtools.images import open_image
 from vimgtools.sync.chunks import CHUNK_SIZE
 from vimgtools.sync.digests import Changes, Hashed, Theirs, digest_stream, hash_ahead, hole_digests
 from vimgtools.sync.options import SyncOptions, check_block_size
 from vimgtools.sync.receiver import run_receiver, stream_digests
 from vimgtools.sync.replica import Expect, Replica, Source, source_of
-from vimgtools.sync.result import SyncResult, warn_if_written_by_vm
+from vimgtools.sync.result import SyncResult, take_source
 from vimgtools.sync.sender import (
     EARLY_LIMIT,
     ChannelSink,
@@ -65,7 +66,10 @@ def hello(role: str, path: str, sess: Session, opts: SyncOptions, source: Source
 
 
 def source_to_json(s: Source) -> dict[str, Any]:
-    return {"size": s.size, "identity": list(s.identity), "token": s.token, "mode": s.mode}
+    return {
+        "size": s.size, "identity": list(s.identity), "token": s.token, "mode": s.mode,
+        "cluster_size": s.cluster_size,
+    }  # fmt: skip
 
 
 def source_from_json(obj: Any, peer: str) -> Source:
@@ -73,7 +77,8 @@ def source_from_json(obj: Any, peer: str) -> Source:
         size, ident = int(obj["size"]), tuple(int(x) for x in obj["identity"])
         if size < 0 or len(ident) != 3:
             raise ValueError
-        return Source(size, (ident[0], ident[1], ident[2]), str(obj["token"]), int(obj["mode"]))
+        cluster = int(obj.get("cluster_size", 0))
+        return Source(size, (ident[0], ident[1], ident[2]), str(obj["token"]), int(obj["mode"]), cluster)
     except (KeyError, TypeError, ValueError) as e:
         raise TransportError(f"{peer}: malformed source description") from e
 
@@ -120,9 +125,8 @@ def _push(
 ) -> None:
     """We send SRC; the far side receives into its replica."""
     keep_cache = opts.keep_cache
-    with Image(src) as img:
-        res.size, res.blocks = img.size, -(-img.size // opts.block_size)
-        warn_if_written_by_vm(img, res)
+    with open_image(src, fmt=opts.src_format, option="src_format") as img:
+        take_source(res, img)
         sess = new_session(opts, 0, img.size)
         st = StateRun(opts.state, opts.block_size, opts.checksum, img.size) if opts.state else None
         if st is not None:
@@ -217,10 +221,12 @@ def _pull(
         res.seconds_connect = time.monotonic() - t_connect
         source = source_from_json(ready.get("source"), host)
         res.size, res.blocks = source.size, -(-source.size // opts.block_size)
+        res.src_format = str(ready.get("format", "raw"))
+        res.src_chain = [c for c in ready.get("chain", []) if isinstance(c, dict)]
         sess.end = source.size
         with Replica(
             dst, source, block_size=opts.block_size, dry_run=opts.dry_run,
-            allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal,
+            allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal, fmt=opts.dst_format,
         ) as rep:  # fmt: skip
             sess.start = rep.resume_from
             ch.send_json(READY, {"resume_from": rep.resume_from})
@@ -229,7 +235,7 @@ def _pull(
             ch.send_json(RESULT, {"bytes_written": rep.bytes_written})
             res.take_replica(rep.figures())
         if opts.verify and not opts.dry_run:
-            with Image(dst) as d:
+            with open_image(dst, fmt=opts.dst_format, option="dst_format") as d:
                 res.verified = _compare_with_far_side(ch, d, sess, opts.keep_cache)
     except TransportError as e:
         raise peer.explain(e) from e
@@ -311,7 +317,7 @@ def _serve_receiver(ch: Channel, sess: Session, opts: SyncOptions, path: Path, m
     sess.end = source.size
     with Replica(
         path, source, block_size=sess.block_size, dry_run=opts.dry_run,
-        allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal,
+        allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal, fmt=opts.dst_format,
     ) as rep:  # fmt: skip
         sess.start = rep.resume_from
         state_ok = rep.trusts(Expect.from_json(msg.get("state_expect")))
@@ -326,12 +332,13 @@ def _serve_receiver(ch: Channel, sess: Session, opts: SyncOptions, path: Path, m
         }
         ch.send_json(RESULT, result)
     if opts.verify and not opts.dry_run:
-        _send_for_verify(ch, path, sess, opts.keep_cache)
+        _send_for_verify(ch, path, opts.dst_format, sess, opts.keep_cache)
 
 
 def _serve_sender(ch: Channel, sess: Session, opts: SyncOptions, path: Path) -> None:
-    with Image(path) as img:
-        ch.send_json(READY, {"source": source_to_json(source_of(img))})
+    with open_image(path, fmt=opts.src_format, option="src_format") as img:
+        ready = {"source": source_to_json(source_of(img)), "format": img.format, "chain": img.chain}
+        ch.send_json(READY, ready)
         sess.end = img.size
         _, start = ch.recv_json(READY)
         sess.start = _resume_point(start, sess, "client")
@@ -342,13 +349,13 @@ def _serve_sender(ch: Channel, sess: Session, opts: SyncOptions, path: Path) -> 
         ch.send_json(DONE, {"bytes_read": fig.bytes_read})
         ch.recv_json(RESULT)
     if opts.verify and not opts.dry_run:
-        _send_for_verify(ch, path, sess, opts.keep_cache)
+        _send_for_verify(ch, path, opts.src_format, sess, opts.keep_cache)
 
 
-def _send_for_verify(ch: Channel, path: Path, sess: Session, keep_cache: bool) -> None:
+def _send_for_verify(ch: Channel, path: Path, fmt: str | None, sess: Session, keep_cache: bool) -> None:
     """--verify: read our image again (from the disk, not our cached writes) and send its digests."""
     whole = Session(sess.block_size, sess.checksum, sess.key, 0, sess.end, sess.workers)
-    with Image(path) as img:
+    with open_image(path, fmt=fmt) as img:
         img.drop_cache(0, 0)
         stream_digests(ch, img, whole, keep_cache=keep_cache, size=min(img.size, whole.end))
 

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vimgtools.errors import ImageError, ImageRefused, Interrupted, InvalidInput, JournalError, TransportError
+from vimgtools.formats import check_format_name, create, format_by_name
 from vimgtools.image import Image, fsync_dir
+from vimgtools.images import open_image, refuse_if_held
 from vimgtools.journal import (
     FLAG_SHRINK,
     JOURNAL_MAGIC,
@@ -49,18 +51,20 @@ RESUMABLE = (Interrupted, KeyboardInterrupt, TransportError)
 # What a replica reports of a run (SyncResult.take_replica; the far side's RESULT).
 REPLICA_FIGURES = (
     "created", "resized_from", "resumed_from", "recovered", "dst_extra_bytes",
-    "bytes_written", "journal_bytes", "undo_bytes", "seconds_flush",
+    "bytes_written", "journal_bytes", "undo_bytes", "seconds_flush", "dst_format",
 )  # fmt: skip
+RESIZABLE = ("raw", "qcow2", "qed")  # formats whose virtual size qemu-img resize changes
 
 
 @dataclass(frozen=True)
 class Source:
     """What the replica needs to know of the source (which may be on another host)."""
 
-    size: int
+    size: int  # the guest's view: a qcow2's virtual size
     identity: tuple[int, int, int] = (0, 0, 0)  # dev, ino, mtime_ns: an interrupted run resumes only for it
     token: str = ""  # boot id + device + inode: refuses syncing a file onto itself, across ssh too
     mode: int = 0o600
+    cluster_size: int = 0  # a qcow2 source's: a qcow2 replica is created with it
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Expect:
     def of(cls, img: Image) -> Expect:
         img.refresh_size()
         st = img.stat
-        return cls(img.identity[0], img.identity[1], img.size, st.st_mtime_ns, identity_token(img))
+        size = img.size if img.is_block else st.st_size  # the file's (a qcow2's is not its virtual size)
+        return cls(img.identity[0], img.identity[1], size, st.st_mtime_ns, identity_token(img))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -118,9 +123,11 @@ class Replica:
         allow_shrink: bool = False,
         force: bool = False,
         journal: str | os.PathLike[str] | None = None,
+        fmt: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.source = source
+        self.fmt = fmt  # the replica's format: given, or by the rule in vimgtools.formats
         self.block_size = block_size
         self.dry_run = dry_run
         self.created = False
@@ -144,6 +151,12 @@ class Replica:
             self._prepare_existing(allow_shrink, force, journal)
 
     @property
+    def format(self) -> str:
+        return (
+            self.image.format if self.image is not None else (self.fmt or format_by_name(self.path) or "raw")
+        )
+
+    @property
     def dst_size(self) -> int:
         """Size of what the source is compared with (beyond it, the replica reads as zeros)."""
         return self._compare_size
@@ -154,9 +167,15 @@ class Replica:
         self._compare_size = 0
         if not self.path.parent.is_dir():
             raise InvalidInput(f"{self.path}: directory {self.path.parent} does not exist")
+        fmt = self.fmt or format_by_name(self.path) or "raw"
+        if fmt != "raw":
+            check_format_name(fmt, "dst_format")
         if self.dry_run:
             return
         self._tmp = self.path.with_name(self.path.name + NEW_SUFFIX)
+        if fmt != "raw":
+            self.image = self._new_formatted(self._tmp, fmt)
+            return
         try:
             os.close(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, self.source.mode & 0o777))
         except OSError as e:
@@ -166,10 +185,39 @@ class Replica:
         self._compare_size = img.size  # an earlier interrupted copy is compared, not copied again
         img.truncate(self.source.size)
 
+    def _new_formatted(self, tmp: Path, fmt: str) -> Image:
+        """A new image in ``fmt`` (the source's virtual size and cluster size), or the one a run left."""
+        img = None
+        resumed = False
+        if tmp.exists():  # an earlier interrupted copy is compared, not copied again
+            try:
+                img = open_image(tmp, fmt=fmt, write=True, option="dst_format")
+            except (ImageError, InvalidInput) as e:
+                log.info("%s: %s; starting it over", tmp, e)
+            else:
+                resumed = img.size == self.source.size
+                if not resumed:
+                    img.close()
+                    img = None
+        if img is None:
+            tmp.unlink(missing_ok=True)
+            create(tmp, fmt, self.source.size, self.source.cluster_size)
+            os.chmod(tmp, self.source.mode & 0o777)
+            img = open_image(tmp, fmt=fmt, write=True, option="dst_format")
+        try:
+            img.lock_exclusive("sync")
+        except BaseException:
+            img.close()
+            raise
+        self._compare_size = img.size if resumed else 0  # a fresh image reads as zeros: nothing to compare
+        return img
+
     def _prepare_existing(
         self, allow_shrink: bool, force: bool, journal: str | os.PathLike[str] | None
     ) -> None:
-        img = self.image = Image(self.path, write=not self.dry_run)
+        img = self.image = open_image(
+            self.path, fmt=self.fmt, write=not self.dry_run, force=force, option="dst_format"
+        )
         try:
             self.opened = Expect.of(img)
             self._refuse(img, allow_shrink, force)
@@ -182,7 +230,6 @@ class Replica:
                 log.info("%s: completed the update an interrupted run had committed", img.path)
                 self.recovered = True
                 img.refresh_size()
-                img.stat = os.fstat(img.fd)
             self._compare_size = img.size
             new_size = img.size if img.is_block else self.source.size
             if new_size != img.size:
@@ -206,12 +253,7 @@ class Replica:
     def _refuse(self, d: Image, allow_shrink: bool, force: bool) -> None:
         if self.source.token and self.source.token == identity_token(d):
             raise ImageRefused(f"{d.path}: is the same file as the source")
-        holder = d.qemu_lock()
-        if holder and not force:
-            raise ImageRefused(
-                f"{d.path}: a running VM (QEMU) holds this image open as {holder}; "
-                "stop it first, or use --force to write it anyway"
-            )
+        refuse_if_held(d.path, d.qemu_lock(), force)
         size = self.source.size
         if d.is_block:
             if d.size < size:
@@ -223,6 +265,11 @@ class Replica:
             raise ImageRefused(
                 f"{d.path}: is {d.size} bytes, larger than the source ({size} bytes); "
                 "use --allow-shrink to cut it to the source's size"
+            )
+        elif d.size != size and d.format not in RESIZABLE:
+            raise ImageRefused(
+                f"{d.path}: a {d.format} image of {d.size} bytes; the source has {size}, and vimgtools "
+                f"resizes only {', '.join(RESIZABLE)} replicas"
             )
 
     # -- receiving changes ----------------------------------------------
@@ -259,7 +306,7 @@ class Replica:
         img = self.image
         assert img is not None
         if self._tmp is not None:
-            img.fsync()
+            img.fsync()  # an NBD flush for a formatted image: durable before it gets its name
             os.replace(self._tmp, self.path)
             fsync_dir(self.path.parent)
             return
@@ -278,7 +325,7 @@ class Replica:
         """The replica as this run leaves it (for a state file), None after a dry run."""
         if self.dry_run:
             return None
-        with Image(self.path) as img:
+        with Image(self.path) as img:  # the file itself: its identity, size and mtime
             return Expect.of(img)
 
     def trusts(self, expect: Expect | None) -> bool:
@@ -319,7 +366,7 @@ class Replica:
             "created": self.created, "resized_from": self.resized_from, "resumed_from": self.resume_from,
             "recovered": self.recovered, "dst_extra_bytes": self.dst_extra_bytes,
             "bytes_written": self.bytes_written, "journal_bytes": self.journal_bytes,
-            "undo_bytes": self.undo_bytes, "seconds_flush": self.seconds_flush,
+            "undo_bytes": self.undo_bytes, "seconds_flush": self.seconds_flush, "dst_format": self.format,
         }  # fmt: skip
 
     def close(self) -> None:
@@ -345,7 +392,13 @@ def identity_token(img: Image) -> str:
 
 
 def source_of(img: Image) -> Source:
-    return Source(img.size, (*img.identity, img.stat.st_mtime_ns), identity_token(img), img.stat.st_mode)
+    return Source(
+        img.size,
+        (*img.identity, img.stat.st_mtime_ns),
+        identity_token(img),
+        img.stat.st_mode,
+        img.cluster_size,
+    )
 
 
 def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
@@ -376,7 +429,11 @@ def _open_journal(jpath: Path, header: Header) -> tuple[JournalWriter, int]:
 
 
 def recover(
-    dst: str | os.PathLike[str], *, journal: str | os.PathLike[str] | None = None, dry_run: bool = False
+    dst: str | os.PathLike[str],
+    *,
+    journal: str | os.PathLike[str] | None = None,
+    dry_run: bool = False,
+    fmt: str | None = None,
 ) -> int | None:
     """Complete the update an interrupted sync committed. None when there was nothing to complete.
 
@@ -384,7 +441,7 @@ def recover(
     nothing is written). A journal whose scan was interrupted before commit is left alone:
     ``dst`` is untouched by it, and running the same sync again resumes it.
     """
-    with Image(dst, write=not dry_run) as d:
+    with open_image(dst, fmt=fmt, write=not dry_run, option="dst_format") as d:
         jpath = Path(journal) if journal is not None else journal_path_for(d)
         if dry_run:
             if not jpath.exists():

@@ -43,6 +43,9 @@ class SyncResult:
     state: str | None = (
         None  # --state: "trusted" (SRC alone was read), "none yet", "replica changed since", ...
     )
+    src_format: str = "raw"  # how SRC was read (vimgtools.formats)
+    dst_format: str = "raw"
+    src_chain: list[dict[str, str]] = field(default_factory=list)  # SRC, then its backing files
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -72,11 +75,18 @@ class SyncResult:
                 setattr(self, key, bool(value))
             elif key == "seconds_flush":
                 self.seconds_flush = float(value) if isinstance(value, (int, float)) else 0.0
+            elif key == "dst_format":
+                self.dst_format = str(value) if isinstance(value, str) else "raw"
             else:
                 setattr(self, key, value if isinstance(value, int) and value >= 0 else 0)
 
 
-def warn_if_written_by_vm(s: Image, res: SyncResult) -> None:
+def take_source(res: SyncResult, s: Image) -> None:
+    """SRC's size, format and backing chain into the result; warn when a running VM writes it."""
+    res.size, res.blocks = s.size, -(-s.size // res.block_size)
+    res.src_format, res.src_chain = s.format, s.chain
+    if len(s.chain) > 1 or s.format != "raw":
+        log.debug("%s: read as %s: %s", s.path, s.format, " <- ".join(c["filename"] for c in s.chain))
     if s.qemu_lock() == "writer":
         msg = (
             f"{s.path}: a running VM has it open for writing; the copy is only crash-consistent "

@@ -27,7 +27,8 @@ import numpy.typing as npt
 
 from vimgtools.blocks import checksum64
 from vimgtools.errors import InvalidInput, JournalError
-from vimgtools.image import Image, describe_os_error, fsync_dir, open_regular
+from vimgtools.image import describe_os_error, fsync_dir, open_regular
+from vimgtools.images import open_image
 from vimgtools.sync.chunks import CHUNK_SIZE
 from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, digest_stream, hole_digests
 from vimgtools.sync.options import check_block_size, check_checksum
@@ -149,15 +150,17 @@ def write_signature(
     progress: Progress | None = None,
     keep_cache: bool = False,
     dry_run: bool = False,
+    fmt: str | None = None,
 ) -> SignatureInfo:
     """Write the block digests of ``image`` to ``out`` (atomically: a temporary name, then renamed).
 
-    With ``dry_run`` the image is read and hashed and nothing is written.
+    With ``dry_run`` the image is read and hashed and nothing is written. ``fmt``: the image's
+    format (see ``vimgtools.formats``); the signature is of the guest's view.
     """
     check_block_size(block_size)
     check_checksum(checksum)
     key = secrets.token_bytes(32)
-    with Image(image) as img:
+    with open_image(image, fmt=fmt, option="src_format") as img:
         w = None
         if not dry_run:
             w = SignatureWriter(

@@ -13,6 +13,7 @@ from pathlib import Path
 from vimgtools.blocks import checksum64, zero_blocks
 from vimgtools.errors import ImageRefused, JournalError
 from vimgtools.image import Image
+from vimgtools.images import open_image
 from vimgtools.journal import (
     UNDO_MAGIC,
     Header,
@@ -47,7 +48,13 @@ def write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -
         undo.close()
 
 
-def rollback(dst: str | os.PathLike[str], undo: str | os.PathLike[str], *, dry_run: bool = False) -> int:
+def rollback(
+    dst: str | os.PathLike[str],
+    undo: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    fmt: str | None = None,
+) -> int:
     """Return ``dst`` to the generation before the sync that wrote ``undo``. Returns bytes written.
 
     With ``dry_run`` every check is made and nothing is written; the bytes that would be written
@@ -59,7 +66,7 @@ def rollback(dst: str | os.PathLike[str], undo: str | os.PathLike[str], *, dry_r
     if not contents.committed:
         raise JournalError(f"{upath}: incomplete undo file (its sync never reached the point of writing)")
     h = contents.header
-    with Image(dst, write=not dry_run) as d:
+    with open_image(dst, fmt=fmt, write=not dry_run, option="dst_format") as d:
         jpath = journal_path_for(d)
         if dry_run:
             if jpath.exists() and read_journal(jpath).committed:

@@ -1,0 +1,86 @@
+"""Find the system's Python bindings of C libraries (libnbd; libguestfs in ``guest.bindings``) from a venv.
+
+Distributions install such bindings (a ``NAME.py`` and its C module) for their own
+interpreter only, e.g. Debian's ``/usr/lib/python3/dist-packages``. A venv made from
+another build of the same Python minor version can load that C module as it is (same
+ABI tag), so exactly these two modules are loaded from the system directory, without
+putting the rest of the system's packages on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+SYSTEM_DIRS = (
+    "/usr/lib/python3/dist-packages",  # Debian, Ubuntu
+    f"/usr/lib64/python3.{sys.version_info.minor}/site-packages",  # Fedora, RHEL, SUSE
+    f"/usr/lib/python3.{sys.version_info.minor}/site-packages",  # Arch, Alpine
+)
+
+NBD_MISSING = (
+    "libnbd Python bindings for Python {ver} are not installed: "
+    "Debian/Ubuntu `apt-get install python3-libnbd`, Fedora/RHEL `dnf install python3-libnbd`"
+)
+
+
+class BindingsMissing(ImportError):
+    """The bindings are not installed for this Python (the message names the package)."""
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def find_system_module(py_name: str, c_name: str) -> tuple[Path, Path] | None:
+    """The system's ``py_name.py`` and a ``c_name`` C module this interpreter can load."""
+    for d in map(Path, SYSTEM_DIRS):
+        py = d / f"{py_name}.py"
+        if not py.is_file():
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            so = d / f"{c_name}{suffix}"
+            if so.is_file():
+                return py, so
+    return None
+
+
+def load_system_module(py_name: str, c_name: str, missing: str) -> ModuleType:
+    """Import ``py_name`` from this interpreter's path, else from the system's directory.
+
+    Raises:
+        BindingsMissing: not found, or not loadable by this Python; ``missing`` (formatted with
+            ``{ver}``, this Python's version) says which package to install.
+    """
+    try:
+        return importlib.import_module(py_name)
+    except ImportError:
+        pass
+    found = find_system_module(py_name, c_name)
+    if found is None:
+        raise BindingsMissing(missing.format(ver=sysconfig.get_python_version()))
+    py, so = found
+    try:
+        _load(c_name, so)
+        return _load(py_name, py)
+    except ImportError as e:
+        raise BindingsMissing(f"{so}: cannot load the {py_name} bindings: {e}") from e
+
+
+def load_nbd() -> ModuleType:
+    """libnbd's ``nbd`` module (Debian's python3-libnbd)."""
+    return load_system_module("nbd", "libnbdmod", NBD_MISSING)
