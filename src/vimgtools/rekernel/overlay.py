@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vimgtools.errors import ImageError, ImageRefused, InvalidInput
 from vimgtools.image import Image
+from vimgtools.journal import apply_runs
 
 log = logging.getLogger("vimgtools.rekernel")
 
@@ -92,8 +93,6 @@ def commit_overlay(overlay: Path, disk: Path, fmt: str) -> int:
     ``qemu-img commit`` (not crash-atomic: documented in docs/rekernel.md).
     """
     if fmt == "raw":
-        from vimgtools.journal import apply_runs
-
         return apply_runs(disk, overlay_extents(overlay))
     if fmt not in ("qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc"):
         raise InvalidInput(f"{disk}: cannot commit into format {fmt}")
