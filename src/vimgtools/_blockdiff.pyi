@@ -9,6 +9,7 @@ from typing_extensions import Buffer
 MIN_BLOCK_SIZE: int
 MAX_BLOCK_SIZE: int
 ALGORITHMS: tuple[str, ...]
+XXH3_DISPATCH: bool  # the system libxxhash's run-time SIMD choice (SSE2/AVX2/AVX-512) is in use
 
 def hash_blocks(
     buf: Buffer | npt.NDArray[Any],

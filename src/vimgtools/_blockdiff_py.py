@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
 ALGORITHMS = ("xxh128", "xxh64")
+XXH3_DISPATCH = False  # python-xxhash picks its own vector code; the digests are the same
 
 
 def _check_block_size(block_size: int) -> int:

@@ -640,3 +640,19 @@ def test_unbuilt_checkout_is_a_clear_import_error(tmp_path: Path) -> None:
     assert last.startswith("ImportError: vimgtools: the native engine vimgtools._blockdiff is not built")
     assert "libxxhash-dev" in last
     assert "No module named 'vimgtools._blockdiff'" in last
+
+
+def test_the_system_libxxhash_dispatch_is_used_when_it_has_one() -> None:
+    """A libxxhash built with DISPATCH=1 (Debian's) picks SSE2/AVX2/AVX-512 at run time: the engine uses it."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
+    assert hasattr(lib, "XXH3_128bits_withSeed_dispatch") is native.XXH3_DISPATCH
+    assert twin.XXH3_DISPATCH is False
+    data = bytes(range(256)) * 64 + b"tail"  # long input (the vector code) and a short last block
+    for seed in (0, 1, 2**64 - 1):
+        for algorithm in ("xxh128", "xxh64"):
+            assert np.array_equal(
+                native.hash_blocks(data, 4096, algorithm, seed), twin.hash_blocks(data, 4096, algorithm, seed)
+            )
