@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Everything the code, the tests and the benchmarks need from Debian 12.
 APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-venv \
-	python3-guestfs libguestfs-tools linux-image-amd64 qemu-system-x86 qemu-utils \
+	python3-guestfs libguestfs-tools python3-libnbd linux-image-amd64 qemu-system-x86 qemu-utils \
 	debootstrap openssh-server openssh-client rsync initramfs-tools-core zstd kmod util-linux \
 	e2fsprogs fuse3 time ovmf
 # Nested KVM hangs on our build machines: tests use TCG (users' hosts get KVM).
@@ -41,7 +41,7 @@ $(VENV)/bin/python:
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py src/vimgtools/_blockdiff.pyx
 	$(PY) -m pip install -q --upgrade pip 'setuptools>=77' wheel 'Cython>=3.0' numpy pkgconfig
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
-	$(PY) -c 'import vimgtools, vimgtools.guest.bindings as b; b.load_guestfs(); print("vimgtools", vimgtools.__version__, "built; guestfs bindings found")'
+	$(PY) -c 'import vimgtools, vimgtools.guest.bindings as b, vimgtools.bindings as s; b.load_guestfs(); s.load_nbd(); print("vimgtools", vimgtools.__version__, "built; guestfs and libnbd bindings found")'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Find the system's Python bindings of C libraries (libnbd; libguestfs in ``guest.bindings``) from a venv.
+"""Find the system's Python bindings of C libraries (libnbd; libguestfs through ``guest.bindings``) from a venv.
 
 Distributions install such bindings (a ``NAME.py`` and its C module) for their own
 interpreter only, e.g. Debian's ``/usr/lib/python3/dist-packages``. A venv made from
@@ -46,9 +46,11 @@ def _load(name: str, path: Path) -> ModuleType:
     return module
 
 
-def find_system_module(py_name: str, c_name: str) -> tuple[Path, Path] | None:
+def find_system_module(
+    py_name: str, c_name: str, dirs: tuple[str, ...] = SYSTEM_DIRS
+) -> tuple[Path, Path] | None:
     """The system's ``py_name.py`` and a ``c_name`` C module this interpreter can load."""
-    for d in map(Path, SYSTEM_DIRS):
+    for d in map(Path, dirs):
         py = d / f"{py_name}.py"
         if not py.is_file():
             continue
@@ -59,8 +61,10 @@ def find_system_module(py_name: str, c_name: str) -> tuple[Path, Path] | None:
     return None
 
 
-def load_system_module(py_name: str, c_name: str, missing: str) -> ModuleType:
-    """Import ``py_name`` from this interpreter's path, else from the system's directory.
+def load_system_module(
+    py_name: str, c_name: str, missing: str, *, label: str = "", dirs: tuple[str, ...] = SYSTEM_DIRS
+) -> ModuleType:
+    """Import ``py_name`` from this interpreter's path, else from the system's directories.
 
     Raises:
         BindingsMissing: not found, or not loadable by this Python; ``missing`` (formatted with
@@ -70,7 +74,7 @@ def load_system_module(py_name: str, c_name: str, missing: str) -> ModuleType:
         return importlib.import_module(py_name)
     except ImportError:
         pass
-    found = find_system_module(py_name, c_name)
+    found = find_system_module(py_name, c_name, dirs)
     if found is None:
         raise BindingsMissing(missing.format(ver=sysconfig.get_python_version()))
     py, so = found
@@ -78,7 +82,7 @@ def load_system_module(py_name: str, c_name: str, missing: str) -> ModuleType:
         _load(c_name, so)
         return _load(py_name, py)
     except ImportError as e:
-        raise BindingsMissing(f"{so}: cannot load the {py_name} bindings: {e}") from e
+        raise BindingsMissing(f"{so}: cannot load the {label or py_name} bindings: {e}") from e
 
 
 def load_nbd() -> ModuleType:

@@ -103,3 +103,29 @@ def test_find_system_bindings_needs_both_files(monkeypatch: pytest.MonkeyPatch, 
     assert bindings.find_system_bindings() is None  # the C module is missing
     (tmp_path / "libguestfsmod.cpython-30-x86_64-linux-gnu.so").write_bytes(b"")
     assert bindings.find_system_bindings() is None  # built for another Python
+
+
+def test_missing_libnbd_bindings_name_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The same mechanism for libnbd (qcow2 and the other formats): the message names python3-libnbd."""
+    from vimgtools import bindings as system
+    from vimgtools.errors import ImageError
+    from vimgtools.nbd import nbd_module
+
+    class Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+            if name in ("nbd", "libnbdmod"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    for name in ("nbd", "libnbdmod"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Hide(), *sys.meta_path])
+
+    def load() -> object:  # the system directories are an empty tmp dir
+        return system.load_system_module("nbd", "libnbdmod", system.NBD_MISSING, dirs=(str(tmp_path),))
+
+    with pytest.raises(system.BindingsMissing, match="apt-get install python3-libnbd"):
+        load()
+    monkeypatch.setattr("vimgtools.nbd.load_nbd", load)
+    with pytest.raises(ImageError, match="python3-libnbd"):
+        nbd_module()
