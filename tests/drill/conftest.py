@@ -92,6 +92,27 @@ def _broken_fstab(root: Path) -> None:
     fstab.write_text("\n".join(lines) + "\n")
 
 
+AGENT_DEBS = ("qemu-guest-agent", "libglib2.0-0", "liburing2", "libnuma1")
+
+
+def _agent_debs() -> list[Path]:
+    """qemu-guest-agent and the libraries the test guest lacks, from Debian (cached beside the guests)."""
+    debs = guestbuild.CACHE / "debs" / "agent"
+    with guestbuild.locked("agent-debs"):
+        if not all(list(debs.glob(f"{p}_*.deb")) for p in AGENT_DEBS):
+            debs.mkdir(parents=True, exist_ok=True)
+            guestbuild.run("apt-get", "download", *AGENT_DEBS, cwd=debs)
+    return sorted(debs.glob("*.deb"))
+
+
+def _with_agent(root: Path) -> None:
+    """qemu-guest-agent unpacked into the guest; udev starts it when its virtio-serial port appears."""
+    for deb in _agent_debs():
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout
+        # --keep-directory-symlink: the guest is usrmerged (/lib -> usr/lib); never replace the link.
+        subprocess.run(["tar", "-x", "--keep-directory-symlink", "-C", str(root)], input=tar, check=True)
+
+
 def _zero_mbr(image: Path) -> None:
     with open(image, "r+b") as f:
         f.write(bytes(440))  # the boot code; the partition table and the 0x55AA signature stay
@@ -105,6 +126,11 @@ def good_replica(make_replica: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def login_replica(make_replica: Callable[..., Path]) -> Path:
     return make_replica("login", _login)
+
+
+@pytest.fixture(scope="session")
+def agent_replica(make_replica: Callable[..., Path]) -> Path:
+    return make_replica("agent", _with_agent)
 
 
 @pytest.fixture(scope="session")

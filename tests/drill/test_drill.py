@@ -68,14 +68,31 @@ def test_login_prompt_with_stage_progress(
 ) -> None:
     check = unchanged(login_replica)
     seen: list[Stage] = []
-    report = boot([login_replica], accel="tcg", workdir=workdir, progress=seen.append)
+    report = boot([login_replica], accel="tcg", workdir=workdir, progress=seen.append, grace=10)
     assert report.booted, report.reason
     assert [s.name for s in seen] == ["firmware", "bootloader", "kernel", "userspace", "login"]
     assert all(s.seconds is not None for s in seen)
     assert report.kernel == guest_version
     assert guest_version in report.stages[2].detail and "Linux version line" in report.stages[2].detail
     assert report.stages[-1].detail.endswith("login:")
-    assert report.stopped == "acpi"  # the ACPI power button was enough
+    # A minbase guest has neither logind (no dbus) nor acpid: the power button goes unheard, qemu is killed.
+    assert report.stopped == "forced"
+    assert any("did not power off within 10 s" in n for n in report.notes)
+    check()
+
+
+def test_agent_answers(
+    agent_replica: Path, guest_version: str, workdir: Path, unchanged: Callable[[Path], Callable[[], None]]
+) -> None:
+    check = unchanged(agent_replica)
+    report = boot([agent_replica], accel="tcg", agent=True, workdir=workdir, grace=20)
+    assert report.booted, report.reason
+    assert [s.name for s in report.stages][-1] == "agent"
+    assert report.kernel == guest_version
+    assert report.os_info is not None and report.os_info["kernel-release"] == guest_version
+    assert "Debian GNU/Linux 12" in report.stages[-1].detail
+    # guest-shutdown asked; a loaded TCG host may take longer than the grace period to power off
+    assert report.stopped in ("agent", "forced")
     check()
 
 

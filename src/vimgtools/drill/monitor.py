@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from vimgtools.errors import DrillError
+
+log = logging.getLogger("vimgtools.drill")
 
 _BANNER = re.compile(rb"Linux version (\d[\w.+~-]*) \(")
 WINDOW = 64 << 20
@@ -35,6 +38,10 @@ class Monitor:
         """Connect once qemu listens; ``alive()`` false means qemu died (stop trying)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        while not path.exists():  # qemu makes the socket while it starts
+            if not alive() or loop.time() > deadline:
+                raise DrillError(f"qemu never opened its monitor socket {path}")
+            await asyncio.sleep(0.05)
         while True:
             try:
                 await self._qmp.connect(str(path))
@@ -69,9 +76,10 @@ class Monitor:
         For a guest whose console is quiet (``quiet`` on the kernel command line prints no banner):
         the decompressed kernel's banner and its log buffer are in RAM whatever the log level. A
         boot loader holds only the compressed image, so a banner in memory means the kernel ran.
-        Read 64 MiB windows (``pmemsave``) until one holds it; the guest is paused meanwhile.
+        Read 64 MiB windows (``pmemsave``) until one holds it, the guest paused (QMP ``stop``) meanwhile.
         """
         counts: dict[str, int] = {}
+        await self.execute("stop")  # a guest powering itself off meanwhile would take its memory along
         try:
             for start in range(0, memory_bytes, WINDOW):
                 size = min(WINDOW, memory_bytes - start)
@@ -84,6 +92,8 @@ class Monitor:
                     break
         finally:
             scratch.unlink(missing_ok=True)
+            with contextlib.suppress(DrillError):
+                await self.execute("cont")
         return max(counts, key=lambda v: counts[v]) if counts else None
 
     async def close(self) -> None:
@@ -113,6 +123,16 @@ class Agent:
         except (QMPError, OSError, EOFError):
             await self.close()
             return None
+
+    async def shutdown(self, path: Path) -> None:
+        """Ask the agent to power the guest off (it does not answer when it does)."""
+        if self._connected:
+            try:
+                await asyncio.wait_for(self._qga.execute("guest-shutdown", {"mode": "powerdown"}), 2.0)
+            except TimeoutError:
+                pass  # the usual: no answer while it shuts down
+            except (QMPError, OSError, EOFError) as e:
+                log.debug("guest-shutdown: %s", e)
 
     async def close(self) -> None:
         if self._connected:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vimgtools.drill.stages import Stage
+from vimgtools.drill.stages import STAGES, Stage
 
 NO_SERIAL = "nothing on the serial console: this guest's console is not on ttyS0"
 
@@ -38,7 +38,8 @@ class DrillReport:
     os_info: dict[str, Any] | None = None
     screenshot: Path | None = None
     firmware_log: Path | None = None
-    #: how the guest was stopped: "acpi" (it powered off), "forced", or "exited" (it stopped by itself)
+    #: how the guest was stopped: "agent" (guest-shutdown), "acpi" (the power button), "forced" (killed
+    #: after the grace period), or "exited" (it stopped by itself)
     stopped: str = ""
 
     @property
@@ -68,8 +69,6 @@ def render(report: DrillReport) -> str:
     head = "booted" if report.booted else f"did NOT boot: {report.reason}"
     out.append(f"drill: {head} ({report.seconds:.1f} s, {report.accel})")
     reached = {s.name: s for s in report.stages}
-    from vimgtools.drill.stages import STAGES
-
     for name in (*STAGES, report.end):
         s = reached.get(name)
         if s is None:

@@ -25,7 +25,7 @@ from vimgtools.drill.qemu import ACCELS, BUSES, NETS, OVMF_CODE, QEMU, Machine, 
 from vimgtools.drill.report import NO_SERIAL, DrillReport
 from vimgtools.drill.stages import Stage, Watcher
 from vimgtools.drill.workdir import Disk, WorkDir, check_disk
-from vimgtools.errors import DrillError, InvalidInput
+from vimgtools.errors import DrillError, ImageRefused, InvalidInput
 
 log = logging.getLogger("vimgtools.drill")
 
@@ -221,7 +221,9 @@ async def _drill(
                 notes.append(f"no screenshot: {e}")
                 shot = None
         if alive:
-            stopped = await _power_off(monitor, proc, opts.grace)
+            stopped = await _power_off(
+                monitor, proc, opts.grace, agent if os_info is not None else None, machine
+            )
             if stopped == "forced":
                 notes.append(
                     f"the guest did not power off within {opts.grace:.0f} s of the ACPI button: killed"
@@ -299,14 +301,22 @@ async def _kernel_from_memory(monitor: Monitor, watcher: Watcher, opts: Options,
             watcher.stages["kernel"] = Stage("kernel", seen.seconds, f"{version} ({how})")
 
 
-async def _power_off(monitor: Monitor, proc: Process, grace: float) -> str:
-    """ACPI power button, wait ``grace`` seconds; then QMP quit; then SIGKILL. Returns how it stopped."""
-    with contextlib.suppress(DrillError):
-        await monitor.powerdown()
+async def _power_off(
+    monitor: Monitor, proc: Process, grace: float, agent: Agent | None, machine: Machine
+) -> str:
+    """The agent's guest-shutdown when it answered, else the ACPI power button; wait ``grace``
+    seconds; then QMP quit; then SIGKILL. Returns how it stopped: "agent", "acpi" or "forced"."""
+    how = "acpi"
+    if agent is not None and machine.agent_socket is not None:
+        how = "agent"
+        await agent.shutdown(machine.agent_socket)
+    else:
+        with contextlib.suppress(DrillError):
+            await monitor.powerdown()
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            return "acpi"
+            return how
         await asyncio.sleep(POLL)
     with contextlib.suppress(DrillError):
         await monitor.quit()
@@ -321,7 +331,5 @@ def _qemu_failed(proc: Process, disks: list[Disk]) -> Exception:
     last = err.splitlines()[-1] if err else f"exited {proc.poll()}"
     for d in disks:
         if str(d.path) in err and "lock" in err:
-            from vimgtools.errors import ImageRefused
-
             return ImageRefused(f"{d.path}: in use by another program ({last})")
     return DrillError(f"qemu did not start: {last}")
