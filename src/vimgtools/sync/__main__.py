@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -399,5 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown (0.03-0.06 s a run: numpy's and every module's
+    finalisation, the thread pools' atexit joins). Everything the run wrote is closed by now
+    (and fsynced where that matters); only our own stdio buffers are left to flush."""
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader went away (`| head`): as _cli.entry does
+        code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _exit_now(main())
