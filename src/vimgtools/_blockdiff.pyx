@@ -27,13 +27,30 @@ cdef extern from *:
        libxxhash without them leaves them NULL, and the inlined code is used. Same digests either way. */
     extern XXH128_hash_t XXH3_128bits_withSeed_dispatch(const void*, size_t, XXH64_hash_t) __attribute__((weak));
     extern XXH64_hash_t XXH3_64bits_withSeed_dispatch(const void*, size_t, XXH64_hash_t) __attribute__((weak));
+    /* The AVX2/AVX-512 code returns with the upper halves of the vector registers dirty; every
+       SSE instruction after it then pays a transition penalty (this SSE2-compiled module's own
+       loop halved its speed). vzeroupper clears them: an AVX instruction, run only where the CPU
+       has AVX (the dispatcher picks AVX2 only there). */
+    static int vimg_has_avx = -1;
+    static inline void vimg_clean_upper(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        if (vimg_has_avx < 0) { __builtin_cpu_init(); vimg_has_avx = __builtin_cpu_supports("avx"); }
+        if (vimg_has_avx) __asm__ volatile("vzeroupper" ::: "memory");
+    #endif
+    }
     static inline XXH128_hash_t vimg_xxh128(const void* p, size_t n, XXH64_hash_t seed) {
-        return XXH3_128bits_withSeed_dispatch ? XXH3_128bits_withSeed_dispatch(p, n, seed)
-                                              : XXH3_128bits_withSeed(p, n, seed);
+        XXH128_hash_t h;
+        if (!XXH3_128bits_withSeed_dispatch) return XXH3_128bits_withSeed(p, n, seed);
+        h = XXH3_128bits_withSeed_dispatch(p, n, seed);
+        vimg_clean_upper();
+        return h;
     }
     static inline XXH64_hash_t vimg_xxh64(const void* p, size_t n, XXH64_hash_t seed) {
-        return XXH3_64bits_withSeed_dispatch ? XXH3_64bits_withSeed_dispatch(p, n, seed)
-                                             : XXH3_64bits_withSeed(p, n, seed);
+        XXH64_hash_t h;
+        if (!XXH3_64bits_withSeed_dispatch) return XXH3_64bits_withSeed(p, n, seed);
+        h = XXH3_64bits_withSeed_dispatch(p, n, seed);
+        vimg_clean_upper();
+        return h;
     }
     /* A strong reference to the library itself (the inlined header renames XXH_versionNumber):
        without one the linker may drop libxxhash, and the weak references would stay NULL. */
