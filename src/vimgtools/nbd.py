@@ -44,6 +44,7 @@ log = logging.getLogger("vimgtools.nbd")
 
 START_TIMEOUT = 30.0
 MAX_REQUEST = 32 << 20  # the NBD maximum payload qemu serves
+READ_REQUEST = 1 << 20  # reads are split into requests of this size, all in flight at once
 STATUS_SPAN = 1 << 30  # bytes asked per block-status request
 _STATE_HOLE, _STATE_ZERO = 1, 2
 _PR_SET_PDEATHSIG = 1
@@ -276,18 +277,25 @@ class NbdImage(Image):
         return self.data_in(0, self.size)
 
     def read_into(self, buf: memoryview, offset: int, *, probe: bool = True) -> tuple[int, bool]:
-        """Fill ``buf`` from ``offset`` (past the end: zeros). The page cache is qemu's: nothing to give back."""
+        """Fill ``buf`` from ``offset`` (past the end: zeros). The page cache is qemu's: nothing to give back.
+
+        The reply lands in ``buf`` itself (a shared libnbd buffer, no copy), in requests of at most
+        ``READ_REQUEST`` bytes all in flight at once.
+        """
         want = len(buf)
         inside = max(0, min(want, self.size - offset))
         h = self._handle()
-        done = 0
-        while done < inside:
-            n = min(MAX_REQUEST, inside - done)
-            try:
-                buf[done : done + n] = h.pread(n, offset + done)
-            except self._nbd.Error as e:
-                raise self._error("read error", offset + done, e) from e
-            done += n
+        pending = []
+        try:
+            for done in range(0, inside, READ_REQUEST):
+                n = min(READ_REQUEST, inside - done)
+                shared = self._nbd.Buffer.from_buffer(buf[done : done + n])
+                pending.append((h.aio_pread(shared, offset + done), shared))
+            for cookie, _ in pending:
+                while not h.aio_command_completed(cookie):
+                    h.poll(-1)
+        except self._nbd.Error as e:
+            raise self._error("read error", offset, e) from e
         if inside < want:
             buf[inside:] = bytes(want - inside)
         return inside, True
