@@ -10,6 +10,7 @@ the RWF_NOWAIT probe, which learns residency a piece at a time, can be exact too
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -157,3 +158,26 @@ def test_unknown_probe_name_is_ignored(pair: tuple[Path, Path], monkeypatch: pyt
     monkeypatch.setenv("VIMGTOOLS_CACHE_PROBE", "bogus")
     with Image(pair[0]) as img:
         assert img.cache_probe() in CACHE_PROBES
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_reader_who_neither_owns_nor_may_write_the_image_gets_nowait() -> None:
+    """cachestat/mincore answer truly only to the owner or a writer: anyone else learns by reading."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:  # /tmp: reachable for uid 65534
+        os.chmod(d, 0o755)
+        theirs, mine = Path(d, "root.img"), Path(d, "nobody.img")
+        for p in (theirs, mine):
+            p.write_bytes(bytes(1 << 20))
+            p.chmod(0o644)
+        os.chown(mine, 65534, 65534)
+        code = f"from vimgtools.image import Image; print(Image({str(theirs)!r}).cache_probe(), Image({str(mine)!r}).cache_probe())"
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+    assert out[0] == "nowait"
+    assert out[1] in ("cachestat", "mincore")
