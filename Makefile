@@ -15,14 +15,14 @@ APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-ven
 TEST_ENV := LIBGUESTFS_BACKEND_SETTINGS=$${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 PYTEST_ARGS ?=
 
-.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-rekernel clean
+.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-formats bench-rekernel clean
 
 help:
 	@echo "make demo       set up, then sync a built-in sample image and show what changed"
 	@echo "make test       set up, then run lint, type checks and the whole test suite"
 	@echo "make test-fast  the suite without the slow, guestfs and boot tests"
 	@echo "make bench      the engine benchmarks (docs/native.md)"
-	@echo "make bench-sync / bench-remote / bench-rekernel   beside the peers (docs/sync.md, remote.md, rekernel.md)"
+	@echo "make bench-sync / bench-remote / bench-formats / bench-rekernel   beside the peers (docs/sync.md, remote.md, formats.md, rekernel.md)"
 
 deps: apt $(VENV)/.installed
 
@@ -71,6 +71,9 @@ bench-sync: deps
 
 bench-remote: deps
 	$(PY) benchmarks/remote_vs_peers.py --repeat 3
+
+bench-formats: deps
+	$(PY) benchmarks/formats_vs_peers.py --repeat 3
 
 bench-rekernel: deps
 	$(TEST_ENV) $(PY) benchmarks/bench_rekernel.py --boot

@@ -65,3 +65,27 @@ def test_unknown_host_is_a_clean_error(sshd: list[str], pair: tuple[Path, Path])
     p = cli("--rsh", rsh, src, "no-such-host.invalid:/x.img", check=1)
     assert "no-such-host.invalid" in p.stderr and "Traceback" not in p.stderr
     assert shutil.which("ssh")
+
+
+def test_qcow2_on_both_ends_over_ssh(sshd: list[str], tmp_path: Path) -> None:
+    """A qcow2 with a backing file pushed into a qcow2 replica the far side creates, then pulled back."""
+    import subprocess
+
+    def qemu(*args: str | Path) -> None:
+        subprocess.run([*map(str, args)], check=True, capture_output=True)
+
+    base, src = tmp_path / "base.qcow2", tmp_path / "mail.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", base, 32 * MiB)
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 2M", base)
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", src)
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x5b 1M 4k", src)
+    dst = tmp_path / "dr" / "mail.qcow2"
+    dst.parent.mkdir()
+    r = cli_json(*sshd, "--verify", src, f"127.0.0.1:{dst}")
+    assert r["src_format"] == "qcow2" and r["dst_format"] == "qcow2" and r["verified"] is True
+    assert len(r["src_chain"]) == 2  # type: ignore[arg-type]
+    qemu("qemu-img", "compare", "-q", src, dst)
+    back = tmp_path / "back.img"
+    r = cli_json(*sshd, f"127.0.0.1:{dst}", back)
+    assert r["src_format"] == "qcow2" and r["dst_format"] == "raw"
+    qemu("qemu-img", "compare", "-q", src, back)
