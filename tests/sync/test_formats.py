@@ -296,3 +296,20 @@ def test_a_qcow2_held_by_qemu(running_vm: Path, tmp_path: Path) -> None:
     p = cli(src, running_vm, check=2)
     assert "running VM" in p.stderr and "--force" in p.stderr
     assert digest(running_vm) == before
+
+
+def test_state_undo_and_rollback_with_qcow2_on_both_ends(tmp_path: Path) -> None:
+    src, dst, state, undo = (tmp_path / n for n in ("src.qcow2", "dst.qcow2", "s.state", "u.undo"))
+    qemu_img("create", "-q", "-f", "qcow2", src, SIZE)
+    qemu_io(src, "write -P 0xa1 0 2M")
+    assert cli_json("--state", state, src, dst)["state"] == "none yet"
+    old = tmp_path / "old.qcow2"
+    shutil.copyfile(dst, old)
+    qemu_io(src, "write -P 0xa2 30M 4k")
+    out = cli_json("--state", state, "--undo", undo, src, dst)
+    assert (
+        out["state"] == "trusted" and out["changed"] == 1
+    )  # the replica is as the state says: SRC alone read
+    assert same(src, dst)
+    cli("--rollback", dst, "--undo", undo)
+    assert same(dst, old)
