@@ -10,6 +10,7 @@ VimgError               base; catch this to catch everything            exit 1
 ├── KernelError         the --from tree: no kernel, modules do not match   exit 2
 ├── BootloaderError     unknown loader, cannot restamp here, restamp failed exit 2
 ├── DrillError          drill: qemu would not start, its monitor went away exit 1
+├── BootCheckFailed     rekernel --boot-check: the new kernel did not boot exit 1
 └── Interrupted         SIGINT/SIGTERM: stopped at a consistent point      exit 130
 
 Library code raises these; the CLIs print ``prog: error: <message>`` and exit
@@ -93,6 +94,17 @@ class DrillError(VimgError):
 
     A guest that does not boot is not an error: it is the drill's answer (a report, exit 1).
     """
+
+
+class BootCheckFailed(VimgError):
+    """rekernel --boot-check: the changed guest did not boot its new kernel; DISK was not written.
+
+    ``report`` is the drill's ``DrillReport`` (the CLI prints it).
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class Interrupted(VimgError):

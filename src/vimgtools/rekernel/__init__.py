@@ -8,16 +8,18 @@ inspect -> preflight -> plan -> apply (on a qcow2 overlay) -> verify (re-read) -
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vimgtools.errors import BootloaderError, GuestError, InvalidInput, VimgError
+from vimgtools import drill
+from vimgtools.errors import BootCheckFailed, BootloaderError, GuestError, InvalidInput, VimgError
 from vimgtools.kernel import Kernel, find_kernel, list_initramfs
 from vimgtools.rekernel.apply import apply_plan, verify, verify_rollback
 from vimgtools.rekernel.plan import STATE_FILE, Options, Plan, plan_rekernel, plan_rollback, version_of
@@ -46,6 +48,7 @@ def rekernel(
     regenerate_initramfs: bool | None = None,
     workdir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    boot_check: bool | Mapping[str, Any] = False,
 ) -> Result:
     """Swap in the kernel from ``from_dir`` and make it the guest's default; all or nothing.
 
@@ -63,10 +66,15 @@ def rekernel(
             default: only when ``from_dir`` has none.
         workdir: where the temporary overlay goes (default: beside ``disk``).
         progress: called before each step with (index from 1, number of steps, description).
+        boot_check: before committing, boot the work overlay with the drill (``vimgtools.drill.boot``;
+            a mapping gives the drill's options, e.g. ``{"expect": "login:", "timeout": 300}``) and
+            commit only when the new kernel's version is seen running; else BootCheckFailed, with
+            the drill's report, and DISK as it was.
 
     Raises:
         KernelError, BootloaderError, ImageRefused, InvalidInput: refused before any change (exit 2).
         GuestError, ImageError: failed; ``disk`` is as it was.
+        BootCheckFailed: the boot check did not see the new kernel running (exit 1); ``disk`` as it was.
         Once the disk is opened, the exception's ``result`` is what was decided and done (for --json).
     """
     if target not in ("kvm", "xen"):
@@ -81,6 +89,10 @@ def rekernel(
     regenerate = regenerate_initramfs if regenerate_initramfs is not None else kernel.initramfs is None
     initrd_files = list_initramfs(kernel.initramfs) if kernel.initramfs and not regenerate else None
     result = Result(plan=None, dry_run=dry_run)
+    check = None
+    if boot_check:
+        drill_options = dict(boot_check) if isinstance(boot_check, Mapping) else {}
+        check = functools.partial(_boot_check, version=kernel.version, result=result, options=drill_options)
     with guest_session(
         disk,
         result,
@@ -88,6 +100,7 @@ def rekernel(
         root=root,
         workdir=Path(workdir) if workdir else None,
         extra_files=(STATE_FILE,),
+        before_commit=check,
     ) as s:
         try:
             previous = version_of(s.loader.default_entry(s.guest, s.facts).kernel)
@@ -113,6 +126,26 @@ def rekernel(
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     result.seconds["work"] = round(result.seconds["total"] - result.seconds.get("launch", 0.0), 2)
     return result
+
+
+def _boot_check(overlay: Path, *, version: str, result: Result, options: dict[str, Any]) -> None:
+    """Boot the changed guest (the work overlay, under a throw-away overlay of the drill's own)."""
+    log.info("boot check: booting the changed guest to see %s running", version)
+    report = drill.boot([overlay], formats=("qcow2",), **options)
+    result.boot_check = report.to_dict()
+    log.info("boot check:\n%s", drill.render(report))
+    if not report.booted:
+        raise BootCheckFailed(
+            f"boot check: the changed guest did not boot ({report.reason}; last stage reached: "
+            f"{report.stages[-1].name if report.stages else 'none'}); DISK was not written",
+            report,
+        )
+    if report.kernel != version:
+        raise BootCheckFailed(
+            f"boot check: the guest booted {report.kernel or 'a kernel whose version was not seen'}, "
+            f"not {version}; DISK was not written",
+            report,
+        )
 
 
 def rollback(

@@ -7,7 +7,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from vimgtools import _cli
-from vimgtools.errors import InvalidInput, VimgError
+from vimgtools.drill import render
+from vimgtools.errors import BootCheckFailed, InvalidInput, VimgError
 
 if TYPE_CHECKING:
     from vimgtools.rekernel import Result
@@ -85,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make the kernel booted before the last rekernel the default again",
     )
+    bc = p.add_argument_group("boot check")
+    bc.add_argument(
+        "--boot-check",
+        action="store_true",
+        help="before committing, boot the changed guest (python -m vimgtools.drill) and commit only "
+        "when the new kernel is seen running",
+    )
+    bc.add_argument(
+        "--boot-check-expect",
+        metavar="REGEX",
+        help="the boot check ends when the serial console shows REGEX (default: a login prompt)",
+    )
+    bc.add_argument(
+        "--boot-check-timeout", type=float, metavar="S", help="give the boot check up after S seconds"
+    )
     _cli.add_common_options(p)
     return p
 
@@ -98,6 +114,11 @@ def _run(args: argparse.Namespace) -> Result:
         return rollback(args.disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
     if not args.source:
         raise InvalidInput("--from BOOTDIR is required")
+    if not args.boot_check and (args.boot_check_expect or args.boot_check_timeout):
+        raise InvalidInput("--boot-check-expect and --boot-check-timeout need --boot-check")
+    check: dict[str, Any] | bool = False
+    if args.boot_check:
+        check = {"expect": args.boot_check_expect, "timeout": args.boot_check_timeout}
     return rekernel(
         args.disk,
         args.source,
@@ -109,6 +130,7 @@ def _run(args: argparse.Namespace) -> Result:
         dry_run=args.dry_run,
         regenerate_initramfs=args.regen,
         workdir=args.workdir,
+        boot_check=check,
     )
 
 
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(args)
     except VimgError as e:
+        if isinstance(e, BootCheckFailed) and e.report is not None and not args.json:
+            print(render(e.report))
         if args.json:  # one object on stdout even when it failed: what was decided, and why it stopped
             obj: dict[str, Any] = e.result.to_dict() if e.result is not None else {}
             obj.update(error=str(e), exit_code=e.exit_code, committed=False)

@@ -48,9 +48,12 @@ class Result:
     verified: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     action: str = "rekernel"
+    #: the drill's report (its --json object) when --boot-check booted the work overlay
+    boot_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "boot_check": self.boot_check,
             "action": self.action,
             "plan": self.plan.to_dict() if self.plan else None,
             "dry_run": self.dry_run,
@@ -139,6 +142,7 @@ def guest_session(
     workdir: Path | None = None,
     extra_files: Iterable[str] = (),
     open_guest: Callable[[Path], Guest] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Iterator[Session]:
     """Run the body on DISK's guest; commit its changes when it returns (unless ``result.dry_run``).
 
@@ -150,6 +154,8 @@ def guest_session(
         extra_files: guest files to read into the facts besides the loaders' configuration.
         open_guest: makes the guest on the work overlay (default: ``open_image``; tests give a
             FakeGuest).
+        before_commit: called with the work overlay once the appliance has flushed it and before
+            the commit (``--boot-check`` boots it); raising there leaves DISK as it was.
 
     Raises:
         whatever the body, the launch, the inspection or the commit raise; DISK is as it was
@@ -174,6 +180,10 @@ def guest_session(
                 t1 = time.monotonic()
                 guest.close(commit=ok)
                 result.seconds["shutdown"] = _since(t1)
+            if before_commit is not None:
+                t3 = time.monotonic()
+                before_commit(work.overlay)
+                result.seconds["boot_check"] = _since(t3)
             if not result.dry_run:
                 t2 = time.monotonic()
                 result.bytes_committed = work.commit()
