@@ -18,7 +18,7 @@ from vimgtools.drill import boot
 from vimgtools.drill.__main__ import main
 from vimgtools.drill.monitor import Agent
 from vimgtools.drill.qemu import Drive, Machine, argv
-from vimgtools.errors import InvalidInput
+from vimgtools.errors import DrillError, InvalidInput
 
 
 @pytest.fixture
@@ -213,3 +213,23 @@ def test_qemu_dies_with_its_parent_even_on_sigkill(tmp_path: Path) -> None:
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its SIGKILLed parent")
+
+
+def test_qemu_that_will_not_start_is_a_drill_error_also_inside_an_event_loop(
+    disk: Path, tmp_path: Path
+) -> None:
+    q = tmp_path / "qemu"
+    q.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -machine pc,accel=tcg: no such machine' >&2\nexit 1\n")
+    q.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    async def in_a_loop() -> None:
+        boot([disk], accel="tcg", qemu=str(q), workdir=work)
+
+    with pytest.raises(
+        DrillError, match="qemu did not start: qemu-system-x86_64: -machine pc,accel=tcg: no such"
+    ):
+        asyncio.run(in_a_loop())
+    (run,) = work.glob("vimg-drill-*")
+    assert not list(run.glob("*.qcow2"))  # the overlay went all the same

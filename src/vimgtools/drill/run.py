@@ -10,11 +10,13 @@ removed, logs kept.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +123,8 @@ def boot(
     work = WorkDir(opts.workdir)
     keep_dir = opts.log is None
     try:
-        report = asyncio.run(_drill(checked, opts, pattern, probe.accel, timeout, work, progress))
+        run = functools.partial(_drill, checked, opts, pattern, probe.accel, timeout, work, progress)
+        report = _run_async(run)
         if opts.accel is None and probe.accel == "tcg":
             report.notes.append(f"TCG, not KVM: {probe.reason}")
         return report
@@ -253,6 +256,16 @@ async def _drill(
         firmware_log=firmware,
         stopped=stopped,
     )
+
+
+def _run_async(make: Callable[[], Coroutine[Any, Any, DrillReport]]) -> DrillReport:
+    """``asyncio.run``, or in a thread of its own when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 class _Tail:

@@ -116,6 +116,9 @@ class WorkDir:
 
     def close(self, *, keep_logs: bool) -> None:
         """Remove everything but the logs (all of it with ``keep_logs=False``), then unlock."""
+        qemu_log = self.path / "qemu.log"
+        if qemu_log.exists() and qemu_log.stat().st_size == 0:
+            qemu_log.unlink()  # qemu said nothing
         clean(self.path, keep=KEEP if keep_logs else ())
         if not keep_logs:
             shutil.rmtree(self.path, ignore_errors=True)
