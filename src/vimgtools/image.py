@@ -139,6 +139,7 @@ class Image:
 
     format = "raw"
     cluster_size = 0  # of a qcow2: what a replica created from it gets
+    request_size = 0  # the smallest read worth making (0: any); readers read pieces at least this big
 
     def __init__(self, path: str | os.PathLike[str], *, write: bool = False) -> None:
         self.path = Path(path)

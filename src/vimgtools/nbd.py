@@ -174,6 +174,7 @@ class NbdImage(Image):
         self.info = info
         self.format = info.format
         self.cluster_size = info.cluster_size
+        self.request_size = READ_REQUEST  # each read is a round trip to the export: fewer, larger ones
         self._holder = holder
         self._force = force
         self._nbd = nbd_module()
@@ -265,12 +266,28 @@ class NbdImage(Image):
         return out
 
     def next_data(self, offset: int) -> int:
+        """The first offset at or after ``offset`` holding data: one extent asked at a time (REQ_ONE)."""
         pos = offset
+        h = self._handle()
+        found: list[tuple[int, int]] = []
+
+        def first(meta: str, start: int, entries: list[int], err: Any) -> int:
+            if meta == "base:allocation" and len(entries) >= 2:
+                found.append((entries[0], entries[1]))
+            return 0
+
         while pos < self.size:
-            found = self.data_in(pos, min(STATUS_SPAN, self.size - pos))
-            if found:
-                return found[0][0]
-            pos += STATUS_SPAN
+            found.clear()
+            try:
+                h.block_status(min(self.size - pos, STATUS_SPAN), pos, first, self._nbd.CMD_FLAG_REQ_ONE)
+            except self._nbd.Error as e:
+                raise self._error("block status", pos, e) from e
+            if not found or found[0][0] <= 0:
+                raise ImageError(f"{self.path}: block status at offset {pos} answered nothing")
+            n, flags = found[0]
+            if not flags & (_STATE_HOLE | _STATE_ZERO):
+                return pos
+            pos += n
         return self.size
 
     def data_extents(self) -> list[tuple[int, int]]:

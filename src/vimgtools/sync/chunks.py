@@ -240,7 +240,7 @@ def pieces(
     inside = max(0, min(length, limit - offset))
     if not inside:
         return
-    piece = max(PIECE, bs)
+    piece = max(PIECE, bs, img.request_size)
     buf: memoryview | None = getattr(_local, "buf", None)
     if buf is None or len(buf) < piece:
         buf = _local.buf = memoryview(bytearray(piece))

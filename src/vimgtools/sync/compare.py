@@ -52,7 +52,7 @@ def scan(
     if dst is not None:
         guards.append(CacheGuard(dst, min(end, dst_size), keep_cache))
     read_src, read_dst = guards[0].read, guards[-1].read
-    piece = max(PIECE, block_size)
+    piece = max(PIECE, block_size, src.request_size, dst.request_size if dst is not None else 0)
     local = threading.local()
 
     def work(offset: int, buf: memoryview) -> Chunk:
