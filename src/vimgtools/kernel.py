@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,6 +140,36 @@ def list_initramfs(path: Path) -> list[str]:
     except subprocess.CalledProcessError as e:
         raise KernelError(f"{path}: cannot list the initramfs: {e.stderr.strip()[-500:]}") from e
     return out.stdout.splitlines()
+
+
+# Files of an initramfs that hold configuration baked in when it was made (initramfs-tools, dracut).
+BAKED_CONFIG = ("conf/", "etc/fstab", "etc/crypttab", "cryptroot/", "etc/cmdline", "etc/conf.d/")
+
+
+def initramfs_texts(path: Path) -> dict[str, str]:
+    """The baked-in configuration files of an initramfs (``BAKED_CONFIG``), unpacked on the host.
+
+    Raises:
+        KernelError: ``unmkinitramfs`` is missing or cannot unpack it.
+    """
+    exe = shutil.which("unmkinitramfs")
+    if exe is None:
+        raise KernelError("unmkinitramfs is missing on this host (Debian/Ubuntu: initramfs-tools-core)")
+    with tempfile.TemporaryDirectory(prefix="vimg-initrd-") as tmp:
+        try:
+            subprocess.run([exe, str(path), tmp], check=True, capture_output=True, text=True, timeout=300)
+        except subprocess.CalledProcessError as e:
+            raise KernelError(f"{path}: cannot unpack the initramfs: {e.stderr.strip()[-500:]}") from e
+        out: dict[str, str] = {}
+        top = Path(tmp)
+        for f in sorted(top.rglob("*")):
+            if not f.is_file() or f.is_symlink():
+                continue
+            rel = f.relative_to(top).as_posix()
+            rel = rel.split("/", 1)[1] if rel.split("/", 1)[0] in ("main", "early", "early2") else rel
+            if rel.startswith(BAKED_CONFIG) and f.stat().st_size < 1 << 20:
+                out[rel] = f.read_text("utf-8", "replace")
+        return out
 
 
 def initramfs_has(files: list[str], module: str) -> bool:

@@ -95,17 +95,7 @@ class GuestFacts:
     @property
     def boot_code(self) -> str | None:
         """What sector 0 holds: "grub", "syslinux", "lilo", "other" boot code, or None (no MBR code)."""
-        s = self.boot_sector
-        if len(s) < 512 or s[510:512] != b"\x55\xaa" or not any(s[:440]):
-            return None
-        if b"GRUB" in s[:440]:
-            return "grub"
-        if b"LILO" in s[:512]:
-            return "lilo"
-        # syslinux's mbr.bin has no signature string; its first instructions are well known.
-        if s[:3] == b"\x33\xc0\xfa" or b"Missing OS" in s or b"SYSLINUX" in s.upper():
-            return "syslinux"
-        return "other"
+        return boot_code_of(self.boot_sector)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -123,6 +113,20 @@ class GuestFacts:
             "boot_code": self.boot_code,
             "selinux": self.selinux,
         }
+
+
+def boot_code_of(s: bytes) -> str | None:
+    """What a sector 0 holds: "grub", "syslinux", "lilo", "other" boot code, or None (no MBR code)."""
+    if len(s) < 512 or s[510:512] != b"\x55\xaa" or not any(s[:440]):
+        return None
+    if b"GRUB" in s[:440]:
+        return "grub"
+    if b"LILO" in s[:512]:
+        return "lilo"
+    # syslinux's mbr.bin has no signature string; its first instructions are well known.
+    if s[:3] == b"\x33\xc0\xfa" or b"Missing OS" in s or b"SYSLINUX" in s.upper():
+        return "syslinux"
+    return "other"
 
 
 def choose_root(gi: Guest, wanted: str | None) -> str:

@@ -12,6 +12,7 @@ act them out, and a name in ``failing`` makes them fail as a failing command wou
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +35,9 @@ class FakeGuest:
         mountpoints: mountpoint -> device, as ``inspect_get_mountpoints`` reports it (for every root).
         filesystems: device -> vfs type (default ext4).
         devices: device -> its first bytes (``pread_device``; default: 512 zero bytes).
+        uuids, labels: device -> filesystem UUID / label (``list_filesystems`` lists every device
+            named in ``filesystems``, ``uuids`` or ``mountpoints``).
+        disks: what ``list_devices`` returns (default: the whole disks of the devices named).
         boot_free: bytes free on the filesystem holding /boot (``statvfs``).
     """
 
@@ -49,6 +53,9 @@ class FakeGuest:
         distro: str = "debian",
         product: str = "Debian GNU/Linux 12 (bookworm)",
         boot_free: int = 2 << 30,
+        uuids: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        disks: Iterable[str] | None = None,
     ) -> None:
         self.image = Path(image)
         self.launch_seconds = 0.0
@@ -58,6 +65,9 @@ class FakeGuest:
         self.devices = dict(devices or {})
         self.arch, self.distro, self.product = arch, distro, product
         self.boot_free = boot_free
+        self.uuids = dict(uuids or {})
+        self.labels = dict(labels or {})
+        self.disks = list(disks) if disks is not None else None
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {"/"}
         self.links: dict[str, str] = {}
@@ -161,6 +171,25 @@ class FakeGuest:
     def pread_device(self, device: str, count: int, offset: int) -> bytes:
         return self.devices.get(device, bytes(512))[offset : offset + count]
 
+    def list_filesystems(self) -> dict[str, str]:
+        devs = {*self.filesystems, *self.uuids, *self.mountpoints.values()}
+        return {d: self.filesystems.get(d, "ext4") for d in sorted(devs)}
+
+    def list_partitions(self) -> list[str]:
+        return [d for d in self.list_filesystems() if re.match(r"/dev/[shv]d[a-z]+\d+$", d)]
+
+    def list_devices(self) -> list[str]:
+        if self.disks is not None:
+            return list(self.disks)
+        whole = {m.group(1) for d in self.list_filesystems() if (m := re.match(r"(/dev/[shv]d[a-z]+)", d))}
+        return sorted(whole)
+
+    def vfs_uuid(self, device: str) -> str:
+        return self.uuids.get(device, "")
+
+    def vfs_label(self, device: str) -> str:
+        return self.labels.get(device, "")
+
     # -- reading ----------------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
         r = self._resolve(path)
@@ -189,6 +218,16 @@ class FakeGuest:
         if d not in self.dirs:
             raise GuestError(f"ls: {directory}: Not a directory")
         return self._children(d)
+
+    def find(self, directory: str) -> list[str]:
+        """Every path below ``directory``, relative to it (guestfs ``find``, without the top)."""
+        d = self._resolve(directory)
+        if d not in self.dirs:
+            raise GuestError(f"find: {directory}: Not a directory")
+        prefix = d.rstrip("/") + "/"
+        return sorted(
+            p[len(prefix) :] for p in (*self.files, *self.dirs, *self.links) if p.startswith(prefix)
+        )
 
     def du(self, path: str) -> int:
         """KiB, as ``du -s``: each file rounded up to 1 KiB."""

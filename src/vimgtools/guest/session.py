@@ -165,6 +165,28 @@ class GuestImage:
     def pread_device(self, device: str, count: int, offset: int) -> bytes:
         return bytes(self._call("pread_device", device, count, offset))
 
+    def list_devices(self) -> list[str]:
+        out: list[str] = self._call("list_devices")
+        return out
+
+    def list_partitions(self) -> list[str]:
+        out: list[str] = self._call("list_partitions")
+        return out
+
+    def list_filesystems(self) -> dict[str, str]:
+        out: dict[str, str] = self._call("list_filesystems")
+        return out
+
+    def vfs_uuid(self, device: str) -> str:
+        return str(self._call("vfs_uuid", device))
+
+    def vfs_label(self, device: str) -> str:
+        return str(self._call("vfs_label", device))
+
+    def find(self, directory: str) -> list[str]:
+        out: list[str] = self._call("find", directory)
+        return out
+
     def is_file(self, path: str) -> bool:
         return bool(self._call("is_file", path))
 

@@ -60,6 +60,17 @@ class RemoveDir:
 
 
 @dataclass(frozen=True)
+class Remove:
+    """Remove a file or a symlink (not a directory); absent is fine."""
+
+    path: str
+    why: str = ""
+
+    def describe(self) -> str:
+        return f"rm -f {self.path}" + (f"  # {self.why}" if self.why else "")
+
+
+@dataclass(frozen=True)
 class Symlink:
     target: str
     link: str
@@ -113,4 +124,4 @@ class SetDefault:
         return f"{self.loader}: make {self.version} the default entry"
 
 
-Step = Mkdir | Upload | InstallModules | Move | RemoveDir | Symlink | Write | RunCommand | SetDefault
+Step = Mkdir | Upload | InstallModules | Move | RemoveDir | Remove | Symlink | Write | RunCommand | SetDefault

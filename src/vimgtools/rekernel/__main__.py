@@ -66,7 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=("kvm", "xen"),
         default="kvm",
-        help="hypervisor the guest will run on (default: kvm)",
+        help="hypervisor the guest will run on (default: kvm). kvm also retargets a guest moved off Xen "
+        "(xvd names -> UUID=, hvc0/xvc0 -> tty0 + ttyS0, virtio drivers in the initramfs, the NIC's name, "
+        "boot code; without --from the guest keeps its kernel). xen: refused without --from (retargeting "
+        "to Xen is not supported); with --from only the kernel swap's xen-blkfront check",
+    )
+    p.add_argument(
+        "--map",
+        dest="maps",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="--target kvm: also rewrite guest device names under OLD (/dev/hda, /dev/sdb) as the disk NEW "
+        "(/dev/sda = the first DISK); /dev/xvdX is always /dev/sdX",
+    )
+    p.add_argument(
+        "--initramfs",
+        metavar="FILE",
+        help="--target kvm without --from: install FILE (checked on the host) as the guest kernel's "
+        "initramfs instead of regenerating one in the guest",
     )
     ini = p.add_mutually_exclusive_group()
     ini.add_argument(
@@ -113,7 +131,22 @@ def _run(args: argparse.Namespace) -> Result:
             raise InvalidInput("--rollback takes no --from")
         return rollback(args.disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
     if not args.source:
-        raise InvalidInput("--from BOOTDIR is required")
+        from vimgtools.rekernel.retarget import retarget
+
+        return retarget(
+            args.disk,
+            initramfs=args.initramfs,
+            maps=args.maps,
+            target=args.target,
+            fmt=args.fmt,
+            root=args.root,
+            force=args.force,
+            dry_run=args.dry_run,
+            regenerate_initramfs=args.regen,
+            workdir=args.workdir,
+        )
+    if args.initramfs:
+        raise InvalidInput("--initramfs is for a retarget without --from (BOOTDIR holds the initramfs)")
     if not args.boot_check and (args.boot_check_expect or args.boot_check_timeout):
         raise InvalidInput("--boot-check-expect and --boot-check-timeout need --boot-check")
     check: dict[str, Any] | bool = False

@@ -24,6 +24,7 @@ from vimgtools.guest.steps import (
     InstallModules,
     Mkdir,
     Move,
+    Remove,
     RemoveDir,
     RunCommand,
     SetDefault,
@@ -81,6 +82,8 @@ def run_step(gi: Guest, facts: GuestFacts, loader: Bootloader, step: Step) -> No
             gi.mv(src, dst)
         case RemoveDir(path):
             gi.rmdir(path)
+        case Remove(path, _why):
+            gi.rm_f(path)
         case Symlink(target, link):
             # ln_sf onto an existing directory would put the link inside it: remove, then link, then check.
             if gi.is_symlink(link) or gi.is_file(link):

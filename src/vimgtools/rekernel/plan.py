@@ -138,6 +138,7 @@ class Plan:
     facts: dict[str, Any] = field(default_factory=dict)
     action: str = "rekernel"  # or "rollback"
     initramfs_modules: tuple[str, ...] = ()  # drivers the initramfs must carry (modules, not built in)
+    retarget: dict[str, Any] = field(default_factory=dict)  # Xen -> KVM: inventory, rewrites (rekernel.xen)
 
     @property
     def errors(self) -> list[Check]:
@@ -169,8 +170,12 @@ class Plan:
         lines = [
             f"{self.action} {self.disk} ({self.root}): {self.previous or '?'} -> {self.version}",
             f"  bootloader {self.loader}; initramfs {self.initramfs}",
-            "  checks:",
         ]
+        if self.retarget.get("xen"):
+            lines.append(f"  retarget to KVM: {'; '.join(self.retarget.get('markers', []))}")
+            for old, new in self.retarget.get("rewrites", {}).items():
+                lines.append(f"    {old} -> {new or 'UNRESOLVED'}")
+        lines.append("  checks:")
         for c in self.checks:
             mark = "ok  " if c.ok else ("FAIL" if c.severity == "error" else "WARN")
             lines.append(f"    [{mark}] {c.name}: {c.message}")
@@ -198,7 +203,7 @@ class Plan:
                 for s in self.steps
             ],
             "facts": self.facts,
-        }
+        } | ({"retarget": self.retarget} if self.retarget else {})
 
 
 def version_of(kernel_path: str) -> str | None:
