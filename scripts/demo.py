@@ -160,6 +160,18 @@ def main() -> None:
     )
     say("with ssh it is: python -m vimgtools.sync guest.img root@dr-host:/srv/replica.img")
 
+    say("a qcow2 guest (libvirt's default): its view into a raw replica, and into a qcow2 one")
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), "guest.qcow2"], check=True)
+    night_of_work(src, rng, pages=50)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), "guest.qcow2"], check=True)
+    r = run("guest.qcow2", replica)
+    r = run("guest.qcow2", "replica.qcow2")
+    same = subprocess.run(["qemu-img", "compare", "-q", "guest.qcow2", "replica.qcow2"]).returncode == 0
+    print(
+        f"replica.qcow2: {allocated(Path('replica.qcow2'))} (guest.qcow2: {allocated(Path('guest.qcow2'))}), "
+        f"created {r['created']}; same guest view: {same}"
+    )
+
     if args.keep:
         print(f"\nkept {tmp}")
     else:
