@@ -42,8 +42,8 @@ def host_kernel() -> Path | None:
     found: list[Path] = []
     for pattern in _KERNEL_GLOBS:
         found += sorted(Path("/").glob(pattern.lstrip("/")), key=lambda p: p.stat().st_mtime)
-    readable = [p for p in found if p.is_file() and os.access(p, os.R_OK)]
-    return readable[-1] if readable else None
+    readable = [p.resolve() for p in found if p.is_file() and os.access(p, os.R_OK)]
+    return max(readable, key=lambda p: p.stat().st_mtime) if readable else None
 
 
 def probe_kvm(
