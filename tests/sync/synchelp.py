@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,32 @@ def kill_far_side_mid_push(*args: str | Path, journal: Path, pidfile: Path) -> b
     _, err = client.communicate(timeout=60)
     assert client.returncode == 1, err
     return err
+
+
+@contextlib.contextmanager
+def qemu_holding(disk: Path, fmt: str = "raw") -> Iterator[None]:
+    """A real (paused, TCG) qemu-system-x86_64 with ``disk`` as its virtio disk, until the block ends.
+
+    qemu-system-x86_64 is installed by the Makefile: a missing one fails the test, it is not skipped.
+    """
+    from vimgtools.image import Image
+
+    vm = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
+            "-m", "64", "-drive", f"file={disk},format={fmt},if=virtio",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        with Image(disk) as img:
+            while img.qemu_lock() is None:
+                assert vm.poll() is None, f"qemu exited: {vm.stderr.read() if vm.stderr else ''!r}"
+                assert time.monotonic() < deadline, "qemu never locked its disk"
+                time.sleep(0.1)
+        yield
+    finally:
+        vm.kill()
+        vm.communicate()

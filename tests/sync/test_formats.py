@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from synchelp import REMOTE, MiB, cli, cli_json, digest, write_image
+from synchelp import REMOTE, MiB, cli, cli_json, digest, qemu_holding, write_image
 
-from vimgtools.image import Image
 from vimgtools.journal import read_journal
 
 SIZE = 64 * MiB
@@ -264,25 +263,8 @@ def running_vm(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "vm.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", disk, SIZE)
     qemu_io(disk, "write -P 0x91 0 2M")
-    vm = subprocess.Popen(
-        [
-            "qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
-            "-m", "64", "-drive", f"file={disk},format=qcow2,if=virtio",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        with Image(disk) as img:
-            while img.qemu_lock() is None:
-                assert vm.poll() is None, "qemu exited"
-                assert time.monotonic() < deadline, "qemu never locked its disk"
-                time.sleep(0.1)
+    with qemu_holding(disk, "qcow2"):
         yield disk
-    finally:
-        vm.kill()
-        vm.communicate()
 
 
 def test_a_qcow2_held_by_qemu(running_vm: Path, tmp_path: Path) -> None:

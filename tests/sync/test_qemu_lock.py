@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from synchelp import MiB, cli, digest, write_image
+from synchelp import MiB, cli, digest, qemu_holding, write_image
 
 from vimgtools.image import Image
-
-# qemu-system-x86_64 is installed by the Makefile: a missing one fails the test, it is not skipped.
 
 
 @pytest.fixture
 def running_vm(tmp_path: Path) -> Iterator[Path]:
     """A real (paused, TCG) qemu-system-x86_64 with a virtio disk on ``vm.img``."""
     disk = write_image(tmp_path / "vm.img", 8 * MiB, [(0, 8 * MiB)], seed=21)
-    vm = subprocess.Popen(
-        [
-            "qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
-            "-m", "64", "-drive", f"file={disk},format=raw,if=virtio",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        with Image(disk) as img:
-            while img.qemu_lock() is None:
-                assert vm.poll() is None, f"qemu exited: {vm.stderr.read() if vm.stderr else ''!r}"
-                assert time.monotonic() < deadline, "qemu never locked its disk"
-                time.sleep(0.1)
+    with qemu_holding(disk):
         yield disk
-    finally:
-        vm.kill()
-        vm.communicate()
 
 
 def test_dst_held_by_qemu_is_refused(running_vm: Path, tmp_path: Path) -> None:
