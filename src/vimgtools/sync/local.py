@@ -35,10 +35,7 @@ def sync_local(
     res = SyncResult(str(src), str(dst), opts.block_size, dry_run=opts.dry_run)
     with open_image(src, fmt=opts.src_format, option="src_format") as s:
         take_source(res, s)
-        with Replica(
-            dst, source_of(s), block_size=opts.block_size, dry_run=opts.dry_run,
-            allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal, fmt=opts.dst_format,
-        ) as rep:  # fmt: skip
+        with Replica.for_sync(dst, source_of(s), opts) as rep:
             st = StateRun(opts.state, opts.block_size, opts.checksum, s.size) if opts.state else None
             try:
                 with rep.receiving(opts.undo):

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +225,7 @@ def _pull(
         res.src_format = str(ready.get("format", "raw"))
         res.src_chain = [c for c in ready.get("chain", []) if isinstance(c, dict)]
         sess.end = source.size
-        with Replica(
-            dst, source, block_size=opts.block_size, dry_run=opts.dry_run,
-            allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal, fmt=opts.dst_format,
-        ) as rep:  # fmt: skip
+        with Replica.for_sync(dst, source, opts) as rep:
             sess.start = rep.resume_from
             ch.send_json(READY, {"resume_from": rep.resume_from})
             with rep.receiving(opts.undo):
@@ -249,7 +247,7 @@ def _pull(
 
 def _compare_with_far_side(ch: Channel, img: Image, sess: Session, keep_cache: bool) -> bool:
     """--verify: our digests of ``img`` against the ones the far side sends of its image, chunk by chunk."""
-    whole = Session(sess.block_size, sess.checksum, sess.key, 0, sess.end, sess.workers)
+    whole = replace(sess, start=0)  # the whole image
     img.drop_cache(0, 0)  # read back what reached the disk, not cached writes
     same = True
     for offset, length, mine, _, _ in digest_stream(
@@ -315,10 +313,7 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
 def _serve_receiver(ch: Channel, sess: Session, opts: SyncOptions, path: Path, msg: dict[str, Any]) -> None:
     source = source_from_json(msg.get("source"), "client")
     sess.end = source.size
-    with Replica(
-        path, source, block_size=sess.block_size, dry_run=opts.dry_run,
-        allow_shrink=opts.allow_shrink, force=opts.force, journal=opts.journal, fmt=opts.dst_format,
-    ) as rep:  # fmt: skip
+    with Replica.for_sync(path, source, opts) as rep:
         sess.start = rep.resume_from
         state_ok = rep.trusts(Expect.from_json(msg.get("state_expect")))
         ch.send_json(READY, {"resume_from": rep.resume_from, "state_ok": state_ok})
@@ -354,7 +349,7 @@ def _serve_sender(ch: Channel, sess: Session, opts: SyncOptions, path: Path) -> 
 
 def _send_for_verify(ch: Channel, path: Path, fmt: str | None, sess: Session, keep_cache: bool) -> None:
     """--verify: read our image again (from the disk, not our cached writes) and send its digests."""
-    whole = Session(sess.block_size, sess.checksum, sess.key, 0, sess.end, sess.workers)
+    whole = replace(sess, start=0)  # the whole image
     with open_image(path, fmt=fmt) as img:
         img.drop_cache(0, 0)
         stream_digests(ch, img, whole, keep_cache=keep_cache, size=min(img.size, whole.end))

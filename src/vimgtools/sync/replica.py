@@ -38,6 +38,7 @@ from vimgtools.journal import (
     replay,
 )
 from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.options import SyncOptions
 from vimgtools.sync.undo import write_undo
 
 if TYPE_CHECKING:
@@ -155,6 +156,14 @@ class Replica:
         return (
             self.image.format if self.image is not None else (self.fmt or format_by_name(self.path) or "raw")
         )
+
+    @classmethod
+    def for_sync(cls, path: str | os.PathLike[str], source: Source, opts: SyncOptions) -> Replica:
+        """The replica a sync with ``opts`` writes (local, pull, or the far side of a push)."""
+        return cls(
+            path, source, block_size=opts.block_size, dry_run=opts.dry_run, allow_shrink=opts.allow_shrink,
+            force=opts.force, journal=opts.journal, fmt=opts.dst_format,
+        )  # fmt: skip
 
     @property
     def dst_size(self) -> int:
