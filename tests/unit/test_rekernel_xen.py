@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import vimgtools.rekernel.retarget as retarget_mod
+import vimgtools.rekernel.retargeting as retarget_mod
 import vimgtools.rekernel.session as session_mod
 from vimgtools.boot import detect
 from vimgtools.errors import BootloaderError, GuestError, InvalidInput, KernelError
@@ -21,7 +21,7 @@ from vimgtools.guest.fake import FakeGuest
 from vimgtools.guest.inventory import collect_inventory
 from vimgtools.guest.steps import Remove, RunCommand, Upload, Write
 from vimgtools.rekernel.__main__ import main
-from vimgtools.rekernel.retarget import loader_regenerate, retarget, verify_retarget
+from vimgtools.rekernel.retargeting import loader_regenerate, retarget, verify_retarget
 from vimgtools.rekernel.xen import (
     Resolver,
     RetargetOptions,
@@ -58,6 +58,7 @@ def bzimage(version: str) -> bytes:
     struct.pack_into("<H", data, 0x20E, 0x1000)
     banner = f"{version} (builder@example) #1 SMP".encode() + b"\0"
     data[0x1200 : 0x1200 + len(banner)] = banner
+    struct.pack_into("<H", data, 0x236, 1)  # XLF_KERNEL_64
     return bytes(data)
 
 
@@ -492,3 +493,46 @@ def test_cli_retarget_json_and_target_xen(
     assert guest.commits == []  # type: ignore[attr-defined]
     assert main(["--target", "xen", str(disk)]) == 2
     assert "not supported" in capsys.readouterr().err
+
+
+# -- a kernel from BOOTDIR and the retarget in one run ---------------------------------------------
+NEW = "6.1.0-56-cloud-amd64"
+
+
+def grub_editenv(g: FakeGuest, argv: tuple[str, ...]) -> str:
+    _tool, envfile, _op, *assignments = argv
+    g.write(envfile, "# GRUB Environment Block\n" + "".join(a + "\n" for a in assignments))
+    return ""
+
+
+def test_rekernel_from_bootdir_retargets_in_the_same_run(
+    disk: Path, guest: FakeGuest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    boot = tmp_path / "boot"
+    mods = boot / "modules" / NEW / "kernel"
+    mods.mkdir(parents=True)
+    (boot / f"vmlinuz-{NEW}").write_bytes(bzimage(NEW))
+    (boot / f"config-{NEW}").write_text(
+        "CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=m\nCONFIG_SCSI_VIRTIO=m\nCONFIG_EXT4_FS=y\n"
+    )
+    for m in ("virtio_blk", "virtio_scsi", "virtio_net"):
+        (mods / f"{m}.ko").write_bytes(b"m")
+    (boot / f"initrd.img-{NEW}").write_bytes(b"initrd")
+    listed = [f"usr/lib/modules/{NEW}/kernel/{m}.ko" for m in ("virtio_blk", "virtio_scsi", "virtio_net")]
+    listed += ["usr/lib/systemd/network/99-default.link", "usr/lib/systemd/network/10-vimgtools-enX0.link"]
+    monkeypatch.setattr("vimgtools.rekernel.list_initramfs", lambda path: listed)
+    monkeypatch.setattr(retarget_mod, "initramfs_texts", lambda path: {"conf/conf.d/resume": "RESUME=none\n"})
+    guest.handlers["grub-editenv"] = grub_editenv
+    from vimgtools.rekernel import rekernel
+
+    result = rekernel(disk, boot, fmt="raw")
+    assert result.committed and result.plan is not None
+    first = result.plan.steps[0]
+    assert isinstance(first, Write) and first.path == "/etc/fstab", "the edits come before the kernel's steps"
+    assert isinstance(result.plan.steps[-1], RunCommand) and "grub-install" in result.plan.steps[-1].argv[0]
+    assert not [c for c in result.plan.checks if c.name == "boot-code" and not c.ok]
+    names = {c.name for c in result.plan.checks}
+    assert {"initramfs-config", "initramfs-nic", "root", "devices"} <= names
+    assert result.verified["xen_names_left"] == 0 and result.verified["default_entry"]["kernel"].endswith(NEW)
+    assert (guest.text("/etc/fstab") or "").startswith(f"UUID={U1} / ")
+    assert guest.devices["/dev/sda"] == GRUB_MBR

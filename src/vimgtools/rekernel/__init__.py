@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ from vimgtools.errors import BootCheckFailed, BootloaderError, GuestError, Inval
 from vimgtools.kernel import Kernel, find_kernel, list_initramfs
 from vimgtools.rekernel.apply import apply_plan, verify, verify_rollback
 from vimgtools.rekernel.plan import STATE_FILE, Options, Plan, plan_rekernel, plan_rollback, version_of
+from vimgtools.rekernel.retargeting import retarget, retarget_for_swap, verify_retarget
 from vimgtools.rekernel.session import Result, guest_session
+from vimgtools.rekernel.xen import merge_plan
 
 log = logging.getLogger("vimgtools.rekernel")
 
@@ -49,6 +51,7 @@ def rekernel(
     workdir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     boot_check: bool | Mapping[str, Any] = False,
+    maps: Iterable[str] = (),
 ) -> Result:
     """Swap in the kernel from ``from_dir`` and make it the guest's default; all or nothing.
 
@@ -59,7 +62,8 @@ def rekernel(
         fmt: the disk's format (default: probed with qemu-img).
         root: the guest root device when there are several systems.
         version: the kernel to take when ``from_dir`` has several.
-        target: hypervisor the guest will run on: "kvm" (virtio) or "xen" (xen-blkfront).
+        target: hypervisor the guest will run on: "kvm" (virtio; a guest moved off Xen is retargeted
+            in the same run, ``rekernel.retargeting``) or "xen" (xen-blkfront checked, nothing retargeted).
         force: go on despite warnings (never errors).
         dry_run: rehearse everything on the overlay and throw it away.
         regenerate_initramfs: force (True) or forbid (False) making the initramfs in the guest;
@@ -70,6 +74,7 @@ def rekernel(
             a mapping gives the drill's options, e.g. ``{"expect": "login:", "timeout": 300}``) and
             commit only when the new kernel's version is seen running; else BootCheckFailed, with
             the drill's report, and DISK as it was.
+        maps: ``--target kvm``: ``OLD=NEW`` device prefixes rewritten besides ``/dev/xvd*``.
 
     Raises:
         KernelError, BootloaderError, ImageRefused, InvalidInput: refused before any change (exit 2).
@@ -107,8 +112,13 @@ def rekernel(
         except (BootloaderError, GuestError) as e:
             log.warning("cannot tell which kernel the guest boots now: %s", e)
             previous = None
+        swap_facts, rt = s.facts, None
+        if target == "kvm":  # a guest moved off Xen is retargeted in the same run
+            rt, swap_facts = retarget_for_swap(
+                s.guest, s.facts, s.loader.name, kernel, maps=maps, initrd_files=initrd_files
+            )
         result.plan = plan_rekernel(
-            s.facts,
+            swap_facts,
             kernel,
             s.loader,
             disk=str(disk),
@@ -116,12 +126,16 @@ def rekernel(
             options=options,
             initrd_files=initrd_files,
         )
+        if rt is not None:
+            result.plan = merge_plan(result.plan, rt)
         _refuse_or_go_on(result.plan, force=options.force, dry_run=dry_run)
         t1 = time.monotonic()
         apply_plan(s.guest, s.facts, s.loader, result.plan, progress, done=result.done)
         result.seconds["apply"] = round(time.monotonic() - t1, 2)
         t2 = time.monotonic()
         result.verified = verify(s.guest, s.facts, s.loader, result.plan)
+        if target == "kvm":
+            result.verified.update(verify_retarget(s.guest, result.plan))
         result.seconds["verify"] = round(time.monotonic() - t2, 2)
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     result.seconds["work"] = round(result.seconds["total"] - result.seconds.get("launch", 0.0), 2)
@@ -195,4 +209,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Result", "VimgError", "rekernel", "rollback"]
+__all__ = ["Result", "VimgError", "rekernel", "retarget", "rollback"]

@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace) -> Result:
             raise InvalidInput("--rollback takes no --from")
         return rollback(args.disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
     if not args.source:
-        from vimgtools.rekernel.retarget import retarget
+        from vimgtools.rekernel.retargeting import retarget
 
         return retarget(
             args.disk,
@@ -164,6 +164,7 @@ def _run(args: argparse.Namespace) -> Result:
         regenerate_initramfs=args.regen,
         workdir=args.workdir,
         boot_check=check,
+        maps=args.maps,
     )
 
 

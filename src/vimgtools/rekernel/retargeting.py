@@ -5,12 +5,13 @@ inventory (``guest.inventory``), the plan (``rekernel.xen``, pure), the one runn
 (``rekernel.apply``), then ``verify_retarget`` re-reads the disk: no ``xvd``, ``hvc0`` or ``xvc0`` left
 in any command line, fstab, crypttab or getty configuration, every fstab entry resolves to one
 filesystem, the booting kernel's initramfs carries the drivers (listed on the host), the boot code
-is there when it was written. ``rekernel()`` calls ``add_retarget`` and ``verify_retarget`` so that a
-kernel swap with ``--target kvm`` retargets in the same run.
+is there when it was written. ``rekernel()`` calls ``retarget_for_swap``, ``xen.merge_plan`` and
+``verify_retarget`` so that a kernel swap with ``--target kvm`` retargets in the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from vimgtools.errors import BootloaderError, GuestError, InvalidInput
 from vimgtools.guest.facts import GuestFacts, boot_code_of
 from vimgtools.guest.inventory import GETTY_DIRS, Inventory, collect_inventory, read_filesystems
 from vimgtools.guest.protocol import Guest
-from vimgtools.guest.steps import RunCommand, Step
+from vimgtools.guest.steps import RunCommand, Step, Write
 from vimgtools.kernel import Kernel, initramfs_has, initramfs_texts, list_initramfs
 from vimgtools.rekernel.apply import apply_plan, find_initramfs
 from vimgtools.rekernel.plan import Plan, version_of
@@ -34,8 +35,9 @@ from vimgtools.rekernel.xen import (
     CMDLINE_FILES,
     XEN_WORDS,
     Resolver,
+    Retarget,
     RetargetOptions,
-    merge_plan,
+    check_initramfs,
     parse_maps,
     plan_retarget,
     plan_xen,
@@ -153,19 +155,28 @@ def retarget(
     return result
 
 
-def add_retarget(
-    gi: Guest, facts: GuestFacts, plan: Plan, kernel: Kernel, *, maps: Iterable[str] = ()
-) -> Plan:
-    """A kernel swap's plan (``plan_rekernel``) with the Xen -> KVM retarget in it (``--from`` + kvm).
+def retarget_for_swap(
+    gi: Guest,
+    facts: GuestFacts,
+    loader: str,
+    kernel: Kernel,
+    *,
+    maps: Iterable[str] = (),
+    initrd_files: list[str] | None = None,
+) -> tuple[Retarget, GuestFacts]:
+    """The Xen -> KVM retarget for a kernel swap (``--from`` + kvm), and the facts as it leaves them.
 
-    The edits come first (a regenerated initramfs then carries the virtio drivers), the boot code
-    last; the new kernel's initramfs is the swap's (supplied in BOOTDIR, or regenerated).
+    The swap is then planned on the returned facts (its loader steps see the edited
+    ``/etc/default/grub``) and ``merge_plan`` puts the edits first (a regenerated initramfs then
+    carries the virtio drivers and the NIC's .link) and the boot code last. The new kernel's
+    initramfs is the swap's: supplied in BOOTDIR (its baked-in configuration and NIC naming are
+    checked here too) or regenerated.
     """
-    inv = collect_inventory(gi, facts.boot_kernels)
+    inv = collect_inventory(gi, [])  # the guest's own kernels do not boot: no need to read their trees
     rt = plan_xen(
         facts,
         inv,
-        plan.loader,
+        loader,
         version=kernel.version,
         kernel=None,
         new_kernel_state=kernel.driver_state,
@@ -174,7 +185,13 @@ def add_retarget(
         initrd_texts=None,
         options=RetargetOptions(maps=parse_maps(maps)),
     )
-    return merge_plan(plan, rt)
+    if rt.xen and kernel.initramfs is not None and initrd_files is not None:
+        extra = check_initramfs(
+            initrd_files, initramfs_texts(kernel.initramfs), kernel.version, [], rt.info.get("nic_link")
+        )
+        rt.checks.extend(c for c in extra if c.name in ("initramfs-config", "initramfs-nic"))
+    edited = {w.path: w.text for w in rt.edits if isinstance(w, Write)}
+    return rt, dataclasses.replace(facts, files={**facts.files, **edited})
 
 
 def _lines_to_check(path: str, text: str) -> list[str]:
