@@ -228,9 +228,8 @@ async def _drill(
                 monitor, proc, opts.grace, agent if os_info is not None else None, machine
             )
             if stopped == "forced":
-                notes.append(
-                    f"the guest did not power off within {opts.grace:.0f} s of the ACPI button: killed"
-                )
+                asked = "the agent's guest-shutdown" if os_info is not None else "the ACPI button"
+                notes.append(f"the guest did not power off within {opts.grace:.0f} s of {asked}: killed")
     finally:
         if agent is not None:
             await agent.close()
