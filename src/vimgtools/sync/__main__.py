@@ -42,8 +42,9 @@ mail.img that looks like qcow2 is refused (it may be a raw guest disk whose
 guest wrote such a header, CVE-2010-3851); name its format to go on. Non-raw
 images are read and written through a private NBD export (qemu-storage-daemon,
 stopped when vimgtools ends); -v and --json show each SRC's backing chain.
-Blocks that are all zeros in SRC become holes in a DST file; holes in both are
-never read.
+
+Blocks that are all zeros in SRC become holes in a DST file (zero requests in a
+qcow2); holes in both are never read.
 
 Nothing is lost: changed blocks go to a journal (DST.vimg-journal) that is made
 durable before DST is touched. If the run is killed, the next run (or --recover)
