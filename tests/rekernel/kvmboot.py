@@ -52,14 +52,15 @@ def boot(disks: list[Path], *, timeout: float, memory_mb: int = 1024, fmt: str =
     for d in disks:
         argv += ["-drive", f"file={d},format={fmt},if=virtio"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        proc.wait(timeout=timeout)
-        finished = proc.returncode == 0
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        finished = False
+    with open(work / f"{disks[0].name}.qemu.log", "wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            proc.wait(timeout=timeout)
+            finished = proc.returncode == 0
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            finished = False
     seconds = time.monotonic() - t0
     console = s0.read_bytes().decode("utf-8", "replace") if s0.exists() else ""
     report = s1.read_bytes().decode("utf-8", "replace") if s1.exists() else ""

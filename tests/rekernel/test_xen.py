@@ -23,8 +23,8 @@ import xenbuild
 
 pytestmark = [pytest.mark.slow, pytest.mark.guestfs, pytest.mark.boot]
 
-# The retargeted guest reached its login prompt in 60-90 s here; the control gets clearly more.
-CONTROL_SECONDS = 150
+# The retargeted guest reached its login prompt in 50-70 s here; the control gets clearly more.
+CONTROL_SECONDS = 120
 BOOT_TIMEOUT = 420
 
 

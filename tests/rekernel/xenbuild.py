@@ -53,7 +53,16 @@ VIF_MAC = "00:16:3e:5a:0c:01"
 XEN_REPORT_SCRIPT = r"""#!/bin/sh
 # vimgtools Xen-shaped test guest: report on ttyS1 (ttyS0 is the getty's), then power off.
 exec >/dev/ttyS1 2>&1
-for i in $(seq 90); do systemctl is-active -q serial-getty@ttyS0.service && break; sleep 1; done
+# agetty (Type=idle) starts once the job queue is empty or after 5 s: wait for its process, then
+# give it time to print the prompt before powering off.
+getty_up() {
+    for p in /proc/[0-9]*; do
+        [ "$(cat "$p/comm" 2>/dev/null)" = agetty ] && grep -qa ttyS0 "$p/cmdline" && return 0
+    done
+    return 1
+}
+for i in $(seq 90); do getty_up && break; sleep 1; done
+sleep 5
 for i in $(seq 60); do ls /run/systemd/netif/leases/* >/dev/null 2>&1 && break; sleep 1; done
 echo "VIMG-GETTY=$(systemctl is-active serial-getty@ttyS0.service)"
 echo "VIMG-KERNEL=$(uname -r)"
@@ -69,7 +78,6 @@ done
 echo "VIMG-LEASED=$LEASED"
 echo "VIMG-DONE"
 sync
-sleep 2
 systemctl poweroff --no-block
 """
 

@@ -240,7 +240,11 @@ def test_plan_retargets_every_place() -> None:
     assert "Driver=virtio_net" in nic_link("enX0")[1] and "Name=enX0" in nic_link("enX0")[1]
     assert writes["/etc/udev/rules.d/70-persistent-net.rules"] == ""
     removes = [s.path for s in plan.steps if isinstance(s, Remove)]  # type: ignore[attr-defined]
-    assert removes == ["/etc/systemd/system/getty.target.wants/serial-getty@hvc0.service"]
+    assert removes == [
+        "/etc/systemd/system/getty.target.wants/serial-getty@hvc0.service",
+        "/boot/grub/device.map",
+    ]
+    assert plan.steps[-3] == Write("/boot/grub/device.map", "(hd0) /dev/sda\n", None)  # type: ignore[attr-defined]
     cmds = [s.argv for s in plan.steps if isinstance(s, RunCommand)]  # type: ignore[attr-defined]
     assert cmds == [
         ("/usr/sbin/update-initramfs", "-u", "-k", OLD),
@@ -529,10 +533,25 @@ def test_rekernel_from_bootdir_retargets_in_the_same_run(
     assert result.committed and result.plan is not None
     first = result.plan.steps[0]
     assert isinstance(first, Write) and first.path == "/etc/fstab", "the edits come before the kernel's steps"
-    assert isinstance(result.plan.steps[-1], RunCommand) and "grub-install" in result.plan.steps[-1].argv[0]
+    install = result.plan.steps[-2]
+    assert isinstance(install, RunCommand) and "grub-install" in install.argv[0] and install.attempts == 3
+    assert not guest.exists("/boot/grub/device.map"), "the device.map was only for grub-install"
     assert not [c for c in result.plan.checks if c.name == "boot-code" and not c.ok]
     names = {c.name for c in result.plan.checks}
     assert {"initramfs-config", "initramfs-nic", "root", "devices"} <= names
     assert result.verified["xen_names_left"] == 0 and result.verified["default_entry"]["kernel"].endswith(NEW)
     assert (guest.text("/etc/fstab") or "").startswith(f"UUID={U1} / ")
     assert guest.devices["/dev/sda"] == GRUB_MBR
+
+
+def test_a_flaky_command_is_tried_again(disk: Path, guest: FakeGuest) -> None:
+    tries: list[int] = []
+
+    def flaky(g: FakeGuest, argv: tuple[str, ...]) -> str:
+        tries.append(1)
+        if len(tries) < 3:
+            raise GuestError("grub-install: error: embedding is not possible (cross-disk install)")
+        return grub_install(g, argv)
+
+    guest.handlers["grub-install"] = flaky
+    assert retarget(disk, fmt="raw").committed and len(tries) == 3

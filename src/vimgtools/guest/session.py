@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -32,9 +33,17 @@ class GuestImage:
         write: open read-write. With ``write=False`` writes still work but land in a throw-away
             overlay that libguestfs discards, which is how a dry run rehearses the real plan.
         fmt: the image format; pass it explicitly (probing a raw image's format is CVE-2010-3851).
+        more: the guest's further disks, same format, in the order the guest sees them.
     """
 
-    def __init__(self, image: str | os.PathLike[str], *, write: bool = False, fmt: str = "raw") -> None:
+    def __init__(
+        self,
+        image: str | os.PathLike[str],
+        *,
+        write: bool = False,
+        fmt: str = "raw",
+        more: Sequence[str | os.PathLike[str]] = (),
+    ) -> None:
         guestfs = load_guestfs()
         self.image = Path(image)
         self.writable = write
@@ -46,6 +55,8 @@ class GuestImage:
         except RuntimeError as e:
             raise GuestError(f"cannot create a libguestfs handle: {e}") from e
         self._call("add_drive_opts", str(self.image), format=fmt, readonly=not write)
+        for other in more:  # the guest's further disks: /dev/sdb, /dev/sdc, ... in this order
+            self._call("add_drive_opts", str(other), format=fmt, readonly=not write)
         t0 = time.monotonic()
         log.info(
             "launching the libguestfs appliance (%s)", os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "auto")

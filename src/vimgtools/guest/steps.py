@@ -108,9 +108,11 @@ class RunCommand:
 
     argv: tuple[str, ...]
     why: str = ""
+    attempts: int = 1  # tries in all, for a command known to fail now and then (grub-install)
 
     def describe(self) -> str:
-        return "run " + " ".join(self.argv) + (f"  # {self.why}" if self.why else "")
+        tries = f" (up to {self.attempts} tries)" if self.attempts > 1 else ""
+        return "run " + " ".join(self.argv) + tries + (f"  # {self.why}" if self.why else "")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ inspect -> preflight -> plan -> apply (on a qcow2 overlay) -> verify (re-read) -
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -23,7 +24,14 @@ from vimgtools.errors import BootCheckFailed, BootloaderError, GuestError, Inval
 from vimgtools.kernel import Kernel, find_kernel, list_initramfs
 from vimgtools.rekernel.apply import apply_plan, verify, verify_rollback
 from vimgtools.rekernel.plan import STATE_FILE, Options, Plan, plan_rekernel, plan_rollback, version_of
-from vimgtools.rekernel.retargeting import retarget, retarget_for_swap, verify_retarget
+from vimgtools.rekernel.retargeting import (
+    DiskArg,
+    as_disks,
+    disk_map,
+    retarget,
+    retarget_for_swap,
+    verify_retarget,
+)
 from vimgtools.rekernel.session import Result, guest_session
 from vimgtools.rekernel.xen import merge_plan
 
@@ -38,7 +46,7 @@ def _refuse_or_go_on(plan: Plan, *, force: bool, dry_run: bool) -> None:
 
 
 def rekernel(
-    disk: str | os.PathLike[str],
+    disk: DiskArg,
     from_dir: str | os.PathLike[str],
     *,
     fmt: str | None = None,
@@ -56,7 +64,9 @@ def rekernel(
     """Swap in the kernel from ``from_dir`` and make it the guest's default; all or nothing.
 
     Args:
-        disk: the guest's disk image (raw is committed crash-atomically; qcow2 via qemu-img commit).
+        disk: the guest's disk image (raw is committed crash-atomically; qcow2 via qemu-img commit),
+            or its disks in the order the guest sees them (one appliance, all raw, committed all or
+            none: ``rekernel.group``).
         from_dir: BOOTDIR with ``vmlinuz-VER``, ``modules/VER/`` and optionally config, System.map,
             initramfs.
         fmt: the disk's format (default: probed with qemu-img).
@@ -85,9 +95,7 @@ def rekernel(
     if target not in ("kvm", "xen"):
         raise InvalidInput(f"--target {target}: use kvm or xen")
     t_start = time.monotonic()
-    disk = Path(disk)
-    if not disk.exists():
-        raise InvalidInput(f"{disk}: no such file or device")
+    disks = as_disks(disk)
     kernel: Kernel = find_kernel(Path(from_dir), version=version)
     log.info("kernel %s (%s) from %s", kernel.version, kernel.arch, kernel.image)
     options = Options(target=target, force=force, regenerate_initramfs=regenerate_initramfs)
@@ -98,8 +106,10 @@ def rekernel(
     if boot_check:
         drill_options = dict(boot_check) if isinstance(boot_check, Mapping) else {}
         check = functools.partial(_boot_check, version=kernel.version, result=result, options=drill_options)
+    if check is not None and len(disks) > 1:
+        raise InvalidInput("--boot-check takes one DISK")
     with guest_session(
-        disk,
+        disks[0] if len(disks) == 1 else disks,
         result,
         fmt=fmt,
         root=root,
@@ -121,13 +131,15 @@ def rekernel(
             swap_facts,
             kernel,
             s.loader,
-            disk=str(disk),
+            disk=" ".join(map(str, disks)),
             previous=previous,
             options=options,
             initrd_files=initrd_files,
         )
         if rt is not None:
             result.plan = merge_plan(result.plan, rt)
+        if len(disks) > 1:
+            result.plan = dataclasses.replace(result.plan, disks=disk_map(disks))
         _refuse_or_go_on(result.plan, force=options.force, dry_run=dry_run)
         t1 = time.monotonic()
         apply_plan(s.guest, s.facts, s.loader, result.plan, progress, done=result.done)

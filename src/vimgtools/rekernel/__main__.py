@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("disk", nargs="?", metavar="DISK", help="the guest's disk image")
+    p.add_argument(
+        "disk",
+        nargs="*",
+        metavar="DISK",
+        help="the guest's disk image; several: the guest's disks in the order it sees them (one appliance, "
+        "all raw, committed all or none)",
+    )
     p.add_argument("--from", dest="source", metavar="BOOTDIR", help="directory with the new kernel")
     p.add_argument(
         "--format", dest="fmt", metavar="FMT", help="DISK's format (default: probed; raw, qcow2, ...)"
@@ -126,15 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> Result:
     from vimgtools.rekernel import rekernel, rollback
 
+    disk = args.disk[0] if len(args.disk) == 1 else args.disk
     if args.rollback:
+        if len(args.disk) > 1:
+            raise InvalidInput("--rollback takes one DISK")
         if args.source:
             raise InvalidInput("--rollback takes no --from")
-        return rollback(args.disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
+        return rollback(disk, fmt=args.fmt, root=args.root, dry_run=args.dry_run, workdir=args.workdir)
     if not args.source:
         from vimgtools.rekernel.retargeting import retarget
 
         return retarget(
-            args.disk,
+            disk,
             initramfs=args.initramfs,
             maps=args.maps,
             target=args.target,
@@ -153,7 +162,7 @@ def _run(args: argparse.Namespace) -> Result:
     if args.boot_check:
         check = {"expect": args.boot_check_expect, "timeout": args.boot_check_timeout}
     return rekernel(
-        args.disk,
+        disk,
         args.source,
         fmt=args.fmt,
         root=args.root,
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             result.plan.version if result.plan else (result.verified.get("default_entry") or {}).get("kernel")
         )
         print(
-            f"{result.action} {what}: {args.disk} now boots {ver} by default; "
+            f"{result.action} {what}: {' '.join(args.disk)} now boots {ver} by default; "
             f"{result.bytes_committed} bytes committed; appliance launch {s.get('launch', 0):.1f} s, "
             f"total {s.get('total', 0):.1f} s"
         )

@@ -96,8 +96,15 @@ def run_step(gi: Guest, facts: GuestFacts, loader: Bootloader, step: Step) -> No
         case Write(path, text, _old, mode):
             gi.write(path, text.encode())
             gi.chmod(mode, path)
-        case RunCommand(argv, _why):
-            gi.run(list(argv))
+        case RunCommand(argv, _why, attempts):
+            for attempt in range(1, attempts + 1):
+                try:
+                    gi.run(list(argv))
+                    break
+                except GuestError as e:
+                    if attempt == attempts:
+                        raise
+                    log.warning("%s failed (try %d of %d), trying again: %s", argv[0], attempt, attempts, e)
         case SetDefault(_name, version):
             loader.set_default(gi, facts, version)
         case _:

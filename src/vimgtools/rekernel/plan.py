@@ -13,6 +13,7 @@ was missed once ``/boot`` is mounted, before ``sysinit.target``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -139,6 +140,26 @@ class Plan:
     action: str = "rekernel"  # or "rollback"
     initramfs_modules: tuple[str, ...] = ()  # drivers the initramfs must carry (modules, not built in)
     retarget: dict[str, Any] = field(default_factory=dict)  # Xen -> KVM: inventory, rewrites (rekernel.xen)
+    disks: dict[str, str] = field(default_factory=dict)  # several DISKs: /dev/sda -> the first DISK, ...
+
+    def disk_of(self, step: Step) -> str | None:
+        """Which DISK a step changes (several DISKs only): by the mountpoint its path is under."""
+        if len(self.disks) < 2:
+            return None
+        path = next(
+            (getattr(step, a) for a in ("path", "dst", "link") if isinstance(getattr(step, a, None), str)),
+            None,
+        )
+        if isinstance(step, RunCommand):
+            dev = next((a for a in step.argv[1:] if a.startswith("/dev/")), None)
+            if dev:
+                return self.disks.get(_whole_disk(dev))
+            path = "/"
+        mps: dict[str, str] = self.facts.get("mountpoints", {})
+        if path is None or not mps:
+            return None
+        mp = max((m for m in mps if path == m or path.startswith(m.rstrip("/") + "/")), key=len, default="/")
+        return self.disks.get(_whole_disk(mps.get(mp, "")))
 
     @property
     def errors(self) -> list[Check]:
@@ -181,29 +202,43 @@ class Plan:
             lines.append(f"    [{mark}] {c.name}: {c.message}")
         lines.append("  steps:")
         for i, s in enumerate(self.steps, 1):
-            lines.append(f"    {i:2}. {s.describe()}")
+            where = self.disk_of(s)
+            lines.append(f"    {i:2}. {s.describe()}" + (f"  [on {where}]" if where else ""))
             if diffs and isinstance(s, Write) and s.old is not None:
                 lines.extend("        " + d for d in s.diff().splitlines())
         return "\n".join(lines)
 
+    def _step_dict(self, s: Step) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": type(s).__name__, "describe": s.describe()}
+        if isinstance(s, Write) and s.old is not None:
+            out["diff"] = s.diff()
+        if len(self.disks) > 1:
+            out["disk"] = self.disk_of(s)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "action": self.action,
-            "disk": self.disk,
-            "root": self.root,
-            "version": self.version,
-            "previous": self.previous,
-            "loader": self.loader,
-            "initramfs": self.initramfs,
-            "initramfs_modules": list(self.initramfs_modules),
-            "checks": [c.to_dict() for c in self.checks],
-            "steps": [
-                {"op": type(s).__name__, "describe": s.describe()}
-                | ({"diff": s.diff()} if isinstance(s, Write) and s.old is not None else {})
-                for s in self.steps
-            ],
-            "facts": self.facts,
-        } | ({"retarget": self.retarget} if self.retarget else {})
+        return (
+            {
+                "action": self.action,
+                "disk": self.disk,
+                "root": self.root,
+                "version": self.version,
+                "previous": self.previous,
+                "loader": self.loader,
+                "initramfs": self.initramfs,
+                "initramfs_modules": list(self.initramfs_modules),
+                "checks": [c.to_dict() for c in self.checks],
+                "steps": [self._step_dict(s) for s in self.steps],
+                "facts": self.facts,
+            }
+            | ({"retarget": self.retarget} if self.retarget else {})
+            | ({"disks": self.disks} if self.disks else {})
+        )
+
+
+def _whole_disk(dev: str) -> str:
+    m = re.match(r"(/dev/[shv]d[a-z]+)\d*$", dev) or re.match(r"(/dev/nvme\d+n\d+)(p\d+)?$", dev)
+    return m.group(1) if m else dev
 
 
 def version_of(kernel_path: str) -> str | None:

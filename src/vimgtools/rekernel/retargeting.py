@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,29 @@ def _host_initramfs(gi: Guest, path: str) -> tuple[list[str], dict[str, str]]:
         return list_initramfs(local), initramfs_texts(local)
 
 
+DiskArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def as_disks(disk: DiskArg) -> list[Path]:
+    """One DISK or several (in the order the guest sees them) as paths; each must exist."""
+    disks = [Path(disk)] if isinstance(disk, (str, os.PathLike)) else [Path(d) for d in disk]
+    if not disks:
+        raise InvalidInput("DISK is required")
+    for d in disks:
+        if not d.exists():
+            raise InvalidInput(f"{d}: no such file or device")
+    if len({d.resolve() for d in disks}) != len(disks):
+        raise InvalidInput("a DISK is given twice")
+    return disks
+
+
+def disk_map(disks: list[Path]) -> dict[str, str]:
+    """How the appliance names each DISK: /dev/sda the first, /dev/sdb the second, ..."""
+    return {f"/dev/sd{chr(ord('a') + i)}": str(d) for i, d in enumerate(disks)} if len(disks) > 1 else {}
+
+
 def retarget(
-    disk: str | os.PathLike[str],
+    disk: DiskArg,
     *,
     initramfs: str | os.PathLike[str] | None = None,
     maps: Iterable[str] = (),
@@ -87,6 +108,8 @@ def retarget(
     """Make the guest on ``disk``, moved off Xen, boot on KVM with its own kernel; all or nothing.
 
     Args:
+        disk: the guest's disk, or its disks in the order the guest sees them (one appliance, an
+            overlay each, committed all or none).
         initramfs: an initramfs for the guest's default kernel, made elsewhere, to install instead of
             regenerating one in the guest (checked on the host first: version, drivers, no xvd).
         maps: ``OLD=NEW`` device prefixes to rewrite besides ``/dev/xvd*`` (``/dev/hda=/dev/sda``).
@@ -105,7 +128,7 @@ def retarget(
         raise InvalidInput(XEN_REFUSED)
     pairs = parse_maps(maps)
     t_start = time.monotonic()
-    disk = Path(disk)
+    disks = as_disks(disk)
     supplied = Path(initramfs) if initramfs else None
     files = texts = None
     if supplied is not None:
@@ -113,12 +136,17 @@ def retarget(
             raise InvalidInput(f"--initramfs {supplied}: no such file")
         files, texts = list_initramfs(supplied), initramfs_texts(supplied)
     result = Result(plan=None, dry_run=dry_run, action="retarget")
-    with guest_session(disk, result, fmt=fmt, root=root, workdir=Path(workdir) if workdir else None) as s:
+    target_disks: Path | list[Path] = disks[0] if len(disks) == 1 else disks
+    with guest_session(
+        target_disks, result, fmt=fmt, root=root, workdir=Path(workdir) if workdir else None
+    ) as s:
         t0 = time.monotonic()
         entry = s.loader.default_entry(s.guest, s.facts)
         version = version_of(entry.kernel)
         if version is None:
-            raise BootloaderError(f"{disk}: the default entry boots {entry.kernel}: cannot tell its version")
+            raise BootloaderError(
+                f"{disks[0]}: the default entry boots {entry.kernel}: cannot tell its version"
+            )
         inv = collect_inventory(s.guest, s.facts.boot_kernels)
         initrd = entry.initrd or find_initramfs(s.guest, version)
         regenerate = supplied is None and regenerate_initramfs is not False
@@ -133,13 +161,14 @@ def retarget(
             inv,
             s.loader.name,
             loader_regenerate(s.loader, s.facts),
-            disk=str(disk),
+            disk=" ".join(map(str, disks)),
             version=version,
             initrd_path=initrd,
             initrd_files=files,
             initrd_texts=texts,
             options=options,
         )
+        result.plan = dataclasses.replace(result.plan, disks=disk_map(disks))
         log.info("%s", result.plan.describe(diffs=dry_run))
         refusal = result.plan.refusal(force=force)
         if refusal is not None:

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,14 @@ from vimgtools.errors import ImageRefused, InvalidInput, VimgError
 from vimgtools.guest.facts import GuestFacts, choose_root, collect_facts
 from vimgtools.guest.protocol import Guest
 from vimgtools.guest.session import GuestImage
-from vimgtools.rekernel.overlay import commit_overlay, create_overlay, probe_format, refuse_if_in_use
+from vimgtools.rekernel.group import commit_group, recover_group
+from vimgtools.rekernel.overlay import (
+    commit_overlay,
+    create_overlay,
+    overlay_extents,
+    probe_format,
+    refuse_if_in_use,
+)
 from vimgtools.rekernel.plan import Plan
 
 log = logging.getLogger("vimgtools.rekernel")
@@ -48,6 +55,7 @@ class Result:
     verified: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     action: str = "rekernel"
+    disks: list[str] = field(default_factory=list)  # every DISK of the run, in the order the guest sees them
     #: the drill's report (its --json object) when --boot-check booted the work overlay
     boot_check: dict[str, Any] | None = None
 
@@ -62,7 +70,7 @@ class Result:
             "done": self.done,
             "verified": self.verified,
             "seconds": self.seconds,
-        }
+        } | ({"disks": self.disks} if len(self.disks) > 1 else {})
 
 
 class Work:
@@ -90,6 +98,13 @@ class Work:
             except FileNotFoundError:
                 pass
             self._lock.close()
+        # A group commit of several disks a crash interrupted: complete or discard it first (group.py).
+        try:
+            recover_group(disk)
+        except BaseException:
+            self._lock_path.unlink(missing_ok=True)
+            self._lock.close()
+            raise
         # Overlays left by a run that was killed (its pid is gone) are thrown away: DISK never saw them.
         for stale in where.glob(f"{TMP_PREFIX}{disk.name}-*"):
             pid = stale.name.rsplit("-", 2)[-2]
@@ -123,9 +138,20 @@ class Session:
     loader: Bootloader
 
 
-def open_image(overlay: Path) -> Guest:
-    """The real guest: one libguestfs appliance on the work overlay (the only launch of a run)."""
-    return GuestImage(overlay, write=True, fmt="qcow2")
+def open_image(overlay: Path | Sequence[Path]) -> Guest:
+    """The real guest: one libguestfs appliance on the work overlay(s) (the only launch of a run)."""
+    if isinstance(overlay, Path):
+        return GuestImage(overlay, write=True, fmt="qcow2")
+    return GuestImage(overlay[0], write=True, fmt="qcow2", more=overlay[1:])
+
+
+def commit_all(works: list[Work]) -> int:
+    """One DISK: its overlay through the journal. Several: all or none (``group.commit_group``)."""
+    if len(works) == 1:
+        return works[0].commit()
+    for w in works:
+        refuse_if_in_use(w.disk)
+    return sum(commit_group([(w.disk, overlay_extents(w.overlay)) for w in works]))
 
 
 def _since(t0: float) -> float:
@@ -134,20 +160,22 @@ def _since(t0: float) -> float:
 
 @contextmanager
 def guest_session(
-    disk: Path,
+    disk: Path | Sequence[Path],
     result: Result,
     *,
     fmt: str | None = None,
     root: str | None = None,
     workdir: Path | None = None,
     extra_files: Iterable[str] = (),
-    open_guest: Callable[[Path], Guest] | None = None,
+    open_guest: Callable[[Path | list[Path]], Guest] | None = None,
     before_commit: Callable[[Path], None] | None = None,
 ) -> Iterator[Session]:
     """Run the body on DISK's guest; commit its changes when it returns (unless ``result.dry_run``).
 
     Args:
-        disk: the guest's disk image; it is only written by the commit.
+        disk: the guest's disk image, or its disks in the order the guest sees them (one appliance,
+            an overlay each, committed all or none: ``group``; several must be raw); only written
+            by the commit.
         result: filled in as the run goes (``seconds``, ``committed``, ``bytes_committed``), and
             attached to a VimgError raised inside as ``error.result``.
         fmt, root, workdir: as ``rekernel()`` takes them.
@@ -161,10 +189,19 @@ def guest_session(
         whatever the body, the launch, the inspection or the commit raise; DISK is as it was
         unless the commit itself failed (then as ``commit_overlay`` documents).
     """
+    disks = [disk] if isinstance(disk, Path) else list(disk)
+    result.disks = [str(d) for d in disks]
+    works: list[Work] = []
     try:
-        work = Work(disk, fmt, workdir)
         try:
-            guest = (open_guest or open_image)(work.overlay)
+            for d in disks:
+                works.append(Work(d, fmt, workdir))
+            if len(works) > 1 and any(w.fmt != "raw" for w in works):
+                bad = ", ".join(f"{w.disk} ({w.fmt})" for w in works if w.fmt != "raw")
+                raise InvalidInput(f"several disks are committed together only when raw: {bad}")
+            work = works[0]
+            overlays = [w.overlay for w in works]
+            guest = (open_guest or open_image)(work.overlay if len(works) == 1 else overlays)
             ok = False
             try:
                 result.seconds["launch"] = round(guest.launch_seconds, 2)
@@ -186,11 +223,12 @@ def guest_session(
                 result.seconds["boot_check"] = _since(t3)
             if not result.dry_run:
                 t2 = time.monotonic()
-                result.bytes_committed = work.commit()
+                result.bytes_committed = commit_all(works)
                 result.committed = True
                 result.seconds["commit"] = _since(t2)
         finally:
-            work.close()
+            for w in works:
+                w.close()
     except VimgError as e:
         e.result = result  # for --json: what was decided and done before it failed
         raise

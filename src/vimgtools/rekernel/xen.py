@@ -356,9 +356,10 @@ class Retarget:
     xen: bool
     checks: list[Check]
     edits: list[Step]  # configuration, before any kernel or initramfs step
-    boot: list[Step]  # boot code, last
+    boot: list[Step]  # the booting kernel's initramfs (retarget only), after the edits
     required: list[str]  # drivers the initramfs of the booting kernel must carry (modules)
     info: dict[str, Any] = field(default_factory=dict)
+    code: list[Step] = field(default_factory=list)  # boot code, last
 
 
 def xen_markers(inv: Inventory, r: Resolver) -> list[str]:
@@ -420,6 +421,7 @@ def plan_xen(
             Check("xen", True, "no Xen device, console or driver configuration found: nothing to retarget")
         )
         return Retarget(False, checks, [], [], [], info)
+    code: list[Step] = []
     checks.append(Check("xen", True, f"{len(markers)} Xen settings found: " + "; ".join(markers)))
     problems: list[str] = []
     # The kernel that will boot: not PV-only, and able to drive virtio.
@@ -634,11 +636,18 @@ def plan_xen(
         elif loader == "grub2" and facts.has_tool("grub-install"):
             grub_install = facts.has_tool("grub-install")
             assert grub_install is not None
-            boot.append(
+            # grub-install in the appliance now and then maps the target to the appliance's own disk
+            # ("cross-disk install"): a device.map makes the mapping explicit, and it is tried again.
+            dmap = "/boot/grub/device.map"
+            code.append(Write(dmap, f"(hd0) {disk}\n", inv.text(dmap)))
+            code.append(
                 RunCommand(
-                    (grub_install, "--target=i386-pc", disk), "no boot code in the MBR: the guest's own GRUB"
+                    (grub_install, "--target=i386-pc", disk),
+                    "no boot code in the MBR: the guest's own GRUB",
+                    attempts=3,
                 )
             )
+            code.append(Remove(dmap, "only for grub-install in the appliance"))
             info["write_boot_code"] = True
             checks.append(Check("boot-code", True, f"no boot code on {disk}: grub-install writes GRUB's"))
         elif loader == "extlinux" and inv.mbr_bin:
@@ -647,8 +656,8 @@ def plan_xen(
                 (p for p in inv.files if p.endswith(("extlinux.conf", "syslinux.cfg"))),
                 "/boot/extlinux/extlinux.conf",
             )
-            boot.append(RunCommand((ext, "--install", posixpath.dirname(conf)), "the extlinux boot sector"))
-            boot.append(
+            code.append(RunCommand((ext, "--install", posixpath.dirname(conf)), "the extlinux boot sector"))
+            code.append(
                 RunCommand(
                     ("dd", f"if={inv.mbr_bin}", f"of={disk}", "bs=440", "count=1", "conv=notrunc"),
                     "no boot code in the MBR: syslinux's mbr.bin",
@@ -667,7 +676,7 @@ def plan_xen(
                     refuses_as=BootloaderError,
                 )
             )
-    return Retarget(True, checks, edits, boot, required, info)
+    return Retarget(True, checks, edits, boot, required, info, code)
 
 
 def check_initramfs(
@@ -742,7 +751,7 @@ def merge_plan(plan: Plan, rt: Retarget) -> Plan:
     return replace(
         plan,
         checks=tuple(checks + rt.checks),
-        steps=tuple(rt.edits) + plan.steps + tuple(rt.boot),
+        steps=tuple(rt.edits) + plan.steps + tuple(rt.boot) + tuple(rt.code),
         retarget=rt.info | {"xen": rt.xen, "required": rt.required},
     )
 
@@ -780,8 +789,7 @@ def plan_retarget(
     initramfs = "unchanged"
     if rt.xen:
         initramfs = "supplied" if options.supplied else ("regenerate" if options.regenerate else "checked")
-    steps = [*rt.edits, *[s for s in rt.boot if not _is_boot_code(s)], *(loader_steps if rt.xen else [])]
-    steps += [s for s in rt.boot if _is_boot_code(s)]
+    steps = [*rt.edits, *rt.boot, *(loader_steps if rt.xen else []), *rt.code]
     return Plan(
         disk=disk,
         root=facts.root,
@@ -795,10 +803,4 @@ def plan_retarget(
         action="retarget",
         initramfs_modules=tuple(rt.required),
         retarget=rt.info | {"xen": rt.xen, "required": rt.required, "initrd": initrd_path},
-    )
-
-
-def _is_boot_code(step: Step) -> bool:
-    return isinstance(step, RunCommand) and (
-        "grub-install" in step.argv[0] or step.argv[0] in ("dd",) or "--install" in step.argv
     )
