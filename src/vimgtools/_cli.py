@@ -8,8 +8,11 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, TypeVar, cast
 
 from vimgtools.errors import InvalidInput, VimgError
@@ -47,6 +50,33 @@ def add_common_options(parser: argparse.ArgumentParser, *, dry_run: bool = True)
         parser.add_argument(
             "-n", "--dry-run", action="store_true", help="read, decide and report; write nothing"
         )
+
+
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress: a bar on stderr; by default only when stderr is a terminal."""
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def progress_bar(args: argparse.Namespace, label: str) -> ProgressBar | None:
+    """A bar on a TTY, or when --progress asks for one; never with -q or --no-progress."""
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    return ProgressBar(label) if show and not args.quiet else None
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM set ``stop`` (the library stops at its next consistent point); a second one aborts."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second signal: give up at once
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        log.warning("stopping at the next consistent point (again to abort)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False, prog: str | None = None) -> None:

@@ -57,9 +57,24 @@ class ImageInfo:
     cluster_size: int = 0
     encrypted: bool = False
     chain: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # the image, then its backing files
+    bitmaps: tuple[Bitmap, ...] = ()  # a qcow2's persistent dirty bitmaps
 
     def chain_json(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.chain]
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """A persistent dirty bitmap of a qcow2 image, as ``qemu-img info`` lists it."""
+
+    name: str
+    granularity: int
+    flags: tuple[str, ...]
+
+    @property
+    def consistent(self) -> bool:
+        """Recording, and not left "in-use" by a QEMU that died with the image open."""
+        return "in-use" not in self.flags and "auto" in self.flags
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,7 +154,10 @@ def inspect(path: Path, fmt: str | None, *, force_share: bool = False) -> ImageI
         | ({"backing_filename": str(i["backing-filename"])} if "backing-filename" in i else {})
         for i in infos
     )
-    info = ImageInfo(path, found, int(top["virtual-size"]), int(top.get("cluster-size") or 0), False, chain)
+    listed = top.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    bitmaps = tuple(Bitmap(str(b["name"]), int(b["granularity"]), tuple(b.get("flags", []))) for b in listed)
+    cluster = int(top.get("cluster-size") or 0)
+    info = ImageInfo(path, found, int(top["virtual-size"]), cluster, False, chain, bitmaps)
     if found in ("qcow2", "qed", "vdi", "vhdx", "parallels"):  # formats with metadata qemu-img can check
         _check(path, found, force_share)
     return info
@@ -172,3 +190,16 @@ def resize(path: Path, fmt: str, size: int) -> None:
     p = _qemu_img(["resize", "-q", "-f", fmt, "--shrink", str(path), str(size)], path)
     if p.returncode != 0:
         raise ImageError(f"{path}: cannot resize to {size} bytes: {_qemu_said(p)}")
+
+
+def add_bitmap(path: Path, name: str) -> None:
+    """Start a persistent dirty bitmap in a (closed) qcow2: from now on its writes are tracked."""
+    p = _qemu_img(["bitmap", "-f", "qcow2", "--add", str(path), name], path)
+    if p.returncode != 0:
+        raise ImageError(f"{path}: cannot add the dirty bitmap {name}: {_qemu_said(p)}")
+
+
+def remove_bitmap(path: Path, name: str) -> None:
+    p = _qemu_img(["bitmap", "-f", "qcow2", "--remove", str(path), name], path)
+    if p.returncode != 0:
+        raise ImageError(f"{path}: cannot remove the dirty bitmap {name}: {_qemu_said(p)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vimgtools.errors import ImageRefused
+from vimgtools.errors import ImageRefused, InvalidInput
 from vimgtools.formats import check_format_name, inspect
 from vimgtools.image import Image
 from vimgtools.nbd import NbdImage
@@ -24,6 +24,7 @@ def open_image(
     write: bool = False,
     force: bool = False,
     option: str = "format",
+    bitmap: str | None = None,
 ) -> Image:
     """Open an existing image in its format.
 
@@ -32,6 +33,7 @@ def open_image(
         write: open for writing.
         force: with ``write``: write even while a running QEMU holds the image (its locks ignored).
         option: the option that gave ``fmt``, named in errors (``src_format``, ``dst_format``).
+        bitmap: export this persistent dirty bitmap too (a qcow2's): ``NbdImage.dirty_in``.
 
     Raises:
         InvalidInput: no such file, not a file or block device, an unknown format name.
@@ -46,6 +48,9 @@ def open_image(
         check_format_name(fmt, option)
     probe = Image(p, write=write and fmt in (None, "raw"))  # refuses FIFOs and the like before qemu-img
     if fmt == "raw" or (fmt is None and probe.is_block):
+        if bitmap is not None:
+            probe.close()
+            raise InvalidInput(f"{p}: a raw image has no dirty bitmaps (only qcow2 keeps them)")
         return probe
     holder = probe.qemu_lock()  # before our own export locks the file
     try:
@@ -55,13 +60,16 @@ def open_image(
     except BaseException:
         probe.close()
         raise
+    if bitmap is not None and info.format != "qcow2":
+        probe.close()
+        raise InvalidInput(f"{p}: a {info.format} image has no dirty bitmaps (only qcow2 keeps them)")
     if info.format == "raw":
         if write and not probe.write:
             probe.close()
             return Image(p, write=True)
         return probe
     probe.close()
-    return NbdImage(info, write=write, holder=holder, force=force)
+    return NbdImage(info, write=write, holder=holder, force=force, bitmap=bitmap)
 
 
 def refuse_if_held(path: Path, holder: str | None, force: bool) -> None:

@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +67,17 @@ def nbd_module() -> ModuleType:
 class Export:
     """qemu-storage-daemon serving one image as NBD export ``img`` on a private abstract socket."""
 
-    def __init__(self, info: ImageInfo, *, write: bool, force_share: bool, ignore_locks: bool) -> None:
+    def __init__(
+        self,
+        info: ImageInfo,
+        *,
+        write: bool,
+        force_share: bool,
+        ignore_locks: bool,
+        bitmap: str | None = None,
+    ) -> None:
         self.info = info
+        self.bitmap = bitmap
         self.address = f"\0vimgtools-{os.getpid()}-{secrets.token_hex(8)}"
         file: dict[str, Any] = {"driver": "file", "filename": str(info.path)}
         node: dict[str, Any] = {
@@ -86,7 +96,8 @@ class Export:
             "qemu-storage-daemon",
             "--blockdev", json.dumps(node),
             "--nbd-server", f"addr.type=unix,addr.path={self.address[1:]},addr.abstract=on",
-            "--export", f"type=nbd,id=exp,node-name=img,name=img,writable={'on' if write else 'off'}",
+            "--export", f"type=nbd,id=exp,node-name=img,name=img,writable={'on' if write else 'off'}"
+            + (f",bitmaps.0={bitmap}" if bitmap else ""),
         ]  # fmt: skip
         log.debug("starting %s", argv)
         try:
@@ -134,6 +145,8 @@ class Export:
         """A new libnbd handle on the export (one per thread: a handle serialises its calls)."""
         h = nbd.NBD()
         h.add_meta_context("base:allocation")
+        if self.bitmap:
+            h.add_meta_context(f"qemu:dirty-bitmap:{self.bitmap}")
         h.set_export_name("img")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -162,12 +175,19 @@ class NbdImage(Image):
     Args:
         info: what ``formats.inspect`` found (format, virtual size, chain).
         write: a writable export.
+        bitmap: a persistent dirty bitmap of the image to export too (``dirty_in``).
         holder: who of a running QEMU holds the file (probed before our export took locks).
         force: with ``write``: ignore a running QEMU's locks.
     """
 
     def __init__(
-        self, info: ImageInfo, *, write: bool = False, holder: str | None = None, force: bool = False
+        self,
+        info: ImageInfo,
+        *,
+        write: bool = False,
+        holder: str | None = None,
+        force: bool = False,
+        bitmap: str | None = None,
     ):
         super().__init__(info.path)  # the file itself, read-only: identity, mtime, flock
         self.write = write
@@ -177,6 +197,7 @@ class NbdImage(Image):
         self.request_size = READ_REQUEST  # each read is a round trip to the export: fewer, larger ones
         self._holder = holder
         self._force = force
+        self.bitmap = bitmap
         self._nbd = nbd_module()
         self._export: Export | None = None
         self._handles: list[Any] = []
@@ -194,6 +215,7 @@ class NbdImage(Image):
             write=self.write,
             force_share=not self.write and self._holder is not None,
             ignore_locks=self.write and self._force,
+            bitmap=self.bitmap,
         )
         self._local = threading.local()
         self.size = self._handle().get_size()
@@ -231,6 +253,20 @@ class NbdImage(Image):
 
     def data_in(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents of [offset, offset+length) that hold data: neither holes nor known zeros."""
+        return self._extents("base:allocation", offset, length, lambda f: not f & (_STATE_HOLE | _STATE_ZERO))
+
+    def dirty_in(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents of [offset, offset+length) that the exported dirty bitmap marks as written."""
+        assert self.bitmap, "exported without a bitmap"
+        return self._extents(f"qemu:dirty-bitmap:{self.bitmap}", offset, length, lambda f: bool(f & 1))
+
+    def _extents(
+        self, context: str, offset: int, length: int, wanted: Callable[[int], bool]
+    ) -> list[tuple[int, int]]:
+        """The extents of one block-status context in [offset, offset+length) whose flags are ``wanted``.
+
+        Each context of a reply is followed on its own (they may end at different offsets).
+        """
         end = min(offset + length, self.size)
         out: list[tuple[int, int]] = []
         pos = offset
@@ -238,7 +274,7 @@ class NbdImage(Image):
         got: list[tuple[int, int, int]] = []
 
         def extents(meta: str, start: int, entries: list[int], err: Any) -> int:
-            if meta == "base:allocation":
+            if meta == context:
                 at = start
                 for i in range(0, len(entries) - 1, 2):
                     got.append((at, entries[i], entries[i + 1]))
@@ -257,7 +293,7 @@ class NbdImage(Image):
                 n = min(n, end - start)
                 if n <= 0:
                     continue
-                if not flags & (_STATE_HOLE | _STATE_ZERO):
+                if wanted(flags):
                     if out and out[-1][0] + out[-1][1] == start:
                         out[-1] = (out[-1][0], out[-1][1] + n)
                     else:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
-from types import FrameType
 
 from vimgtools import _cli
 from vimgtools.sync import (
@@ -156,23 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recover", metavar="DST", help="complete an update an interrupted run committed")
     p.add_argument("--rollback", metavar="DST", help="restore DST from the --undo FILE of a previous sync")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="progress bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _cli.add_progress_options(p)
     _cli.add_common_options(p)
     return p
-
-
-def _install_stop_handlers(stop: threading.Event) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():  # a second signal: give up at once
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        log.warning("stopping at the next consistent point (again to abort)")
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _summary(r: SyncResult) -> str:
@@ -247,15 +231,9 @@ def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     return mode
 
 
-def _bar(args: argparse.Namespace, label: str) -> _cli.ProgressBar | None:
-    """A bar on a TTY, or when --progress asks for one; never with -q or --no-progress."""
-    show = sys.stderr.isatty() if args.progress is None else args.progress
-    return _cli.ProgressBar(label) if show and not args.quiet else None
-
-
 def _files_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, mode: str) -> int:
     """--signature, --write-delta, --apply-delta."""
-    bar = _bar(args, "read")
+    bar = _cli.progress_bar(args, "read")
     h = _cli.human_bytes
     would = "would write" if args.dry_run else "wrote"
     try:
@@ -387,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         src_format=args.src_format,
         dst_format=args.dst_format,
     )
-    bar = _bar(args, "sync")
+    bar = _cli.progress_bar(args, "sync")
     stop = threading.Event()
-    _install_stop_handlers(stop)
+    _cli.install_stop_handlers(stop)
     try:
         result = sync(src, dst, options, progress=bar, stop=stop)
     finally:

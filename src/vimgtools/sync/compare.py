@@ -12,7 +12,7 @@ as found.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vimgtools.blocks import Run, coalesce_runs, diff_blocks, zero_blocks
@@ -42,11 +42,14 @@ def scan(
     workers: int = 2,
     keep_cache: bool = False,
     stop: threading.Event | None = None,
+    regions: Callable[[int, int], list[tuple[int, int]]] | None = None,
 ) -> Iterator[Chunk]:
     """Yield the chunks of [start, end) with the runs of blocks where ``src`` differs from ``dst``.
 
     ``dst`` None (or past ``dst_size``) reads as zeros. ``start`` must be chunk-aligned.
-    A chunk's ``src`` bytes stay valid until the next chunk is asked for.
+    A chunk's ``src`` bytes stay valid until the next chunk is asked for. With ``regions``
+    (``regions(offset, length)``: extents, e.g. a dirty bitmap's) only those are read and
+    compared: elsewhere SRC and DST are known to be equal, and chunks without any are skipped.
     """
     guards = [CacheGuard(src, end, keep_cache)]
     if dst is not None:
@@ -57,13 +60,16 @@ def scan(
 
     def work(offset: int, buf: memoryview) -> Chunk:
         length = min(CHUNK_SIZE, end - offset)
-        segments = block_segments(
-            src.data_in(offset, length),
-            dst.data_in(offset, min(length, dst_size - offset)) if dst is not None else [],
-            offset,
-            block_size,
-            length,
-        )
+        if regions is not None:
+            segments = block_segments(regions(offset, length), [], offset, block_size, length)
+        else:
+            segments = block_segments(
+                src.data_in(offset, length),
+                dst.data_in(offset, min(length, dst_size - offset)) if dst is not None else [],
+                offset,
+                block_size,
+                length,
+            )
         if not segments:  # holes on both sides: nothing to read
             return Chunk(offset, length, [], ZEROS[:length], 0)
         if not hasattr(local, "a"):  # per thread: two pieces that stay in the CPU cache
@@ -99,7 +105,11 @@ def scan(
     def offsets() -> Iterator[int]:
         offset = start
         while offset < end and not (stop is not None and stop.is_set()):
-            offset = _skip_holes(src, dst, dst_size, offset, end)
+            if regions is not None:
+                while offset < end and not regions(offset, min(CHUNK_SIZE, end - offset)):
+                    offset += CHUNK_SIZE
+            else:
+                offset = _skip_holes(src, dst, dst_size, offset, end)
             if offset >= end:
                 return
             yield offset

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from vimgtools.errors import ImageError, Interrupted
 from vimgtools.image import Image
 from vimgtools.images import open_image
+from vimgtools.nbd import NbdImage
 from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
 from vimgtools.sync.compare import scan
 from vimgtools.sync.digests import hash_chunk
@@ -29,18 +30,27 @@ Progress = Callable[[int, int], None]
 
 
 def sync_local(
-    src: Path, dst: Path, opts: SyncOptions, *, progress: Progress | None, stop: threading.Event | None
+    src: Path,
+    dst: Path,
+    opts: SyncOptions,
+    *,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    since_bitmap: str | None = None,
 ) -> SyncResult:
+    """A local sync. With ``since_bitmap`` (a dirty bitmap of a qcow2 SRC, started when DST last
+    equalled SRC) only the extents it marks are read and compared: the rest is known equal."""
     t0 = time.monotonic()
     res = SyncResult(str(src), str(dst), opts.block_size, dry_run=opts.dry_run)
-    with open_image(src, fmt=opts.src_format, option="src_format") as s:
+    with open_image(src, fmt=opts.src_format, option="src_format", bitmap=since_bitmap) as s:
+        regions = s.dirty_in if isinstance(s, NbdImage) and since_bitmap else None
         take_source(res, s)
         with Replica.for_sync(dst, source_of(s), opts) as rep:
             st = StateRun(opts.state, opts.block_size, opts.checksum, s.size) if opts.state else None
             try:
                 with rep.receiving(opts.undo):
                     if st is None:
-                        _compare_into(s, rep, res, opts, progress, stop)
+                        _compare_into(s, rep, res, opts, progress, stop, regions)
                     else:
                         _compare_with_state(s, rep, res, st, opts, progress, stop)
                 after = rep.expect_after() if st is not None else None
@@ -116,13 +126,14 @@ def _compare_into(
     opts: SyncOptions,
     progress: Progress | None,
     stop: threading.Event | None,
+    regions: Callable[[int, int], list[tuple[int, int]]] | None = None,
 ) -> None:
-    """Both images here, compared byte for byte, changes handed to the replica."""
+    """Both images here, compared byte for byte (only ``regions``, when given), changes handed to the replica."""
     bs = res.block_size
     end = s.size
     for chunk in scan(
         s, rep.image, start=rep.resume_from, end=end, block_size=bs, dst_size=rep.dst_size,
-        workers=opts.workers, keep_cache=opts.keep_cache, stop=stop,
+        workers=opts.workers, keep_cache=opts.keep_cache, stop=stop, regions=regions,
     ):  # fmt: skip
         if not rep.dry_run:
             for b0, b1, zero in chunk.runs:
