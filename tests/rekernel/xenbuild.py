@@ -23,6 +23,12 @@ warm the cache::
   prompt): the getty's state, the kernel and its command line, what ``/`` and ``/srv`` are mounted
   from and what fstab says, the NICs and which got a DHCP lease; then it powers off.
 
+``xen_pv_two_disks()``: that guest with ``/srv`` moved to a second disk (``/dev/xvdb1`` in fstab),
+for the several-disks run (``rekernel ROOT.img SRV.img``).
+
+``kvm_cloud_bootdir()``: Debian's cloud kernel as a BOOTDIR with such an initramfs, for the run that
+swaps the kernel and retargets at once.
+
 ``kvm_initramfs(version)``: an initramfs for the guest's own kernel carrying the virtio drivers
 (the same chroot, ``MODULES=list`` with virtio_pci, virtio_blk, virtio_scsi, virtio_net, ext4), to
 supply to ``rekernel --initramfs`` so that only one test pays for regenerating one in the guest.
@@ -45,6 +51,7 @@ from vimgtools.rekernel.xen import nic_link
 
 HERE = Path(__file__).resolve()
 GROW = 512 << 20
+SRV_DISK_SIZE = 256 << 20
 XEN_MODULES = ("xen-blkfront", "xen-netfront", "ext4")
 KVM_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net", "ext4")
 NIC = "enX0"
@@ -232,6 +239,90 @@ def xen_pv_image() -> Path:
     return img
 
 
+def two_disks_key() -> str:
+    return guestbuild._key(image_key(), _move_srv_to_second_disk, xen_pv_two_disks, SRV_DISK_SIZE)
+
+
+def _move_srv_to_second_disk(g: Any) -> None:
+    g.part_init("/dev/sdb", "mbr")
+    g.part_add("/dev/sdb", "p", 2048, -2048)
+    g.mkfs("ext4", "/dev/sdb1", label="srv2")
+    g.mount("/dev/sda1", "/")
+    g.mount("/dev/sdb1", "/srv")
+    g.write("/srv/vimg-srv-marker", "srv on the second disk\n")
+    fstab = g.read_file("/etc/fstab").decode().replace("/dev/xvda2 /srv", "/dev/xvdb1 /srv")
+    g.write("/etc/fstab", fstab)
+    g.sync()
+    g.umount_all()
+    g.part_del("/dev/sda", 2)
+
+
+def xen_pv_two_disks() -> tuple[Path, Path]:
+    """The Xen PV guest with ``/srv`` on a second disk (``/dev/xvdb1`` in fstab): (root disk, srv disk)."""
+    root = guestbuild.cached("xen-pv2-root.raw", two_disks_key())
+    srv = guestbuild.cached("xen-pv2-srv.raw", two_disks_key())
+    done = guestbuild.cached("xen-pv2.done", two_disks_key())
+    with guestbuild.locked("image-xen-pv2"):
+        if done.exists():
+            return root, srv
+        one = xen_pv_image()
+        root.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "--sparse=always", str(one), str(root)], check=True)
+        with open(srv, "wb") as f:
+            f.truncate(SRV_DISK_SIZE)
+        from vimgtools.guest.bindings import load_guestfs
+
+        g = load_guestfs().GuestFS(python_return_dict=True)
+        try:
+            g.add_drive_opts(str(root), format="raw", readonly=False)
+            g.add_drive_opts(str(srv), format="raw", readonly=False)
+            g.launch()
+            _move_srv_to_second_disk(g)
+            g.shutdown()
+        finally:
+            g.close()
+        done.touch()
+    return root, srv
+
+
+def cloud_key() -> str:
+    return guestbuild._key(
+        guestbuild.cloud_key(), _mkinitramfs, kvm_cloud_bootdir, nic_link(NIC)[1], KVM_MODULES
+    )
+
+
+def kvm_cloud_bootdir() -> Path:
+    """Debian's cloud kernel as a BOOTDIR whose initramfs carries the virtio drivers and the NIC's .link.
+
+    The initramfs is made as the retargeted guest's update-initramfs would make it (``kvm_initramfs``),
+    with the cloud kernel's modules put into the tree for as long as it takes.
+    """
+    out = guestbuild.cached("kvm-cloud-bootdir", cloud_key())
+    done = guestbuild.cached("kvm-cloud-bootdir.done", cloud_key())
+    with guestbuild.locked("xen-cloud"):
+        if done.exists():
+            return out
+        src = guestbuild.cloud_bootdir(initramfs=False)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(src, out, symlinks=True)
+        (ver,) = [p.name for p in (out / "modules").iterdir()]
+        tree = guestbuild.debootstrap_tree()
+        target = tree / "usr/lib/modules" / ver
+        try:
+            with guestbuild.locked("tree"):
+                shutil.copytree(out / "modules" / ver, target, symlinks=True)
+                shutil.copy2(out / f"config-{ver}", tree / "boot" / f"config-{ver}")
+                guestbuild.run("depmod", "-b", tree, ver)
+            _mkinitramfs(ver, KVM_MODULES, out / f"initrd.img-{ver}", dict([nic_link(NIC)]))
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+            (tree / "boot" / f"config-{ver}").unlink(missing_ok=True)
+        done.touch()
+    return out
+
+
 if __name__ == "__main__":
     print(xen_pv_image())
+    print(xen_pv_two_disks())
+    print(kvm_cloud_bootdir())
     print(kvm_initramfs(guestbuild.guest_kernel_version(guestbuild.debootstrap_tree())))

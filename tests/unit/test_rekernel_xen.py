@@ -555,3 +555,24 @@ def test_a_flaky_command_is_tried_again(disk: Path, guest: FakeGuest) -> None:
 
     guest.handlers["grub-install"] = flaky
     assert retarget(disk, fmt="raw").committed and len(tries) == 3
+
+
+def test_dracut_guest_gets_the_virtio_drivers() -> None:
+    g = xen_debian()
+    g.rm_f("/etc/initramfs-tools/initramfs.conf")
+    g.rm_f("/usr/sbin/update-initramfs")
+    g.put("/usr/bin/dracut", "#!/bin/sh\n")
+    g.put(
+        "/etc/dracut.conf.d/10-xen.conf",
+        'add_drivers+=" xen-blkfront xen-netfront "\nomit_drivers+=" nouveau "\n',
+    )
+    _f, _l, plan = plan_for(g)
+    writes = {s.path: s.text for s in plan.steps if isinstance(s, Write)}  # type: ignore[attr-defined]
+    assert writes["/etc/dracut.conf.d/10-xen.conf"] == 'add_drivers+=" "\nomit_drivers+=" nouveau "\n'
+    ours = writes["/etc/dracut.conf.d/90-vimgtools-kvm.conf"]
+    assert (
+        'force_drivers+=" virtio_pci virtio_blk virtio_scsi virtio_net ext4 "' in ours
+        and 'hostonly="no"' in ours
+    )
+    cmds = [s.argv for s in plan.steps if isinstance(s, RunCommand)]  # type: ignore[attr-defined]
+    assert cmds[0] == ("/usr/bin/dracut", "-f", f"/boot/initramfs-{OLD}.img", OLD)

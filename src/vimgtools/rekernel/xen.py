@@ -299,7 +299,14 @@ def edit_initramfs_tools_modules(text: str | None, add: list[str]) -> str:
 
 def edit_word_vars(text: str, name: str, add: list[str] | None) -> str:
     """Shell variables holding module lists: Xen-only words out, ``add`` in (when given)."""
-    return edit_shell_vars(text, name, lambda v: " ".join(edit_module_words(v.split(), add or [])))
+
+    def edit(v: str) -> str:
+        words = " ".join(edit_module_words(v.split(), add or []))
+        if v[:1].isspace() or v[-1:].isspace():  # dracut's " a b " convention: keep the padding
+            return f" {words} " if words else " "
+        return words
+
+    return edit_shell_vars(text, name, edit)
 
 
 def edit_modprobe(text: str) -> str:
@@ -534,9 +541,7 @@ def plan_xen(
         gen = "dracut" if gen in ("none", "mkinitrd") else gen
         for path in sorted(p for p in inv.files if p.startswith("/etc/dracut.conf") and p != DRACUT_CONF):
             old = inv.files[path]
-            new = edit_word_vars(old, r"(?:add_|force_|omit_)?drivers\+?", None).replace(
-                "drivers+=", "drivers+="
-            )
+            new = edit_word_vars(old, r"(?:add_|force_)?drivers\+?", None)
             if new != old:
                 edits.append(Write(path, new, old))
         text = (
