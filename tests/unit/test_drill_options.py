@@ -18,7 +18,9 @@ from vimgtools.drill import boot
 from vimgtools.drill.__main__ import main
 from vimgtools.drill.monitor import Agent
 from vimgtools.drill.qemu import Drive, Machine, argv
+from vimgtools.drill.workdir import replica_disks
 from vimgtools.errors import DrillError, InvalidInput
+from vimgtools.replicate.manifest import Disk, Manifest, save
 
 
 @pytest.fixture
@@ -79,7 +81,8 @@ def test_bad_disks_named(tmp_path: Path, never_qemu: tuple[str, Path]) -> None:
     broken.write_bytes(b"QFI\xfb" + b"\xff" * 508)
     cases = {
         tmp_path / "missing.img": "no such file",
-        tmp_path: "not a regular file or block device",
+        tmp_path: "a directory without manifest.json: not a replica directory",
+        Path("/dev/null"): "not a regular file or block device",
         empty: "empty",
         broken: "not an image qemu can read",
     }
@@ -233,3 +236,28 @@ def test_qemu_that_will_not_start_is_a_drill_error_also_inside_an_event_loop(
         asyncio.run(in_a_loop())
     (run,) = work.glob("vimg-drill-*")
     assert not list(run.glob("*.qcow2"))  # the overlay went all the same
+
+
+def test_a_replica_directory_gives_its_disks_in_the_manifests_order(tmp_path: Path) -> None:
+    dest = tmp_path / "mail"
+    dest.mkdir()
+    disks = [
+        Disk("vda", "vda.img", "/src/sys.qcow2", "raw", 1 << 20, None),
+        Disk("vdb", "vdb.qcow2", "/src/d.qcow2", "qcow2", 1 << 20, None),
+    ]
+    save(
+        dest,
+        Manifest(guest="mail", generation=3, time="2026-12-01T02:00:07Z", consistency="offline", disks=disks),
+    )
+    assert replica_disks([dest], ()) == [(dest / "vda.img", "raw"), (dest / "vdb.qcow2", "qcow2")]
+    with pytest.raises(InvalidInput, match="given alone"):
+        replica_disks([dest, tmp_path / "x.img"], ())
+    with pytest.raises(InvalidInput, match="no --format"):
+        replica_disks([dest], ("raw",))
+    (dest / "manifest.json").write_text("{")
+    with pytest.raises(InvalidInput, match="not a vimgtools manifest"):
+        replica_disks([dest], ())
+    # the CLI: a missing disk of the replica is named
+    save(dest, Manifest(guest="mail", generation=3, time="t", consistency="offline", disks=disks))
+    with pytest.raises(InvalidInput, match=f"^{dest / 'vda.img'}: no such file"):
+        boot([dest], accel="tcg")

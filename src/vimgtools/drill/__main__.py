@@ -32,6 +32,7 @@ else TCG; --accel decides instead. No network unless --net user (an isolated use
 EPILOG = """\
 examples:
   python -m vimgtools.drill /srv/replicas/web1/disk0.img
+  python -m vimgtools.drill /srv/dr/mail                   (a replica directory of vimgtools.replicate)
   python -m vimgtools.drill --json --timeout 300 disk0.qcow2 disk1.qcow2
   python -m vimgtools.drill --expect 'Reached target.*Multi-User' --screenshot web1.png disk0.img
   python -m vimgtools.drill --agent --uefi --memory 2G --cpus 2 disk0.img
@@ -58,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("disks", nargs="+", metavar="DISK", help="the replica's disk images, first = boot disk")
+    p.add_argument(
+        "disks",
+        nargs="+",
+        metavar="DISK",
+        help="the replica's disk images, the boot disk first; or one replica directory (its manifest.json "
+        "names the disks, their order and formats)",
+    )
     p.add_argument(
         "--format",
         dest="formats",

@@ -26,7 +26,7 @@ from vimgtools.drill.monitor import Agent, Monitor
 from vimgtools.drill.qemu import ACCELS, BUSES, NETS, OVMF_CODE, QEMU, Machine, Process, argv
 from vimgtools.drill.report import NO_SERIAL, DrillReport
 from vimgtools.drill.stages import Stage, Watcher
-from vimgtools.drill.workdir import Disk, WorkDir, check_disk
+from vimgtools.drill.workdir import Disk, WorkDir, check_disk, replica_disks
 from vimgtools.errors import DrillError, ImageRefused, InvalidInput
 
 log = logging.getLogger("vimgtools.drill")
@@ -99,7 +99,8 @@ def boot(
     progress: Callable[[Stage], None] | None = None,
     **options: Any,
 ) -> DrillReport:
-    """Boot ``disks`` (in the order the guest sees them) on throw-away overlays and report the stages.
+    """Boot ``disks`` (in the order the guest sees them, or one replica directory: its manifest
+    names them) on throw-away overlays and report the stages.
 
     ``options`` are :class:`Options` fields (``accel``, ``memory_mb``, ``cpus``, ``uefi``, ``net``,
     ``bus``, ``timeout``, ``grace``, ``agent``, ``expect``, ``screenshot``, ``log``, ``formats``,
@@ -114,8 +115,9 @@ def boot(
     pattern = opts.check()
     if not disks:
         raise InvalidInput("no disk given", option="disks")
-    formats = list(opts.formats) + [None] * (len(disks) - len(opts.formats))
-    checked = [check_disk(Path(d), f) for d, f in zip(disks, formats, strict=True)]
+    if len(opts.formats) > len(disks):
+        raise InvalidInput(f"{len(opts.formats)} formats for {len(disks)} disks", option="format")
+    checked = [check_disk(d, f) for d, f in replica_disks([Path(d) for d in disks], opts.formats)]
     probe = accel_mod.choose_accel(opts.accel, qemu=opts.qemu)
     if opts.accel is None:
         log.info("accelerator: %s (%s)", probe.accel, probe.reason)

@@ -17,12 +17,15 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vimgtools.drill.qemu import OVMF_VARS, Drive
 from vimgtools.errors import ImageRefused, InvalidInput, VimgError
 from vimgtools.image import Image
+from vimgtools.replicate.manifest import MANIFEST
+from vimgtools.replicate.manifest import load as load_manifest
 
 log = logging.getLogger("vimgtools.drill")
 
@@ -63,6 +66,37 @@ def check_disk(path: Path, fmt: str | None = None) -> Disk:
     if fmt is None:
         fmt = probe_format(path)
     return Disk(path.absolute(), fmt, stat.S_ISBLK(st.st_mode))
+
+
+def replica_disks(paths: Sequence[Path], formats: Sequence[str | None]) -> list[tuple[Path, str | None]]:
+    """The disks to boot: the paths given, or a replica directory's disks in its manifest's order.
+
+    A replica directory (``python -m vimgtools.replicate``) names its disks, their order and their
+    formats in ``manifest.json``; it is given alone.
+    """
+    dirs = [p for p in paths if p.is_dir()]
+    if not dirs:
+        return list(zip(paths, [*formats, *[None] * (len(paths) - len(formats))], strict=True))
+    if len(paths) > 1:
+        raise InvalidInput(f"{dirs[0]}: a replica directory is given alone, without other disks")
+    if formats:
+        raise InvalidInput(f"{dirs[0]}: the manifest gives the formats; no --format with a replica directory")
+    try:
+        manifest = load_manifest(dirs[0])
+    except VimgError as e:
+        raise InvalidInput(str(e)) from None
+    if manifest is None:
+        raise InvalidInput(f"{dirs[0]}: a directory without {MANIFEST}: not a replica directory")
+    if not manifest.disks:
+        raise InvalidInput(f"{dirs[0] / MANIFEST}: names no disk")
+    log.info(
+        "replica of %s, generation %d (%s): %s",
+        manifest.guest,
+        manifest.generation,
+        manifest.time,
+        ", ".join(d.target for d in manifest.disks),
+    )
+    return [(dirs[0] / d.file, d.format) for d in manifest.disks]
 
 
 def probe_format(path: Path) -> str:
