@@ -17,6 +17,7 @@ class KvmBoot:
     values: dict[str, str]  # the report on ttyS1
     seconds: float
     finished: bool  # the guest powered itself off (its report unit ran)
+    login_seconds: float | None = None  # when the login prompt showed on ttyS0
 
     @property
     def login_prompt(self) -> bool:
@@ -54,13 +55,15 @@ def boot(disks: list[Path], *, timeout: float, memory_mb: int = 1024, fmt: str =
     t0 = time.monotonic()
     with open(work / f"{disks[0].name}.qemu.log", "wb") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            proc.wait(timeout=timeout)
-            finished = proc.returncode == 0
-        except subprocess.TimeoutExpired:
+        login_seconds: float | None = None
+        while proc.poll() is None and time.monotonic() - t0 < timeout:
+            time.sleep(0.5)
+            if login_seconds is None and s0.exists() and b" login: " in s0.read_bytes():
+                login_seconds = time.monotonic() - t0
+        if proc.poll() is None:
             proc.kill()
-            proc.wait()
-            finished = False
+        proc.wait()
+        finished = proc.returncode == 0
     seconds = time.monotonic() - t0
     console = s0.read_bytes().decode("utf-8", "replace") if s0.exists() else ""
     report = s1.read_bytes().decode("utf-8", "replace") if s1.exists() else ""
@@ -72,4 +75,4 @@ def boot(disks: list[Path], *, timeout: float, memory_mb: int = 1024, fmt: str =
             values[k.strip()] = v.strip()
         elif i >= 0 and line[i:].startswith("VIMG-DONE"):
             values["DONE"] = "yes"
-    return KvmBoot(console, values, seconds, finished)
+    return KvmBoot(console, values, seconds, finished, login_seconds)

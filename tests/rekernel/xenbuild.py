@@ -62,9 +62,10 @@ XEN_REPORT_SCRIPT = r"""#!/bin/sh
 exec >/dev/ttyS1 2>&1
 # agetty (Type=idle) starts once the job queue is empty or after 5 s: wait for its process, then
 # give it time to print the prompt before powering off.
-getty_up() {
+getty_up() {  # builtins only in the loop: a fork per process per second is slow under TCG
     for p in /proc/[0-9]*; do
-        [ "$(cat "$p/comm" 2>/dev/null)" = agetty ] && grep -qa ttyS0 "$p/cmdline" && return 0
+        { read -r c < "$p/comm"; } 2>/dev/null || continue
+        [ "$c" = agetty ] && [ "$(readlink "$p/fd/0")" = /dev/ttyS0 ] && return 0
     done
     return 1
 }

@@ -31,6 +31,12 @@ target hypervisor (and that the initramfs carries them) and the bootloader, befo
 changes. The work happens on a temporary qcow2 overlay; only after it is verified are its
 changed blocks committed into DISK (raw: through the crash-atomic journal). Any failure leaves
 DISK as it was.
+
+--target kvm (the default) also retargets a guest moved off Xen: xvd names become UUID=, the
+hvc0/xvc0 console tty0 + ttyS0 in every command line, virtio drivers go into the initramfs, the
+NIC keeps its name, boot code is written where pygrub needed none. Without --from the guest keeps
+its own kernel. Several DISKs are one guest's disks in the order it sees them: one appliance, an
+overlay each, committed all or none.
 """
 
 EPILOG = (
@@ -40,6 +46,8 @@ examples:
   python -m vimgtools.rekernel --dry-run -v guest.img --from ./boot
   python -m vimgtools.rekernel --json guest.qcow2 --from ./boot --target xen
   python -m vimgtools.rekernel --rollback guest.img
+  python -m vimgtools.rekernel --target kvm --dry-run xen-guest.img      # moved off Xen: retarget only
+  python -m vimgtools.rekernel xen-root.img xen-srv.img --from ./boot    # two disks, kernel + retarget
 
 """
     + _cli.EXIT_CODES_HELP
