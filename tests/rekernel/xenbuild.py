@@ -24,7 +24,9 @@ warm the cache::
   from and what fstab says, the NICs and which got a DHCP lease; then it powers off.
 
 ``xen_pv_two_disks()``: that guest with ``/srv`` moved to a second disk (``/dev/xvdb1`` in fstab),
-for the several-disks run (``rekernel ROOT.img SRV.img``).
+for the several-disks run (``rekernel ROOT.img SRV.img``). Deleting the root disk's second
+partition makes parted write its generic MBR code (it chains to the active partition, whose boot
+sector is empty): boot code that is not the guest's GRUB, as on many disks pygrub booted.
 
 ``kvm_cloud_bootdir()``: Debian's cloud kernel as a BOOTDIR with such an initramfs, for the run that
 swaps the kernel and retargets at once.

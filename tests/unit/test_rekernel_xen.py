@@ -576,3 +576,14 @@ def test_dracut_guest_gets_the_virtio_drivers() -> None:
     )
     cmds = [s.argv for s in plan.steps if isinstance(s, RunCommand)]  # type: ignore[attr-defined]
     assert cmds[0] == ("/usr/bin/dracut", "-f", f"/boot/initramfs-{OLD}.img", OLD)
+
+
+def test_generic_mbr_code_is_replaced_by_the_guests_loader() -> None:
+    """parted writes a generic MBR that chains to the active partition, which pygrub guests leave empty."""
+    generic = b"\xfa\xb8\x00\x10\x8e\xd0" + bytes(504) + b"\x55\xaa"
+    _f, _l, plan = plan_for(xen_debian(mbr=generic))
+    checks = {c.name: c for c in plan.checks}  # type: ignore[attr-defined]
+    assert checks["boot-code"].ok and "other boot code, not grub2's" in checks["boot-code"].message
+    assert any(isinstance(s, RunCommand) and "grub-install" in s.argv[0] for s in plan.steps)  # type: ignore[attr-defined]
+    _f, _l, plan = plan_for(xen_debian(mbr=GRUB_MBR))
+    assert not any(isinstance(s, RunCommand) and "grub-install" in s.argv[0] for s in plan.steps)  # type: ignore[attr-defined]

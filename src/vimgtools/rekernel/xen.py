@@ -50,6 +50,7 @@ XVD = re.compile(r"^/dev/xvd([a-z]+)(p?\d*)$")
 # What verify and the markers look for.
 XEN_WORDS = re.compile(r"/dev/xvd|\bhvc0\b|\bxvc0\b|\bxencons=")
 LINK_DIR = "/etc/systemd/network"
+LOADER_CODE = {"grub2": "grub", "extlinux": "syslinux"}  # what GuestFacts.boot_code says for each
 DRACUT_CONF = "/etc/dracut.conf.d/90-vimgtools-kvm.conf"
 SPECIAL_FS = frozenset(
     {"proc", "sysfs", "tmpfs", "devpts", "none", "devtmpfs", "cgroup", "securityfs", "efivarfs"}
@@ -614,7 +615,12 @@ def plan_xen(
     disk = _whole(facts.mountpoints.get("/boot") or facts.mountpoints.get("/", "/dev/sda"))
     info["boot_disk"] = disk
     info["write_boot_code"] = False
-    if facts.boot_code is None:
+    # pygrub / PV-GRUB never ran the MBR: it may hold nothing, or parted's generic code that chains to
+    # an active partition with no boot sector. Only the guest's own loader there boots its config.
+    own = LOADER_CODE.get(loader)
+    found = facts.boot_code
+    what = "no boot code" if found is None else f"{found} boot code, not {loader}'s,"
+    if found is None or (own is not None and found != own and inv.partitioned(disk)):
         if not inv.partitioned(disk):
             root_spec = (
                 r.resolve(root_line[0])[0]
@@ -648,13 +654,13 @@ def plan_xen(
             code.append(
                 RunCommand(
                     (grub_install, "--target=i386-pc", disk),
-                    "no boot code in the MBR: the guest's own GRUB",
+                    f"{what} in the MBR: the guest's own GRUB",
                     attempts=3,
                 )
             )
             code.append(Remove(dmap, "only for grub-install in the appliance"))
             info["write_boot_code"] = True
-            checks.append(Check("boot-code", True, f"no boot code on {disk}: grub-install writes GRUB's"))
+            checks.append(Check("boot-code", True, f"{what} on {disk}: grub-install writes GRUB's"))
         elif loader == "extlinux" and inv.mbr_bin:
             ext = facts.has_tool("extlinux") or "extlinux"
             conf = next(
@@ -665,17 +671,17 @@ def plan_xen(
             code.append(
                 RunCommand(
                     ("dd", f"if={inv.mbr_bin}", f"of={disk}", "bs=440", "count=1", "conv=notrunc"),
-                    "no boot code in the MBR: syslinux's mbr.bin",
+                    f"{what} in the MBR: syslinux's mbr.bin",
                 )
             )
             info["write_boot_code"] = True
-            checks.append(Check("boot-code", True, f"no boot code on {disk}: syslinux's mbr.bin is written"))
+            checks.append(Check("boot-code", True, f"{what} on {disk}: syslinux's mbr.bin is written"))
         else:
             checks.append(
                 Check(
                     "boot-code",
                     False,
-                    f"no boot code on {disk}, and no way to write {loader}'s here (grub-install for i386-pc, "
+                    f"{what} on {disk}, and no way to write {loader}'s here (grub-install for i386-pc, "
                     "or syslinux's mbr.bin, in the guest); --force to go on and boot it another way",
                     "warning",
                     refuses_as=BootloaderError,
