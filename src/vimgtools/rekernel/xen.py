@@ -647,18 +647,20 @@ def plan_xen(
         elif loader == "grub2" and facts.has_tool("grub-install"):
             grub_install = facts.has_tool("grub-install")
             assert grub_install is not None
-            # grub-install in the appliance now and then maps the target to the appliance's own disk
-            # ("cross-disk install"): a device.map makes the mapping explicit, and it is tried again.
-            dmap = "/boot/grub/device.map"
-            code.append(Write(dmap, f"(hd0) {disk}\n", inv.text(dmap)))
-            code.append(
-                RunCommand(
-                    (grub_install, "--target=i386-pc", disk),
-                    f"{what} in the MBR: the guest's own GRUB",
-                    attempts=3,
-                )
+            # Inside the appliance's chroot the kernel's own names apply, and the kernel does not always
+            # name the guest's disk sda (the appliance's disk is scanned beside it): grub-install
+            # /dev/sda then hit the appliance's disk ("ext2 doesn't support embedding ... cross-disk
+            # install"). So the disk is the one holding /boot (or /) as the chroot's /proc/mounts says,
+            # with a device.map for it, tried again on failure.
+            script = (
+                'p=$(awk \'$2=="/boot"{b=$1} $2=="/"{r=$1} END{print b?b:r}\' /proc/mounts); '
+                "d=$(echo \"$p\" | sed -E 's/p?[0-9]+$//'); "
+                "printf '(hd0) %s\\n' \"$d\" > /boot/grub/device.map; "
+                f'{grub_install} --target=i386-pc "$d"; rc=$?; rm -f /boot/grub/device.map; exit $rc'
             )
-            code.append(Remove(dmap, "only for grub-install in the appliance"))
+            code.append(
+                RunCommand(("/bin/sh", "-c", script), f"{what} in the MBR: the guest's own GRUB", attempts=3)
+            )
             info["write_boot_code"] = True
             checks.append(Check("boot-code", True, f"{what} on {disk}: grub-install writes GRUB's"))
         elif loader == "extlinux" and inv.mbr_bin:
