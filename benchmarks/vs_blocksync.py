@@ -94,6 +94,7 @@ class Tool:
     once: bool = False  # one warm run only (blocksync-fast --sync-writes: minutes, an fsync per 2 MiB buffer)
     times: dict[str, list[float]] = field(default_factory=lambda: {"warm": [], "cold": []})
     overhead: dict[str, list[float]] = field(default_factory=lambda: {"warm": [], "cold": []})
+    flush: dict[str, list[float]] = field(default_factory=lambda: {"warm": [], "cold": []})
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -220,7 +221,9 @@ def main() -> None:
                     dt, out = timed(t.cmd(), t.env)
                     t.times[cache].append(dt)
                     if t.name.startswith("vimgtools"):
-                        t.overhead[cache].append(dt - float(json.loads(out)["seconds"]))
+                        r = json.loads(out)
+                        t.overhead[cache].append(dt - float(r["seconds"]))
+                        t.flush[cache].append(float(r.get("seconds_flush", 0.0)))
                     if t.writes and rnd == 0 and subprocess.run(["cmp", "-s", s, d]).returncode:
                         raise SystemExit(f"{t.name}: the replica differs from the source")
                     print(f"  round {rnd + 1} {cache:4} {t.name:50} {dt:7.3f} s", flush=True)
@@ -251,9 +254,11 @@ def main() -> None:
     rows = []
     for t in tools:
         over = "/".join(f"{statistics.median(t.overhead[c]):.3f}" for c in states if t.overhead[c]) or "-"
+        flush = "/".join(f"{statistics.median(t.flush[c]):.3f}" for c in states if t.flush[c]) or "-"
         print(f"| {t.name} | {fmt(med(t, 'warm'))} | {fmt(med(t, 'cold'))} | {ratio(t, t.peer, 'warm')} | "
-              f"{ratio(t, t.peer, 'cold')} | {ratio(t, t.cat, 'warm')} | {ratio(t, t.cat, 'cold')} | {over} |")  # fmt: skip
-        rows.append({"tool": t.name, "times": t.times, "overhead": t.overhead, "peer": t.peer, "cat": t.cat})
+              f"{ratio(t, t.peer, 'cold')} | {ratio(t, t.cat, 'warm')} | {ratio(t, t.cat, 'cold')} | {over} | {flush} |")  # fmt: skip
+        rows.append({"tool": t.name, "times": t.times, "overhead": t.overhead, "flush": t.flush, "peer": t.peer,
+                     "cat": t.cat})  # fmt: skip
     if args.json:
         args.json.write_text(
             json.dumps({"rows": rows, "others_cores": others, "load": [load0, load1]}, indent=1)

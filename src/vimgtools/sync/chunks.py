@@ -19,6 +19,7 @@ cached before are given back.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Lock, local
 from typing import TypeVar
 
+from vimgtools.errors import VimgError
 from vimgtools.image import Image, Residency
 
 CHUNK_SIZE = 8 << 20
@@ -211,8 +213,18 @@ class CacheGuard:
             seen, self._seen = self._seen, {}
         if self.keep or not self.fetch:  # nothing was read ahead
             return
+        scratch = memoryview(bytearray(1 << 20))
         for chunk, r in seen.items():
-            self._give_back(chunk, r, chunk, min(CHUNK_SIZE, self.end - chunk))
+            if r is None or r is True:
+                continue
+            length = min(CHUNK_SIZE, self.end - chunk)
+            # Pages still being read in are locked, and POSIX_FADV_DONTNEED passes them by: wait
+            # for them first (a read of what is, by now, mostly in memory).
+            with contextlib.suppress(VimgError):
+                for o, n in self.img.data_in(chunk, length):
+                    for p in range(o, o + n, len(scratch)):
+                        self.img.read_into(scratch[: min(len(scratch), o + n - p)], p, probe=False)
+            self._give_back(chunk, r, chunk, length)
 
 
 _local = local()
