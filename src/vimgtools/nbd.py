@@ -17,8 +17,6 @@ libnbd(3) ``nbd_block_status``, prctl(2) PR_SET_PDEATHSIG.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -34,6 +32,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vimgtools.bindings import BindingsMissing, load_nbd
+from vimgtools.children import die_with_parent
 from vimgtools.errors import ImageError
 from vimgtools.formats import ImageInfo, resize
 from vimgtools.image import Image
@@ -48,13 +47,6 @@ MAX_REQUEST = 32 << 20  # the NBD maximum payload qemu serves
 READ_REQUEST = 1 << 20  # reads are split into requests of this size, all in flight at once
 STATUS_SPAN = 1 << 30  # bytes asked per block-status request
 _STATE_HOLE, _STATE_ZERO = 1, 2
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the thread that started us dies (qemu then cleans up)."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def nbd_module() -> ModuleType:
@@ -106,7 +98,7 @@ class Export:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGTERM),  # SIGTERM: it exits cleanly
             )
         except FileNotFoundError:
             raise ImageError(

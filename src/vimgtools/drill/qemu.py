@@ -11,17 +11,14 @@ References: qemu(1) (``-blockdev``, ``-chardev``, ``-device isa-debugcon``, ``-n
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
-import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vimgtools.children import die_with_parent
 from vimgtools.errors import VimgError
 
 QEMU = "qemu-system-x86_64"
@@ -33,9 +30,6 @@ BUSES = ("virtio", "scsi", "sata", "ide")
 ACCELS = ("kvm", "tcg")
 NETS = ("none", "user")
 QGA_PORT = "org.qemu.guest_agent.0"
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -171,19 +165,6 @@ def argv(m: Machine, qemu: str = QEMU) -> list[str]:
     return a + list(m.extra)
 
 
-def _die_with_parent() -> Callable[[], None]:
-    """A preexec function: SIGKILL this child when the thread that started it dies."""
-    parent = os.getpid()
-    prctl = _libc.prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 class Process:
     """A qemu process that dies with the drill (see the module docstring); ``kill()`` waits for it."""
 
@@ -197,7 +178,7 @@ class Process:
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
-                    preexec_fn=_die_with_parent(),
+                    preexec_fn=die_with_parent(signal.SIGKILL),
                     start_new_session=True,
                     close_fds=True,
                 )
