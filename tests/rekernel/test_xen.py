@@ -25,8 +25,9 @@ import xenbuild
 
 pytestmark = [pytest.mark.slow, pytest.mark.guestfs, pytest.mark.boot]
 
-# The retargeted guest reached its login prompt in 50-70 s here; the control gets clearly more.
-CONTROL_SECONDS = 120
+# The retargeted guest reached its login prompt in 50-120 s here (by load); the control gets twice that.
+CONTROL_SECONDS = 90
+MEASURED: dict[str, float] = {}
 BOOT_TIMEOUT = 420
 
 
@@ -68,16 +69,6 @@ def retargeted(
     return {"disk": disk, "json": json.loads(p.stdout), "seconds": seconds}
 
 
-def test_untouched_xen_guest_does_not_reach_a_login_prompt(
-    xen_image: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """Negative control: without the retarget the guest never gets to a getty on ttyS0."""
-    disk = copy(xen_image, tmp_path_factory.mktemp("control") / "xen.img")
-    b = kvmboot.boot([disk], timeout=CONTROL_SECONDS)
-    assert not b.login_prompt, b.console[-2000:]
-    assert "DONE" not in b.values
-
-
 def test_plan_inventory_and_rewrites(retargeted: dict[str, Any], guest_version: str) -> None:
     obj = retargeted["json"]
     assert obj["action"] == "retarget" and obj["committed"] and obj["bytes_committed"] > 0
@@ -111,9 +102,26 @@ def test_retargeted_guest_boots_to_a_login_prompt(retargeted: dict[str, Any], gu
     assert fstab["/"].startswith("UUID=") and fstab["/srv"].startswith("UUID=")
     assert b.values["ROOT"].startswith("/dev/vda") and b.values["SRV"].startswith("/dev/vda")
     assert "enX0" in b.values["NICS"].split() and b.values["LEASED"].split() == ["enX0"]
-    assert b.login_seconds is not None and b.login_seconds < CONTROL_SECONDS, (
-        "the negative control must wait longer than a good boot takes to its login prompt"
-    )
+    assert b.login_seconds is not None
+    MEASURED["login_seconds"] = round(b.login_seconds, 1)  # the negative control waits twice as long
+
+
+def test_untouched_xen_guest_does_not_reach_a_login_prompt(
+    xen_image: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Negative control: without the retarget the guest never gets to a getty on ttyS0.
+
+    It is given twice the time the retargeted guest took to its prompt in this run (on this
+    machine, under its load now), at least CONTROL_SECONDS; CONTROL_SECONDS * 2 when that boot
+    did not run.
+    """
+    disk = copy(xen_image, tmp_path_factory.mktemp("control") / "xen.img")
+    good = MEASURED.get("login_seconds")
+    limit = max(CONTROL_SECONDS, 2 * good) if good else 2 * CONTROL_SECONDS
+    b = kvmboot.boot([disk], timeout=limit)
+    print(f"\nnegative control: no login prompt in {b.seconds:.0f} s (the retargeted guest: {good} s)")
+    assert not b.login_prompt, b.console[-2000:]
+    assert "DONE" not in b.values
 
 
 # -- a guest made of two disks, retargeted in one run (the one case that regenerates the initramfs) --
