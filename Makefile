@@ -15,7 +15,7 @@ APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-ven
 TEST_ENV := LIBGUESTFS_BACKEND_SETTINGS=$${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 PYTEST_ARGS ?=
 
-.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-formats bench-rekernel clean
+.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-formats bench-blocksync bench-rekernel clean
 
 help:
 	@echo "make demo       set up, then sync a built-in sample image and show what changed"
@@ -23,6 +23,7 @@ help:
 	@echo "make test-fast  the suite without the slow, guestfs and boot tests"
 	@echo "make bench      the engine benchmarks (docs/native.md)"
 	@echo "make bench-sync / bench-remote / bench-formats / bench-rekernel   beside the peers (docs/sync.md, remote.md, formats.md, rekernel.md)"
+	@echo "make bench-blocksync [BLOCKSYNC_SRC=DIR|URL]   warm and cold, beside blocksync-fast built from its source (docs/sync.md)"
 
 deps: apt $(VENV)/.installed
 
@@ -74,6 +75,11 @@ bench-remote: deps
 
 bench-formats: deps
 	$(PY) benchmarks/formats_vs_peers.py --repeat 3
+
+# blocksync-fast is built from BLOCKSYNC_SRC (a source tree, git directory or URL) in a temporary directory.
+BLOCKSYNC_SRC ?= https://github.com/nethappen/blocksync-fast
+bench-blocksync: deps
+	$(PY) benchmarks/vs_blocksync.py --blocksync-src $(BLOCKSYNC_SRC) --repeat 3
 
 bench-rekernel: deps
 	$(TEST_ENV) $(PY) benchmarks/bench_rekernel.py --boot
