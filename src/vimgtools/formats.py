@@ -4,7 +4,8 @@ The rule (CVE-2010-3851: a guest can write any format's header into its raw disk
 
 - a format given (``--src-format``/``--dst-format``) is never probed;
 - a block device is raw;
-- a file is probed with ``qemu-img info``; a non-raw answer is believed only when the
+- a file with none of QEMU's other formats' magic numbers at its start (or end) is raw;
+- any other file is probed with ``qemu-img info``; a non-raw answer is believed only when the
   file's name carries that format's extension (``mail.qcow2``, ``disk.vmdk``). A file that
   looks like another format under another name (``mail.img`` with a qcow2 header) is
   refused: it may be a raw guest disk whose guest wrote that header. Naming the format
@@ -45,6 +46,16 @@ EXTENSIONS = {
     "img": "raw",
 }
 QEMU_IMG_TIMEOUT = 120
+# What the header (or, for vpc and dmg, the last sector) of an image in one of QEMU's other
+# formats starts with (their block drivers' probes). A file with none of these is raw without
+# asking qemu-img: a subprocess per image saved, and its reads kept out of the page cache.
+HEAD_MAGICS = (
+    b"QFI\xfb", b"QED\0", b"KDMV", b"COWD", b"# Disk DescriptorFile", b"<<< ", b"vhdxfile",
+    b"conectix", b"WithoutFreeSpace", b"WithouFreSpacExt", b"LUKS\xba\xbe", b"Bochs Virtual HD Image",
+    b"#!/bin/sh\n#V2.0 Format",
+)  # fmt: skip
+TAIL_MAGICS = (b"conectix", b"koly")
+VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,12 @@ def check_format_name(fmt: str, option: str) -> None:
         raise InvalidInput(
             f"{fmt!r}: not a format qemu-img knows here ({', '.join(sorted(known_formats()))})", option=option
         )
+
+
+def may_be_formatted(head: bytes, tail: bytes) -> bool:
+    """Whether the first and last 512 bytes of a file could be a non-raw image (then qemu-img is asked)."""
+    off, sig = VDI_SIGNATURE
+    return head.startswith(HEAD_MAGICS) or tail.startswith(TAIL_MAGICS) or head[off : off + len(sig)] == sig
 
 
 def format_by_name(path: Path) -> str | None:

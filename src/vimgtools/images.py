@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from vimgtools.errors import ImageRefused, InvalidInput
-from vimgtools.formats import check_format_name, inspect
+from vimgtools.formats import check_format_name, inspect, may_be_formatted
 from vimgtools.image import Image
 from vimgtools.nbd import NbdImage
 
@@ -52,6 +52,11 @@ def open_image(
             probe.close()
             raise InvalidInput(f"{p}: a raw image has no dirty bitmaps (only qcow2 keeps them)")
         return probe
+    if fmt is None and not _may_be_formatted(probe):  # raw: no qemu-img needed
+        if bitmap is not None:
+            probe.close()
+            raise InvalidInput(f"{p}: a raw image has no dirty bitmaps (only qcow2 keeps them)")
+        return probe
     holder = probe.qemu_lock()  # before our own export locks the file
     try:
         if write:
@@ -79,3 +84,17 @@ def refuse_if_held(path: Path, holder: str | None, force: bool) -> None:
             f"{path}: a running VM (QEMU) holds this image open as {holder}; "
             "stop it first, or use --force to write it anyway"
         )
+
+
+def _may_be_formatted(img: Image) -> bool:
+    """Read the image's first and last sector (giving back the pages if we brought them in)."""
+    head, tail = memoryview(bytearray(512)), memoryview(bytearray(512))
+    _, cached_head = img.read_into(head, 0)
+    end = max(0, img.size - 512)
+    _, cached_tail = img.read_into(tail, end)
+    page = os.sysconf("SC_PAGE_SIZE")  # POSIX_FADV_DONTNEED drops whole pages only
+    if not cached_head:
+        img.drop_cache(0, page)
+    if not cached_tail:
+        img.drop_cache(end // page * page, 2 * page)
+    return may_be_formatted(bytes(head), bytes(tail))
