@@ -34,8 +34,9 @@ the guest sees. A missing DST is created sparse, in the format its name says
 another virtual size is resized (shrinking needs --allow-shrink).
 
 Formats: one given with --src-format/--dst-format is never probed. Without one,
-a block device is raw, and a file is probed with qemu-img info, but a non-raw
-answer is believed only when the file's name says that format (mail.qcow2): a
+a block device is raw, a file without another format's magic number is raw, and
+any other file is probed with qemu-img info, whose non-raw answer is believed
+only when the file's name says that format (mail.qcow2): a
 mail.img that looks like qcow2 is refused (it may be a raw guest disk whose
 guest wrote such a header, CVE-2010-3851); name its format to go on. Non-raw
 images are read and written through a private NBD export (qemu-storage-daemon,
