@@ -72,13 +72,22 @@ def _probe_works(probe: str) -> bool:
         img.close()
 
 
-@pytest.fixture(params=CACHE_PROBES)
-def probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    name: str = request.param
+def _use_probe(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if not _probe_works(name):
         pytest.skip(f"{name} does not work on this kernel")
     monkeypatch.setenv("VIMGTOOLS_CACHE_PROBE", name)
     return name
+
+
+@pytest.fixture(params=CACHE_PROBES)
+def probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    return _use_probe(request.param, monkeypatch)
+
+
+@pytest.fixture(params=[p for p in CACHE_PROBES if p != "nowait"])
+def residency_probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The probes that learn residency without reading (nowait learns it by reading, and reads no ahead)."""
+    return _use_probe(request.param, monkeypatch)
 
 
 @pytest.fixture
@@ -121,10 +130,9 @@ def test_keep_cache_keeps_what_it_read(pair: tuple[Path, Path], probe: str) -> N
     assert _cached(src) == [(0, SIZE)] and _cached(dst) == [(0, SIZE)]
 
 
-def test_residency_says_which_pages_are_cached(pair: tuple[Path, Path], probe: str) -> None:
+def test_residency_says_which_pages_are_cached(pair: tuple[Path, Path], residency_probe: str) -> None:
     src, _ = pair
-    if probe == "nowait":
-        pytest.skip("nowait learns residency by reading")
+    probe = residency_probe
     _cold(src)
     _warm(src, [(CHUNK_SIZE + 4096, 8192)])
     with Image(src) as img:
@@ -137,11 +145,11 @@ def test_residency_says_which_pages_are_cached(pair: tuple[Path, Path], probe: s
         assert img.residency(SIZE, CHUNK_SIZE) is True  # nothing there, so nothing to give back
 
 
-def test_guard_reads_ahead_and_gives_back_what_it_did_not_read(pair: tuple[Path, Path], probe: str) -> None:
+def test_guard_reads_ahead_and_gives_back_what_it_did_not_read(
+    pair: tuple[Path, Path], residency_probe: str
+) -> None:
     """A chunk prepared is read from the disk without a reader; closing early gives it back."""
     src, _ = pair
-    if probe == "nowait":
-        pytest.skip("nowait does not read ahead")
     _cold(src)
     with Image(src) as img:
         g = CacheGuard(img, img.size, keep_cache=False)
