@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
+from kernelhelp import bzimage
 
 from vimgtools.boot import detect
 from vimgtools.errors import BootloaderError, ImageRefused, InvalidInput, KernelError
@@ -19,16 +19,6 @@ from vimgtools.rekernel.plan import STATE_FILE, Check, Options, Plan, plan_reker
 DATA = Path(__file__).resolve().parents[1] / "data"
 OLD = "6.1.0-50-amd64"
 NEW = "6.1.0-56-cloud-amd64"
-
-
-def bzimage(version: str) -> bytes:
-    data = bytearray(0x4000)
-    data[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", data, 0x206, 0x020F)
-    struct.pack_into("<H", data, 0x20E, 0x1000)
-    data[0x1200 : 0x1200 + len(version) + 1] = version.encode() + b"\0"
-    struct.pack_into("<H", data, 0x236, 1)
-    return bytes(data)
 
 
 def facts(**kw: object) -> GuestFacts:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kernelhelp import bzimage
 
 import vimgtools.rekernel.session as session_mod
 from vimgtools.boot import Grub2, detect
@@ -45,17 +45,6 @@ GRUB_MBR = b"\xeb\x63\x90" + b"GRUB " + bytes(502) + b"\x55\xaa"
 
 
 # -- a Debian 12 guest in memory, with GRUB 2 acted out -------------------------------------------
-def bzimage(version: str) -> bytes:
-    """The parts of an x86 boot header that read_bzimage_header looks at."""
-    data = bytearray(0x4000)
-    data[0x1FE:0x200] = b"\x55\xaa"
-    data[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", data, 0x206, 0x020F)
-    struct.pack_into("<H", data, 0x20E, 0x1000)
-    banner = f"{version} (builder@example) #1 SMP".encode() + b"\0"
-    data[0x1200 : 0x1200 + len(banner)] = banner
-    struct.pack_into("<H", data, 0x236, 1)
-    return bytes(data)
 
 
 def grub_cfg(versions: list[str], boot: str = "/boot") -> str:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import pytest
+from kernelhelp import bzimage
 
 import vimgtools.rekernel.retargeting as retarget_mod
 import vimgtools.rekernel.session as session_mod
@@ -48,18 +48,6 @@ KVM_INITRD = [
     f"usr/lib/modules/{OLD}/kernel/drivers/{m}.ko"
     for m in ("virtio/virtio_pci", "block/virtio_blk", "scsi/virtio_scsi", "net/virtio_net")
 ] + [f"usr/lib/modules/{OLD}/kernel/fs/ext4/ext4.ko", "lib/systemd/network/99-default.link"]
-
-
-def bzimage(version: str) -> bytes:
-    data = bytearray(0x4000)
-    data[0x1FE:0x200] = b"\x55\xaa"
-    data[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", data, 0x206, 0x020F)
-    struct.pack_into("<H", data, 0x20E, 0x1000)
-    banner = f"{version} (builder@example) #1 SMP".encode() + b"\0"
-    data[0x1200 : 0x1200 + len(banner)] = banner
-    struct.pack_into("<H", data, 0x236, 1)  # XLF_KERNEL_64
-    return bytes(data)
 
 
 def shell_var(text: str, name: str) -> str:
