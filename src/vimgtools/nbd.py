@@ -161,6 +161,30 @@ class Export:
             self.proc.stderr.close()
 
 
+class ServedExport:
+    """An NBD export someone else serves on a unix socket: a running QEMU's own (``nbd-server-start``).
+
+    ``bitmap`` is the dirty bitmap it exports (``qemu:dirty-bitmap:BITMAP``), if any."""
+
+    def __init__(self, socket_path: str, name: str, *, bitmap: str | None = None) -> None:
+        self.socket_path, self.name, self.bitmap = socket_path, name, bitmap
+
+    def connect(self, nbd: ModuleType) -> Any:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        if self.bitmap:
+            h.add_meta_context(f"qemu:dirty-bitmap:{self.bitmap}")
+        h.set_export_name(self.name)
+        try:
+            h.connect_unix(self.socket_path)
+        except nbd.Error as e:
+            raise ImageError(f"{self.socket_path}: cannot connect to export {self.name}: {e}") from e
+        return h
+
+    def close(self) -> None:
+        pass  # its server stops it
+
+
 class NbdImage(Image):
     """An image in a QEMU format, as the guest sees it, through its own ``Export``.
 
@@ -170,6 +194,8 @@ class NbdImage(Image):
         bitmap: a persistent dirty bitmap of the image to export too (``dirty_in``).
         holder: who of a running QEMU holds the file (probed before our export took locks).
         force: with ``write``: ignore a running QEMU's locks.
+        served: read a point-in-time export a running QEMU serves instead of exporting the file
+            (``info.path`` is still the file: identity, as for any image). Read-only.
     """
 
     def __init__(
@@ -180,6 +206,7 @@ class NbdImage(Image):
         holder: str | None = None,
         force: bool = False,
         bitmap: str | None = None,
+        served: ServedExport | None = None,
     ):
         super().__init__(info.path)  # the file itself, read-only: identity, mtime, flock
         self.write = write
@@ -189,9 +216,10 @@ class NbdImage(Image):
         self.request_size = READ_REQUEST  # each read is a round trip to the export: fewer, larger ones
         self._holder = holder
         self._force = force
-        self.bitmap = bitmap
+        self.bitmap = served.bitmap if served is not None else bitmap
+        self._served = served
         self._nbd = nbd_module()
-        self._export: Export | None = None
+        self._export: Export | ServedExport | None = None
         self._handles: list[Any] = []
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -202,7 +230,7 @@ class NbdImage(Image):
             raise
 
     def _start(self) -> None:
-        self._export = Export(
+        self._export = self._served or Export(
             self.info,
             write=self.write,
             force_share=not self.write and self._holder is not None,

@@ -40,37 +40,53 @@ def sync_local(
 ) -> SyncResult:
     """A local sync. With ``since_bitmap`` (a dirty bitmap of a qcow2 SRC, started when DST last
     equalled SRC) only the extents it marks are read and compared: the rest is known equal."""
-    t0 = time.monotonic()
-    res = SyncResult(str(src), str(dst), opts.block_size, dry_run=opts.dry_run)
     with open_image(src, fmt=opts.src_format, option="src_format", bitmap=since_bitmap) as s:
         regions = s.dirty_in if isinstance(s, NbdImage) and since_bitmap else None
-        take_source(res, s)
-        with Replica.for_sync(dst, source_of(s), opts) as rep:
-            st = StateRun(opts.state, opts.block_size, opts.checksum, s.size) if opts.state else None
-            try:
-                with rep.receiving(opts.undo):
-                    if st is None:
-                        _compare_into(s, rep, res, opts, progress, stop, regions)
-                    else:
-                        _compare_with_state(s, rep, res, st, opts, progress, stop)
-                after = rep.expect_after() if st is not None else None
-                if st is not None:
-                    if after is None:
-                        st.writer.abort()
-                    else:
-                        st.writer.finish(after)
-            except BaseException:
-                if st is not None:
+        return sync_from(s, dst, opts, progress=progress, stop=stop, regions=regions)
+
+
+def sync_from(
+    s: Image,
+    dst: Path,
+    opts: SyncOptions,
+    *,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    regions: Callable[[int, int], list[tuple[int, int]]] | None = None,
+) -> SyncResult:
+    """Sync an open source image into DST (a local sync once SRC is open; a running guest's
+    point-in-time export for replicate). ``regions(offset, length)``: the only extents that may
+    differ (a dirty bitmap's); None: all of it."""
+    t0 = time.monotonic()
+    src = s.path
+    res = SyncResult(str(src), str(dst), opts.block_size, dry_run=opts.dry_run)
+    take_source(res, s)
+    with Replica.for_sync(dst, source_of(s), opts) as rep:
+        st = StateRun(opts.state, opts.block_size, opts.checksum, s.size) if opts.state else None
+        try:
+            with rep.receiving(opts.undo):
+                if st is None:
+                    _compare_into(s, rep, res, opts, progress, stop, regions)
+                else:
+                    _compare_with_state(s, rep, res, st, opts, progress, stop)
+            after = rep.expect_after() if st is not None else None
+            if st is not None:
+                if after is None:
                     st.writer.abort()
-                raise
-            finally:
-                if st is not None:
-                    st.close()
-            res.take_replica(rep.figures())
-        if opts.verify and not opts.dry_run:
-            res.verified = verify_local(s, dst, opts)
-            if not res.verified:
-                raise ImageError(f"{dst}: verification failed: it differs from {src}")
+                else:
+                    st.writer.finish(after)
+        except BaseException:
+            if st is not None:
+                st.writer.abort()
+            raise
+        finally:
+            if st is not None:
+                st.close()
+        res.take_replica(rep.figures())
+    if opts.verify and not opts.dry_run:
+        res.verified = verify_local(s, dst, opts)
+        if not res.verified:
+            raise ImageError(f"{dst}: verification failed: it differs from {src}")
     res.seconds = time.monotonic() - t0
     return res
 
