@@ -175,10 +175,14 @@ class ServedExport:
         if self.bitmap:
             h.add_meta_context(f"qemu:dirty-bitmap:{self.bitmap}")
         h.set_export_name(self.name)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            h.connect_unix(self.socket_path)
-        except nbd.Error as e:
-            raise ImageError(f"{self.socket_path}: cannot connect to export {self.name}: {e}") from e
+            s.connect(self.socket_path)  # a leading NUL: an abstract socket, which libnbd cannot name
+            h.connect_socket(s.detach())
+        except (OSError, nbd.Error) as e:
+            s.close()
+            where = self.socket_path.replace("\0", "@")
+            raise ImageError(f"{where}: cannot connect to NBD export {self.name}: {e}") from e
         return h
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""python -m vimgtools.replicate: copy a shut-off guest's disks into a replica directory, one generation a run."""
+"""python -m vimgtools.replicate: copy a guest's disks into a replica directory, one whole generation a run."""
 
 from __future__ import annotations
 
@@ -17,20 +17,31 @@ one replica per disk (vda.img, vdb.img, ... or .qcow2 with --format qcow2) and
 manifest.json (guest, generation, time, consistency, and each disk's target, file,
 source, format, virtual size and dirty bitmap).
 
-GUEST here is a shut-off guest given as its disk images, in the order the guest
-sees them. The first run copies what is allocated; for every qcow2 image a
-persistent dirty bitmap (vimgtools.gen-N) is started before it is read, so the
-next run reads only the extents written since. When that tracking is lost (bitmap
-missing or inconsistent, disk resized, replica changed since), that disk is
-compared in full and the run says why. The manifest of a generation is written
-only after all its disks are durable; older bitmaps of vimgtools are removed only
-then. Running guests (a libvirt domain, qmp:PATH) are not supported yet: an image
-a running QEMU holds is refused.
+GUEST is one of:
+  NAME            a libvirt domain (--connect URI): running, through libvirt's
+                  checkpoints and pull-mode backup, frozen through its guest
+                  agent when it has one; shut off, read as its images
+  qmp:PATH        a running QEMU started without libvirt, through its QMP socket
+                  (-qmp unix:PATH,server=on,wait=off); --agent SOCKET is the host
+                  side of its guest agent's port, for a frozen (application-
+                  consistent) moment
+  IMAGE ...       a shut-off guest, as its disk images in the order it sees them
+
+A running guest is read at one moment for all its disks (one QMP transaction,
+the filesystems frozen through the guest agent when there is one, else crash-
+consistent with a warning) while it goes on running. The first run copies what
+is allocated; for every qcow2 disk a persistent dirty bitmap (vimgtools.gen-N)
+starts no later than that moment, so the next run reads only the extents written
+since. When that tracking is lost (bitmap missing or inconsistent after QEMU was
+killed, disk resized, replica changed since), that disk is compared in full and
+the run says why. The manifest of a generation is written only after all its
+disks are durable; older bitmaps of vimgtools are removed only then.
 """
 
 EPILOG = (
     """\
 examples:
+  python -m vimgtools.replicate --agent /run/qemu/mail.qga qmp:/run/qemu/mail.qmp /srv/dr/mail
   python -m vimgtools.replicate /var/lib/libvirt/images/mail.qcow2 /srv/dr/mail
   python -m vimgtools.replicate --json sys.qcow2 data.qcow2 /srv/dr/files
 
@@ -46,9 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="the guest's disk images, in its order")
+    p.add_argument(
+        "guest",
+        nargs="+",
+        metavar="GUEST",
+        help="a libvirt domain, qmp:PATH, or a shut-off guest's images in its order",
+    )
     p.add_argument("dest", metavar="DEST", help="the replica directory (created if missing)")
-    p.add_argument("--name", help="the guest's name in the manifest (default: the first image's)")
+    p.add_argument(
+        "--name", help="the guest's name in the manifest (default: QEMU's -name, or the first image's)"
+    )
+    p.add_argument(
+        "-c",
+        "--connect",
+        metavar="URI",
+        default="qemu:///system",
+        help="libvirt's URI (default qemu:///system)",
+    )
+    p.add_argument(
+        "--agent", metavar="SOCKET", help="with qmp:PATH: the guest agent's socket, to freeze the guest"
+    )
     p.add_argument(
         "--format", choices=("raw", "qcow2"), default="raw", help="the replicas' format (default raw)"
     )
@@ -69,14 +97,18 @@ def _summary(r: ReplicateResult) -> str:
 
 @_cli.entry("vimgtools.replicate")
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    guest = args.guest if len(args.guest) > 1 else args.guest[0]
+    if args.agent and not (isinstance(guest, str) and guest.startswith("qmp:")):
+        parser.error("--agent applies only to GUEST qmp:PATH")
     _cli.setup_logging(args.verbose, args.quiet)
     stop = threading.Event()
     _cli.install_stop_handlers(stop)
     bar = _cli.progress_bar(args, "replicate")
     try:
         result = replicate(
-            args.images, args.dest, name=args.name, fmt=args.format, dry_run=args.dry_run,
+            guest, args.dest, name=args.name, agent=args.agent, uri=args.connect, fmt=args.format, dry_run=args.dry_run,
             block_size=args.block_size, progress=(lambda t, done, total: bar(done, total)) if bar else None,
             stop=stop,
         )  # fmt: skip

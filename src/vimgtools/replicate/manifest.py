@@ -72,15 +72,19 @@ def load(dest: Path) -> Manifest | None:
 
 
 def save(dest: Path, manifest: Manifest) -> None:
-    path, tmp = dest / MANIFEST, dest / (MANIFEST + ".tmp")
+    write_atomic(dest / MANIFEST, json.dumps(manifest.to_json(), indent=1, sort_keys=True) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, whatever happens (temporary name, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w") as f:
-            json.dump(manifest.to_json(), f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(dest)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise JournalError(f"{path}: cannot write: {describe_os_error(e)}") from e

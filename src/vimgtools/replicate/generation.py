@@ -1,0 +1,238 @@
+"""One run of ``replicate``: generation N of a guest copied into its replica directory.
+
+The same steps for every kind of guest; what differs (how the disks are found, how one
+moment of all of them is taken and read, how tracking is started and dropped) is the
+guest's ``Backend`` (``offline``, ``qmp``, ``libvirt``):
+
+1. the guest's disks, and for each whether the last generation's tracking can be trusted
+   (its bitmap there and consistent, the size unchanged, the replica as that run left it);
+2. one moment of all disks (``Backend.moment``): the next generation's tracking starts no
+   later than it; each disk is read from it through sync's engine, only the extents the
+   last bitmap marked when incremental, in full (comparing) otherwise;
+3. once every disk is durable the manifest of N is committed; only then is older tracking
+   of ours dropped (``Moment.commit``). A run that fails keeps the last generation whole
+   and its tracking: the next run covers both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vimgtools.errors import InvalidInput
+from vimgtools.image import Image
+from vimgtools.replicate import manifest as mf
+from vimgtools.replicate.domain import DOMAIN_XML, clone_xml
+from vimgtools.sync.local import sync_from
+from vimgtools.sync.options import SyncOptions
+
+log = logging.getLogger("vimgtools.replicate")
+
+Progress = Callable[[str, int, int], None]  # (disk target, bytes done, bytes total)
+FORMATS = {"raw": "img", "qcow2": "qcow2"}
+
+
+@dataclass
+class DiskResult:
+    target: str
+    mode: str  # "full" (first run), "incremental", "rescan" (tracking lost: full compare)
+    reason: str | None  # why not incremental
+    bytes_read: int = 0
+    bytes_written: int = 0
+    changed: int = 0
+    bytes_sent: int | None = None  # over ssh (not built yet): None
+
+
+@dataclass
+class ReplicateResult:
+    """``to_dict()`` is the ``--json`` object."""
+
+    guest: str
+    dest: str
+    generation: int
+    consistency: str
+    dry_run: bool
+    freeze_seconds: float = 0.0
+    seconds: float = 0.0
+    disks: list[DiskResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in vars(self).items() if k != "disks"}
+        d["seconds"] = round(self.seconds, 3)
+        d["freeze_seconds"] = round(self.freeze_seconds, 3)
+        d["disks"] = [vars(x) for x in self.disks]
+        return d
+
+
+@dataclass(frozen=True)
+class GuestDisk:
+    """One disk of the guest, as its backend found it before the moment."""
+
+    target: str  # the guest's name for it: vda, vdb, sda ...
+    source: str  # the image file
+    format: str  # the source's format
+    virtual_size: int
+    bitmaps: dict[str, bool] | None  # our bitmaps in it -> consistent; None: its format keeps none
+
+
+class Moment(Protocol):
+    """One point in time of all the guest's disks, readable while the guest goes on."""
+
+    consistency: str  # "offline", "application" (filesystems frozen), "crash"
+    freeze_seconds: float
+    lost: dict[str, str]  # disks whose tracking turned out lost while taking the moment -> why
+
+    def open(self, target: str) -> Image:
+        """The disk at the moment (the exported bitmap's extents ``dirty_in`` when incremental)."""
+        ...
+
+    def commit(self, bitmap: str) -> None:
+        """The generation whose tracking is ``bitmap`` is durable: drop older tracking of ours."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+    uuid: str | None
+
+    def disks(self) -> list[GuestDisk]: ...
+
+    def moment(
+        self, bitmap: str, since: dict[str, str | None], dry_run: bool
+    ) -> contextlib.AbstractContextManager[Moment]:
+        """Take the moment; ``bitmap`` the next generation's tracking (started no later than it),
+        ``since[target]`` the last generation's bitmap to read changes from (None: read in full)."""
+        ...
+
+    def warnings(self) -> list[str]: ...
+
+    def domain_xml(self) -> str | None:
+        """The guest's libvirt definition (inactive), for DEST/domain.xml; None: it has none."""
+        ...
+
+
+def replica_identity(path: Path) -> dict[str, int]:
+    st = os.stat(path)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def decide(prev: mf.Disk | None, disk: GuestDisk, replica: Path) -> tuple[str, str | None]:
+    """Whether this disk can be incremental, and if not, why (said in one line and in --json)."""
+    if prev is None:
+        return "full", "first run"
+    if disk.bitmaps is None:
+        return "rescan", f"a {disk.format} disk keeps no dirty bitmap"
+    if prev.bitmap is None or prev.bitmap not in disk.bitmaps:
+        return "rescan", f"tracking lost: bitmap {prev.bitmap} is missing from {disk.source}"
+    if not disk.bitmaps[prev.bitmap]:
+        return "rescan", f"tracking lost: bitmap {prev.bitmap} is inconsistent (its QEMU was killed?)"
+    if prev.virtual_size != disk.virtual_size:
+        return "rescan", f"the disk was resized ({prev.virtual_size} -> {disk.virtual_size} bytes)"
+    if not replica.exists() or replica_identity(replica) != prev.replica:
+        return "rescan", "the replica changed since the last generation (or is missing)"
+    return "incremental", None
+
+
+def run(
+    backend: Backend,
+    dest: str | os.PathLike[str],
+    *,
+    fmt: str = "raw",
+    dry_run: bool = False,
+    block_size: int = 4096,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> ReplicateResult:
+    """Generation N of ``backend``'s guest into the replica directory ``dest`` (made if missing)."""
+    t0 = time.monotonic()
+    if fmt not in FORMATS:
+        raise InvalidInput(f"{fmt!r}: replicas are raw or qcow2", option="format")
+    dest_path = Path(dest)
+    if not dest_path.is_dir():
+        if not dest_path.parent.is_dir():
+            raise InvalidInput(f"{dest_path}: directory {dest_path.parent} does not exist")
+        if not dry_run:
+            dest_path.mkdir()
+    prev = mf.load(dest_path) if dest_path.is_dir() else None
+    with contextlib.ExitStack() as stack:
+        # A dry run into a DEST still to be made compares against replicas that do not exist yet.
+        where = dest_path if dest_path.is_dir() else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        res = _run(backend, dest_path, where, prev, fmt, dry_run, block_size, progress, stop)
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _run(
+    backend: Backend,
+    dest_path: Path,
+    where: Path,
+    prev: mf.Manifest | None,
+    fmt: str,
+    dry_run: bool,
+    block_size: int,
+    progress: Progress | None,
+    stop: threading.Event | None,
+) -> ReplicateResult:
+    disks = backend.disks()
+    if not disks:
+        raise InvalidInput(f"{backend.name}: the guest has no disks to replicate")
+    generation = (prev.generation if prev else 0) + 1
+    bitmap = f"{mf.BITMAP_PREFIX}{generation}"
+    plans: list[tuple[GuestDisk, Path, str, str | None, mf.Disk | None]] = []
+    for d in disks:
+        old = prev.disk(d.target) if prev else None
+        if old is not None and old.source != d.source:
+            old = None  # another image in this slot now
+        replica = where / f"{d.target}.{FORMATS[fmt]}"
+        mode, reason = decide(old, d, replica)
+        plans.append((d, replica, mode, reason, old))
+    since = {
+        d.target: (old.bitmap if mode == "incremental" and old else None) for d, _, mode, _, old in plans
+    }
+    with backend.moment(bitmap, since, dry_run) as m:
+        res = ReplicateResult(backend.name, str(dest_path), generation, m.consistency, dry_run)
+        res.freeze_seconds = m.freeze_seconds
+        res.warnings = backend.warnings()
+        entries: list[mf.Disk] = []
+        for d, replica, mode, reason, _ in plans:
+            if d.target in m.lost:
+                mode, reason = "rescan", m.lost[d.target]
+            if mode == "rescan":
+                log.warning("%s: %s: %s; comparing in full", backend.name, d.target, reason)
+            opts = SyncOptions(block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True)
+            each = None if progress is None else (lambda done, total, t=d.target: progress(t, done, total))
+            with m.open(d.target) as img:
+                regions = getattr(img, "dirty_in", None) if mode == "incremental" else None
+                r = sync_from(img, replica, opts, progress=each, stop=stop, regions=regions)
+                size = img.size
+            res.disks.append(DiskResult(d.target, mode, reason, r.bytes_read, r.bytes_written, r.changed))
+            log.info(
+                "%s: %s (%s): %s, %d blocks changed, read %d bytes",
+                backend.name, d.target, d.source, mode, r.changed, r.bytes_read,
+            )  # fmt: skip
+            entries.append(
+                mf.Disk(
+                    d.target, replica.name, d.source, fmt, size, bitmap if d.bitmaps is not None else None,
+                    {} if dry_run else replica_identity(replica),
+                )
+            )  # fmt: skip
+        if not dry_run:
+            xml = backend.domain_xml()
+            if xml is not None:  # before the manifest: a committed generation always has its definition
+                replicas = {e.target: (dest_path.resolve() / e.file, fmt) for e in entries}
+                mf.write_atomic(dest_path / DOMAIN_XML, clone_xml(xml, replicas))
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            mf.save(
+                dest_path, mf.Manifest(backend.name, generation, stamp, m.consistency, entries, backend.uuid)
+            )
+            m.commit(bitmap)  # the new generation is durable: older tracking of ours can go
+    return res
