@@ -11,12 +11,13 @@ References: prctl(2) PR_SET_PDEATHSIG.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library Python itself runs on, through dlopen(NULL): ctypes.util.find_library("c") ran
+# `ldconfig -p` in a child process (and imported shutil, tempfile, bz2, lzma) at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(signum: int) -> Callable[[], None]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -34,7 +33,9 @@ QEMU_LOCK_PERM_BASE = 100
 QEMU_PERM_WRITE_BIT = 1  # BLK_PERM_WRITE = 1 << 1
 _QEMU_LOCK_SPAN = 100  # bytes 100..299 cover every permission bit QEMU knows
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library Python itself runs on, through dlopen(NULL): ctypes.util.find_library("c") ran
+# `ldconfig -p` in a child process (and imported shutil, tempfile, bz2, lzma) at every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
@@ -302,6 +303,11 @@ class Image:
 
     def _read_error(self, offset: int, e: OSError) -> ImageError:
         return ImageError(f"{self.path}: read error at offset {offset}: {describe_os_error(e)}")
+
+    def dirty_in(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents of [offset, offset+length) a dirty bitmap marks as written: only a qcow2 has
+        bitmaps (``nbd.NbdImage`` answers); a raw image is refused when opened with one."""
+        raise InvalidInput(f"{self.path}: a raw image has no dirty bitmaps (only qcow2 keeps them)")
 
     def no_readahead(self) -> None:
         """Read exactly what is asked: no kernel readahead on this open file (POSIX_FADV_RANDOM).

@@ -14,7 +14,6 @@ from pathlib import Path
 from vimgtools.errors import ImageRefused, InvalidInput
 from vimgtools.formats import check_format_name, inspect, may_be_formatted
 from vimgtools.image import Image
-from vimgtools.nbd import NbdImage
 
 
 def open_image(
@@ -74,6 +73,10 @@ def open_image(
             return Image(p, write=True)
         return probe
     probe.close()
+    # Loaded only for an image in another format: nbd brings libnbd's bindings, sockets and the
+    # export's machinery, 10-30 ms of every run's start otherwise (raw is the common case).
+    from vimgtools.nbd import NbdImage
+
     return NbdImage(info, write=write, holder=holder, force=force, bitmap=bitmap)
 
 

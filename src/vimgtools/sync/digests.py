@@ -9,7 +9,6 @@ one block of zeros.
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ def digests_of(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.NDAr
     """One 128-bit digest per block: (n, 2) uint64. XXH3-128 seeded, or keyed BLAKE2b."""
     if checksum == "xxh128":
         return hash_blocks(view, bs, "xxh128", int.from_bytes(key[:8], "little"))
+    import hashlib  # here: only --checksum blake2b pays for OpenSSL's start-up (3-4 ms a run)
+
     out = bytearray()
     for i in range(0, len(view), bs):  # hashlib releases the GIL on each block
         out += hashlib.blake2b(view[i : i + bs], digest_size=DIGEST_BYTES, key=key).digest()

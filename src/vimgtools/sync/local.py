@@ -16,7 +16,6 @@ import numpy.typing as npt
 from vimgtools.errors import ImageError, Interrupted
 from vimgtools.image import Image
 from vimgtools.images import open_image
-from vimgtools.nbd import NbdImage
 from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
 from vimgtools.sync.compare import scan
 from vimgtools.sync.digests import hash_chunk
@@ -41,7 +40,7 @@ def sync_local(
     """A local sync. With ``since_bitmap`` (a dirty bitmap of a qcow2 SRC, started when DST last
     equalled SRC) only the extents it marks are read and compared: the rest is known equal."""
     with open_image(src, fmt=opts.src_format, option="src_format", bitmap=since_bitmap) as s:
-        regions = s.dirty_in if isinstance(s, NbdImage) and since_bitmap else None
+        regions = s.dirty_in if since_bitmap else None
         return sync_from(s, dst, opts, progress=progress, stop=stop, regions=regions)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import secrets
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
@@ -86,7 +86,7 @@ def source_from_json(obj: Any, peer: str) -> Source:
 
 def new_session(opts: SyncOptions, start: int, end: int) -> Session:
     # A fresh random key each session: collisions cannot be prepared in advance.
-    return Session(opts.block_size, opts.checksum, secrets.token_bytes(32), start, end, opts.workers)
+    return Session(opts.block_size, opts.checksum, os.urandom(32), start, end, opts.workers)
 
 
 def sync_remote(

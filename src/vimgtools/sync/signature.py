@@ -15,7 +15,6 @@ the content a delta applies to. It depends on the block size (in the header) and
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import time
 from collections.abc import Callable
@@ -159,7 +158,7 @@ def write_signature(
     """
     check_block_size(block_size)
     check_checksum(checksum)
-    key = secrets.token_bytes(32)
+    key = os.urandom(32)
     with open_image(image, fmt=fmt, option="src_format") as img:
         w = None
         if not dry_run:

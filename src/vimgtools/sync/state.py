@@ -11,7 +11,7 @@ replaced device is detected: there the state relies on the admin.
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +34,7 @@ class StateRun:
         self.path = Path(path)
         self.old: Signature | None = None
         self.note = "none yet"
-        key = secrets.token_bytes(32)
+        key = os.urandom(32)
         if self.path.exists():
             try:
                 old = Signature(self.path, STATE_MAGIC)
