@@ -279,9 +279,7 @@ class QmpGuest:
             if f.why_not:
                 self._warnings.append(f"the moment is crash-consistent only: {f.why_not}")
                 log.warning("%s: warning: the moment is crash-consistent only: %s", self.name, f.why_not)
-            self.qmp(
-                "nbd-server-start", addr={"type": "unix", "data": {"path": socket_name, "abstract": True}}
-            )
+            self._start_server(socket_name)
             m.server = True
             for d in self._disks:
                 args: dict[str, Any] = {"node-name": SCRATCH + d.target}
@@ -293,6 +291,23 @@ class QmpGuest:
             yield m
         finally:
             m.end()
+
+    def _start_server(self, socket_name: str) -> None:
+        addr = {"type": "unix", "data": {"path": socket_name, "abstract": True}}
+        try:
+            self.qmp("nbd-server-start", addr=addr)
+        except QmpError as e:
+            if "already running" not in str(e):
+                raise
+            others = [x["id"] for x in self.qmp("query-block-exports")]
+            if others:
+                raise QmpError(
+                    f"{self.qmp.path}: QEMU's NBD server is in use by someone else (exports {', '.join(others)})"
+                ) from None
+            # One without exports: ours, left by a killed run (QEMU cannot say whose it is).
+            log.info("%s: stopping the NBD server a killed run left", self.name)
+            self.qmp("nbd-server-stop")
+            self.qmp("nbd-server-start", addr=addr)
 
     def _scratch(self, d: _Disk) -> None:
         """A scratch qcow2 for the disk's overwritten blocks, opened by QEMU then unlinked."""
