@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-venv \
 	python3-guestfs libguestfs-tools python3-libnbd linux-image-amd64 qemu-system-x86 qemu-utils \
 	debootstrap openssh-server openssh-client rsync initramfs-tools-core zstd kmod util-linux \
-	e2fsprogs fuse3 time ovmf
+	e2fsprogs fuse3 time ovmf libvirt-daemon-system libvirt-clients python3-libvirt
 # Nested KVM hangs on our build machines: tests use TCG (users' hosts get KVM).
 TEST_ENV := LIBGUESTFS_BACKEND_SETTINGS=$${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 PYTEST_ARGS ?=

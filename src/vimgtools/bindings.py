@@ -1,9 +1,9 @@
-"""Find the system's Python bindings of C libraries (libnbd; libguestfs through ``guest.bindings``) from a venv.
+"""Find the system's Python bindings of C libraries (libnbd, libvirt; libguestfs through ``guest.bindings``) from a venv.
 
 Distributions install such bindings (a ``NAME.py`` and its C module) for their own
 interpreter only, e.g. Debian's ``/usr/lib/python3/dist-packages``. A venv made from
 another build of the same Python minor version can load that C module as it is (same
-ABI tag), so exactly these two modules are loaded from the system directory, without
+ABI tag), so exactly these modules are loaded from the system directory, without
 putting the rest of the system's packages on ``sys.path``.
 """
 
@@ -28,6 +28,11 @@ NBD_MISSING = (
     "Debian/Ubuntu `apt-get install python3-libnbd`, Fedora/RHEL `dnf install python3-libnbd`"
 )
 
+LIBVIRT_MISSING = (
+    "libvirt Python bindings for Python {ver} are not installed: "
+    "Debian/Ubuntu `apt-get install python3-libvirt`, Fedora/RHEL `dnf install python3-libvirt`"
+)
+
 
 class BindingsMissing(ImportError):
     """The bindings are not installed for this Python (the message names the package)."""
@@ -47,10 +52,11 @@ def _load(name: str, path: Path) -> ModuleType:
 
 
 def find_system_module(
-    py_name: str, c_name: str, dirs: tuple[str, ...] = SYSTEM_DIRS
+    py_name: str, c_name: str, dirs: tuple[str, ...] | None = None
 ) -> tuple[Path, Path] | None:
-    """The system's ``py_name.py`` and a ``c_name`` C module this interpreter can load."""
-    for d in map(Path, dirs):
+    """The system's ``py_name.py`` and a ``c_name`` C module this interpreter can load (``dirs``:
+    default ``SYSTEM_DIRS``, read at call time so that tests can point it elsewhere)."""
+    for d in map(Path, SYSTEM_DIRS if dirs is None else dirs):
         py = d / f"{py_name}.py"
         if not py.is_file():
             continue
@@ -62,7 +68,7 @@ def find_system_module(
 
 
 def load_system_module(
-    py_name: str, c_name: str, missing: str, *, label: str = "", dirs: tuple[str, ...] = SYSTEM_DIRS
+    py_name: str, c_name: str, missing: str, *, label: str = "", dirs: tuple[str, ...] | None = None
 ) -> ModuleType:
     """Import ``py_name`` from this interpreter's path, else from the system's directories.
 
@@ -88,3 +94,17 @@ def load_system_module(
 def load_nbd() -> ModuleType:
     """libnbd's ``nbd`` module (Debian's python3-libnbd)."""
     return load_system_module("nbd", "libnbdmod", NBD_MISSING)
+
+
+def load_libvirt() -> ModuleType:
+    """libvirt's ``libvirt`` module (Debian's python3-libvirt)."""
+    return load_system_module("libvirt", "libvirtmod", LIBVIRT_MISSING)
+
+
+def load_libvirt_qemu() -> ModuleType:
+    """libvirt's ``libvirt_qemu`` module (QEMU-only calls: the guest agent, the monitor), same package.
+
+    It imports ``libvirt`` itself, so that one is loaded first.
+    """
+    load_libvirt()
+    return load_system_module("libvirt_qemu", "libvirtmod_qemu", LIBVIRT_MISSING)
