@@ -147,13 +147,17 @@ def choose_root(gi: Guest, wanted: str | None) -> str:
     return real[0]
 
 
-def collect_facts(gi: Guest, root: str, *, extra_files: Iterable[str] = ()) -> GuestFacts:
+def collect_facts(
+    gi: Guest, root: str, *, extra_files: Iterable[str] = (), mountpoints: dict[str, str] | None = None
+) -> GuestFacts:
     """Read everything the plan needs; ``root`` must be mounted (``Guest.mount_root``).
 
     Args:
         extra_files: more text files to read into ``files`` besides ``CONFIG_FILES`` (absent: left out).
+        mountpoints: the guest's mountpoints as mounted (``Guest.mount_view``); default: as
+            libguestfs's inspection maps the guest's fstab.
     """
-    mps: dict[str, str] = gi.inspect_get_mountpoints(root)
+    mps: dict[str, str] = dict(mountpoints) if mountpoints is not None else gi.inspect_get_mountpoints(root)
     fs_types: dict[str, str] = {}
     for mp, dev in mps.items():
         try:
@@ -188,9 +192,18 @@ def collect_facts(gi: Guest, root: str, *, extra_files: Iterable[str] = ()) -> G
             selinux = m.group(1).lower()
     device = _whole_device(mps.get("/boot") or mps["/"])
     sector: bytes = gi.pread_device(device, 512, 0)
+    arch = gi.inspect_get_arch(root)
+    if arch == "unknown":
+        # /usr on another disk (a shared system disk): inspection of the root alone finds no binary.
+        for exe in ("/bin/sh", "/usr/bin/ls", "/bin/ls"):
+            try:
+                arch = gi.file_architecture(gi.realpath(exe))
+                break
+            except GuestError:
+                continue
     return GuestFacts(
         root=root,
-        arch=gi.inspect_get_arch(root),
+        arch=arch,
         distro=gi.inspect_get_distro(root),
         product=gi.inspect_get_product_name(root),
         mountpoints=dict(mps),

@@ -146,6 +146,10 @@ class FakeGuest:
     def remount(self) -> None:
         self.remounts += 1
 
+    def mount_view(self, mountpoints: dict[str, str]) -> None:
+        self.mountpoints = dict(mountpoints)
+        self.mounted = [dev for _mp, dev in sorted(self.mountpoints.items())]
+
     def close(self, *, commit: bool = True) -> None:
         self.closed = commit
 
@@ -153,6 +157,10 @@ class FakeGuest:
         return dict(self.mountpoints)
 
     def inspect_get_arch(self, root: str) -> str:
+        return self.arch
+
+    def file_architecture(self, path: str) -> str:
+        self._need(path)
         return self.arch
 
     def inspect_get_distro(self, root: str) -> str:

@@ -50,6 +50,8 @@ class GuestImage:
         self.fmt = fmt
         self.mounts: list[tuple[str, str]] = []  # (device, mountpoint) in mount order
         self.launch_seconds = 0.0
+        self._filesystems: dict[str, str] | None = None
+        self._ids: dict[tuple[str, str], str] = {}
         try:
             self._g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
         except RuntimeError as e:
@@ -116,6 +118,18 @@ class GuestImage:
                 continue
             self.mounts.append((dev, mp))
 
+    def mount_view(self, mountpoints: dict[str, str]) -> None:
+        """Unmount everything, then mount ``mountpoints`` (guest mountpoint -> device), shortest first.
+
+        One guest's view when several guests' disks are in the appliance (a shared system disk):
+        ``remount`` and ``close`` then work on this view.
+        """
+        self._call("umount_all")
+        self.mounts = []
+        for mp, dev in sorted(mountpoints.items(), key=lambda kv: (len(kv[0]), kv[0])):
+            self._call("mount", dev, mp)
+            self.mounts.append((dev, mp))
+
     def remount(self) -> None:
         """Unmount everything and mount it again, dropping caches: later reads come from the disk."""
         self._call("sync")
@@ -160,6 +174,9 @@ class GuestImage:
     def inspect_get_arch(self, root: str) -> str:
         return str(self._call("inspect_get_arch", root))
 
+    def file_architecture(self, path: str) -> str:
+        return str(self._call("file_architecture", path))
+
     def inspect_get_distro(self, root: str) -> str:
         return str(self._call("inspect_get_distro", root))
 
@@ -185,14 +202,27 @@ class GuestImage:
         return out
 
     def list_filesystems(self) -> dict[str, str]:
-        out: dict[str, str] = self._call("list_filesystems")
-        return out
+        """Every filesystem of the appliance's disks, asked once per launch.
+
+        libguestfs probes every device (15-25 s with three disks under TCG); rekernel creates no
+        filesystem, so the answer does not change during a run.
+        """
+        if self._filesystems is None:
+            self._filesystems = dict(self._call("list_filesystems"))
+        return dict(self._filesystems)
 
     def vfs_uuid(self, device: str) -> str:
-        return str(self._call("vfs_uuid", device))
+        return self._fs_id("vfs_uuid", device)
 
     def vfs_label(self, device: str) -> str:
-        return str(self._call("vfs_label", device))
+        return self._fs_id("vfs_label", device)
+
+    def _fs_id(self, op: str, device: str) -> str:
+        # Asked once per filesystem and launch, as list_filesystems: rekernel changes no UUID or label.
+        key = (op, device)
+        if key not in self._ids:
+            self._ids[key] = str(self._call(op, device))
+        return self._ids[key]
 
     def find(self, directory: str) -> list[str]:
         out: list[str] = self._call("find", directory)

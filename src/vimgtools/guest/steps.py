@@ -126,4 +126,28 @@ class SetDefault:
         return f"{self.loader}: make {self.version} the default entry"
 
 
-Step = Mkdir | Upload | InstallModules | Move | RemoveDir | Remove | Symlink | Write | RunCommand | SetDefault
+@dataclass(frozen=True)
+class MountView:
+    """Mount one guest's view of the disks (a shared system disk: every guest in turn)."""
+
+    guest: str  # the guest's root disk image, for messages
+    mountpoints: tuple[tuple[str, str], ...]  # (mountpoint, appliance device)
+
+    def describe(self) -> str:
+        mounts = ", ".join(f"{mp} {dev}" for mp, dev in self.mountpoints)
+        return f"mount the view of {self.guest}: {mounts}"
+
+
+Step = (
+    MountView
+    | Mkdir
+    | Upload
+    | InstallModules
+    | Move
+    | RemoveDir
+    | Remove
+    | Symlink
+    | Write
+    | RunCommand
+    | SetDefault
+)

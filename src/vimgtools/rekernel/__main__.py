@@ -37,6 +37,15 @@ hvc0/xvc0 console tty0 + ttyS0 in every command line, virtio drivers go into the
 NIC keeps its name, boot code is written where pygrub needed none. Without --from the guest keeps
 its own kernel. Several DISKs are one guest's disks in the order it sees them: one appliance, an
 overlay each, committed all or none.
+
+A shared system disk (DISK --guest ROOT [--guest ROOT ...]): DISK is every guest's /boot and /usr,
+each ROOT a guest's own root disk (each guest sees its ROOT first, DISK second). The kernel, its
+modules and BOOTDIR's initramfs (required: generic, carrying the disk and filesystem drivers of
+every guest's / and /usr) go on DISK once; /usr/lib/modules on the shared /usr becomes the link to
+/boot/modules, resolved in each guest at boot (/usr mounted by the initramfs, /boot by its fstab,
+vimgtools-boot-modules.service loading what udev missed before), and checked in each guest's view.
+Each guest's own files (fstab, console, NIC) change on its ROOT; the shared command line names the
+root by position (root=/dev/vda1). One appliance, every disk committed all or none.
 """
 
 EPILOG = (
@@ -48,6 +57,7 @@ examples:
   python -m vimgtools.rekernel --rollback guest.img
   python -m vimgtools.rekernel --target kvm --dry-run xen-guest.img      # moved off Xen: retarget only
   python -m vimgtools.rekernel xen-root.img xen-srv.img --from ./boot    # two disks, kernel + retarget
+  python -m vimgtools.rekernel -n system.img --from ./boot --guest web.img --guest db.img  # shared disk
 
 """
     + _cli.EXIT_CODES_HELP
@@ -69,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "all raw, committed all or none)",
     )
     p.add_argument("--from", dest="source", metavar="BOOTDIR", help="directory with the new kernel")
+    p.add_argument(
+        "--guest",
+        dest="guests",
+        action="append",
+        default=[],
+        metavar="ROOT",
+        help="DISK is a shared system disk (every guest's /boot and /usr) and ROOT one guest's root disk; "
+        "repeat for every guest. Needs --from with an initramfs; all raw, committed all or none",
+    )
     p.add_argument(
         "--format", dest="fmt", metavar="FMT", help="DISK's format (default: probed; raw, qcow2, ...)"
     )
@@ -141,6 +160,8 @@ def _run(args: argparse.Namespace) -> Result:
     from vimgtools.rekernel import rekernel, rollback
 
     disk = args.disk[0] if len(args.disk) == 1 else args.disk
+    if args.guests:
+        return _run_shared(args)
     if args.rollback:
         if len(args.disk) > 1:
             raise InvalidInput("--rollback takes one DISK")
@@ -185,6 +206,41 @@ def _run(args: argparse.Namespace) -> Result:
     )
 
 
+def _run_shared(args: argparse.Namespace) -> Result:
+    from vimgtools.rekernel.shared import rekernel_shared
+
+    if len(args.disk) != 1:
+        raise InvalidInput("--guest takes one DISK, the shared system disk")
+    if not args.source:
+        raise InvalidInput("--guest needs --from BOOTDIR (the kernel for every guest)")
+    bad = [
+        opt
+        for opt, given in (
+            ("--rollback", args.rollback),
+            ("--boot-check", args.boot_check),
+            ("--initramfs", args.initramfs),
+            ("--root", args.root),
+            ("--map", args.maps),
+            ("--regenerate-initramfs", args.regen),
+        )
+        if given
+    ]
+    if bad:
+        raise InvalidInput(f"--guest: {', '.join(bad)} not supported with a shared system disk")
+    if args.fmt not in (None, "raw"):
+        raise InvalidInput("--guest: the disks are committed together only when raw")
+    return rekernel_shared(
+        args.disk[0],
+        args.source,
+        args.guests,
+        version=args.kversion,
+        target=args.target,
+        force=args.force,
+        dry_run=args.dry_run,
+        workdir=args.workdir,
+    )
+
+
 @_cli.entry("vimgtools.rekernel")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -211,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         ver = (
             result.plan.version if result.plan else (result.verified.get("default_entry") or {}).get("kernel")
         )
+        names = " ".join([*args.disk, *args.guests])
         print(
-            f"{result.action} {what}: {' '.join(args.disk)} now boots {ver} by default; "
+            f"{result.action} {what}: {names} now boots {ver} by default; "
             f"{result.bytes_committed} bytes committed; appliance launch {s.get('launch', 0):.1f} s, "
             f"total {s.get('total', 0):.1f} s"
         )

@@ -23,6 +23,7 @@ from vimgtools.guest.protocol import Guest
 from vimgtools.guest.steps import (
     InstallModules,
     Mkdir,
+    MountView,
     Move,
     Remove,
     RemoveDir,
@@ -107,6 +108,8 @@ def run_step(gi: Guest, facts: GuestFacts, loader: Bootloader, step: Step) -> No
                     log.warning("%s failed (try %d of %d), trying again: %s", argv[0], attempt, attempts, e)
         case SetDefault(_name, version):
             loader.set_default(gi, facts, version)
+        case MountView(_guest, mountpoints):
+            gi.mount_view(dict(mountpoints))
         case _:
             raise TypeError(f"unknown step {step!r}")
 

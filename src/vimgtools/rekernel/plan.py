@@ -141,6 +141,17 @@ class Plan:
     initramfs_modules: tuple[str, ...] = ()  # drivers the initramfs must carry (modules, not built in)
     retarget: dict[str, Any] = field(default_factory=dict)  # Xen -> KVM: inventory, rewrites (rekernel.xen)
     disks: dict[str, str] = field(default_factory=dict)  # several DISKs: /dev/sda -> the first DISK, ...
+    # A shared system disk (rekernel.shared): the DISK each step lands on, decided with the guest view
+    # it runs in (steps run in several guests' views, so a step alone does not say), and the run's
+    # shared-disk facts (the guests, where /lib/modules resolves in each, the command line's root=).
+    step_disks: tuple[str | None, ...] = ()
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def where(self, index: int, step: Step) -> str | None:
+        """Which DISK the step at ``index`` (from 0) of ``steps`` changes (several DISKs only)."""
+        if self.step_disks:
+            return self.step_disks[index]
+        return self.disk_of(step)
 
     def disk_of(self, step: Step) -> str | None:
         """Which DISK a step changes (several DISKs only): by the mountpoint its path is under."""
@@ -202,18 +213,18 @@ class Plan:
             lines.append(f"    [{mark}] {c.name}: {c.message}")
         lines.append("  steps:")
         for i, s in enumerate(self.steps, 1):
-            where = self.disk_of(s)
+            where = self.where(i - 1, s)
             lines.append(f"    {i:2}. {s.describe()}" + (f"  [on {where}]" if where else ""))
             if diffs and isinstance(s, Write) and s.old is not None:
                 lines.extend("        " + d for d in s.diff().splitlines())
         return "\n".join(lines)
 
-    def _step_dict(self, s: Step) -> dict[str, Any]:
+    def _step_dict(self, index: int, s: Step) -> dict[str, Any]:
         out: dict[str, Any] = {"op": type(s).__name__, "describe": s.describe()}
         if isinstance(s, Write) and s.old is not None:
             out["diff"] = s.diff()
         if len(self.disks) > 1:
-            out["disk"] = self.disk_of(s)
+            out["disk"] = self.where(index, s)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,11 +239,12 @@ class Plan:
                 "initramfs": self.initramfs,
                 "initramfs_modules": list(self.initramfs_modules),
                 "checks": [c.to_dict() for c in self.checks],
-                "steps": [self._step_dict(s) for s in self.steps],
+                "steps": [self._step_dict(i, s) for i, s in enumerate(self.steps)],
                 "facts": self.facts,
             }
             | ({"retarget": self.retarget} if self.retarget else {})
             | ({"disks": self.disks} if self.disks else {})
+            | ({"shared": self.shared} if self.shared else {})
         )
 
 

@@ -159,6 +159,61 @@ def _since(t0: float) -> float:
 
 
 @contextmanager
+def disks_session(
+    disks: Sequence[Path],
+    result: Result,
+    *,
+    fmt: str | None = None,
+    workdir: Path | None = None,
+    open_guest: Callable[[Path | list[Path]], Guest] | None = None,
+    before_commit: Callable[[Path], None] | None = None,
+) -> Iterator[Guest]:
+    """The lifecycle under every run: locks, work overlays, one appliance on them; commit or discard.
+
+    Yields the launched guest (nothing mounted). When the body returns, the appliance is shut down
+    (flushing the overlays) and, unless ``result.dry_run``, the overlays are committed: one DISK
+    through its journal, several all or none (``commit_all``). When anything raises, the overlays
+    are thrown away and a VimgError carries ``result`` as ``error.result``.
+    """
+    result.disks = [str(d) for d in disks]
+    works: list[Work] = []
+    try:
+        try:
+            for d in disks:
+                works.append(Work(d, fmt, workdir))
+            if len(works) > 1 and any(w.fmt != "raw" for w in works):
+                bad = ", ".join(f"{w.disk} ({w.fmt})" for w in works if w.fmt != "raw")
+                raise InvalidInput(f"several disks are committed together only when raw: {bad}")
+            work = works[0]
+            overlays = [w.overlay for w in works]
+            guest = (open_guest or open_image)(work.overlay if len(works) == 1 else overlays)
+            ok = False
+            try:
+                result.seconds["launch"] = round(guest.launch_seconds, 2)
+                yield guest
+                ok = True
+            finally:
+                t1 = time.monotonic()
+                guest.close(commit=ok)
+                result.seconds["shutdown"] = _since(t1)
+            if before_commit is not None:
+                t3 = time.monotonic()
+                before_commit(work.overlay)
+                result.seconds["boot_check"] = _since(t3)
+            if not result.dry_run:
+                t2 = time.monotonic()
+                result.bytes_committed = commit_all(works)
+                result.committed = True
+                result.seconds["commit"] = _since(t2)
+        finally:
+            for w in works:
+                w.close()
+    except VimgError as e:
+        e.result = result  # for --json: what was decided and done before it failed
+        raise
+
+
+@contextmanager
 def guest_session(
     disk: Path | Sequence[Path],
     result: Result,
@@ -190,45 +245,13 @@ def guest_session(
         unless the commit itself failed (then as ``commit_overlay`` documents).
     """
     disks = [disk] if isinstance(disk, Path) else list(disk)
-    result.disks = [str(d) for d in disks]
-    works: list[Work] = []
-    try:
-        try:
-            for d in disks:
-                works.append(Work(d, fmt, workdir))
-            if len(works) > 1 and any(w.fmt != "raw" for w in works):
-                bad = ", ".join(f"{w.disk} ({w.fmt})" for w in works if w.fmt != "raw")
-                raise InvalidInput(f"several disks are committed together only when raw: {bad}")
-            work = works[0]
-            overlays = [w.overlay for w in works]
-            guest = (open_guest or open_image)(work.overlay if len(works) == 1 else overlays)
-            ok = False
-            try:
-                result.seconds["launch"] = round(guest.launch_seconds, 2)
-                t0 = time.monotonic()
-                chosen = choose_root(guest, root)
-                guest.mount_root(chosen)
-                facts = collect_facts(guest, chosen, extra_files=extra_files)
-                loader = detect(facts)
-                result.seconds["inspect"] = _since(t0)
-                yield Session(guest, facts, loader)
-                ok = True
-            finally:
-                t1 = time.monotonic()
-                guest.close(commit=ok)
-                result.seconds["shutdown"] = _since(t1)
-            if before_commit is not None:
-                t3 = time.monotonic()
-                before_commit(work.overlay)
-                result.seconds["boot_check"] = _since(t3)
-            if not result.dry_run:
-                t2 = time.monotonic()
-                result.bytes_committed = commit_all(works)
-                result.committed = True
-                result.seconds["commit"] = _since(t2)
-        finally:
-            for w in works:
-                w.close()
-    except VimgError as e:
-        e.result = result  # for --json: what was decided and done before it failed
-        raise
+    with disks_session(
+        disks, result, fmt=fmt, workdir=workdir, open_guest=open_guest, before_commit=before_commit
+    ) as guest:
+        t0 = time.monotonic()
+        chosen = choose_root(guest, root)
+        guest.mount_root(chosen)
+        facts = collect_facts(guest, chosen, extra_files=extra_files)
+        loader = detect(facts)
+        result.seconds["inspect"] = _since(t0)
+        yield Session(guest, facts, loader)

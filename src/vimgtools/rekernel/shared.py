@@ -1,0 +1,638 @@
+"""A shared system disk: one kernel, its modules and a generic initramfs on SYSTEM for every guest.
+
+``rekernel SYSTEM --from BOOTDIR --guest ROOT1 --guest ROOT2``: guests each with a root disk of its
+own that all mount ``/boot`` and ``/usr`` from one shared, read-only SYSTEM disk (as guests on a
+Xen host often did). One appliance on every disk (SYSTEM is ``/dev/sda``, then each ROOT), an
+overlay each, committed all or none (``rekernel.group``). Each guest sees its own ROOT first and
+SYSTEM second (``xvda``/``vda``, ``xvdb``/``vdb``); its *view* — its root, and what its fstab mounts
+from either disk — is mounted in turn by ``MountView`` steps, and every step of the plan names the
+disk it lands on.
+
+What goes where:
+
+- on SYSTEM, once (run in the first guest's view): the kernel files and the supplied initramfs in
+  ``/boot``, the modules in ``/boot/modules/VER``, ``/usr/lib/modules`` (the shared ``/usr``) made a
+  symlink to ``/boot/modules`` (the old trees moved there first), the loader's entry, whose command
+  line serves every guest (Xen names become positional: ``root=/dev/xvda1`` -> ``root=/dev/vda1``,
+  each guest's own first disk; ``console=hvc0`` -> tty0 + ttyS0), the state file;
+- on each ROOT: that guest's own files: the Xen -> KVM edits (fstab by ``UUID=``, the Xen console's
+  getty, the initramfs module lists, the NIC's ``.link``), and the unit that loads the drivers udev
+  missed while ``/boot`` (which holds ``/lib/modules``) was not mounted.
+
+The modules link. With usrmerge ``/lib`` is ``usr/lib`` on each guest's root, so ``/lib/modules`` is
+``/usr/lib/modules`` on the shared ``/usr``: the link lives there, once, for every guest. It is
+absolute (``/boot/modules``), so each guest resolves it in its own mount namespace: ``/usr`` is
+mounted by the initramfs (initramfs-tools mounts ``/usr`` from the root's fstab before switching
+root), ``/boot`` by systemd from the guest's fstab; the drivers needed before that (disk and
+filesystem drivers of ``/`` and ``/usr``) are in the initramfs under its own ``/lib/modules``, and
+``vimgtools-boot-modules.service`` on each guest's root loads what udev coldplug wanted before
+``/boot`` was mounted. Checked per guest before any change (``/boot`` and ``/usr`` in its fstab are
+SYSTEM's filesystems, ``/lib/modules`` resolves to the shared ``/usr/lib/modules`` or already to
+``/boot/modules``; a guest with a ``/lib/modules`` of its own is refused) and after, re-reading each
+guest's view (``/lib/modules/VER`` resolves to ``/boot/modules/VER`` with ``modules.dep``, the unit
+is there, the default entry boots VER with a ``root=`` that names that guest's root).
+
+Only a supplied initramfs (in BOOTDIR) is taken: it must be generic (not initramfs-tools
+``MODULES=dep``) and carry the disk drivers and the filesystem drivers of every guest's ``/`` and
+``/usr``. GRUB 2 on the shared ``/boot`` is refused: ``update-grub`` writes the ``root=UUID=`` of the
+guest it runs in. extlinux and GRUB legacy configurations are edited directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vimgtools.boot import Bootloader, detect
+from vimgtools.errors import BootloaderError, GuestError, InvalidInput
+from vimgtools.guest.facts import GuestFacts, collect_facts
+from vimgtools.guest.inventory import Filesystem, Inventory, collect_inventory, read_filesystems
+from vimgtools.guest.protocol import Guest
+from vimgtools.guest.steps import MountView, RunCommand, Step, Write
+from vimgtools.kernel import Kernel, find_kernel, initramfs_has, initramfs_texts, list_initramfs
+from vimgtools.rekernel.apply import apply_plan, verify
+from vimgtools.rekernel.plan import (
+    BOOT_MODULES_UNIT_NAME,
+    DISK_DRIVERS,
+    FS_DRIVERS,
+    MODULES_HOME,
+    STATE_FILE,
+    Check,
+    Options,
+    Plan,
+    plan_rekernel,
+    version_of,
+)
+from vimgtools.rekernel.retargeting import as_disks, disk_map, verify_retarget
+from vimgtools.rekernel.session import Result, disks_session
+from vimgtools.rekernel.xen import (
+    CMDLINE_FILES,
+    XVD,
+    Resolver,
+    RetargetOptions,
+    edit_cmdline_file,
+    plan_xen,
+)
+
+log = logging.getLogger("vimgtools.rekernel")
+
+SYSTEM_DEV = "/dev/sda"  # SYSTEM is the appliance's first disk, the guests' ROOTs follow
+MODULES_LINK = "/usr/lib/modules"
+SKIP_FS = frozenset({"swap", "proc", "sysfs", "tmpfs", "devpts", "devtmpfs", "nfs", "nfs4", "cifs", "none"})
+UNIT = f"/etc/systemd/system/{BOOT_MODULES_UNIT_NAME}"
+UNIT_WANTS = f"/etc/systemd/system/sysinit.target.wants/{BOOT_MODULES_UNIT_NAME}"
+
+
+@dataclass(frozen=True)
+class View:
+    """How one guest sees the disks: its root, its mounts, its disk names."""
+
+    guest: str  # the guest's ROOT image, as given
+    disk: str  # the appliance's name for it (/dev/sdb, ...)
+    root: str  # the appliance device of its root filesystem
+    mountpoints: dict[str, str]  # guest mountpoint -> appliance device
+    maps: tuple[tuple[str, str], ...]  # the guest's disk names -> appliance disks
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.guest)
+
+
+@dataclass(frozen=True)
+class GuestState:
+    """One guest as read in its view, before any change."""
+
+    view: View
+    facts: GuestFacts
+    inv: Inventory
+
+
+def guest_maps(disk: str) -> tuple[tuple[str, str], ...]:
+    """A guest's own disk names: its ROOT first (xvda, vda), SYSTEM second (xvdb, vdb)."""
+    return (("/dev/xvda", disk), ("/dev/xvdb", SYSTEM_DEV), ("/dev/vda", disk), ("/dev/vdb", SYSTEM_DEV))
+
+
+def whole_disk(dev: str) -> str:
+    m = re.match(r"(/dev/[shv]d[a-z]+)\d*$", dev) or re.match(r"(/dev/nvme\d+n\d+)(p\d+)?$", dev)
+    return m.group(1) if m else dev
+
+
+def resolve_spec(
+    spec: str, maps: tuple[tuple[str, str], ...], filesystems: dict[str, Filesystem], disks: set[str]
+) -> str | None:
+    """The appliance device an fstab or ``root=`` spec names in one guest's view (its ``disks``), or None.
+
+    ``UUID=`` and ``LABEL=`` must name exactly one filesystem on the guest's own disks; a device name
+    is one of the guest's disk names (``maps``) plus a partition number.
+    """
+    mine = [f for f in filesystems.values() if whole_disk(f.device) in disks]
+    for key, attr in (("UUID=", "uuid"), ("LABEL=", "label")):
+        if spec.startswith(key):
+            want = spec[len(key) :].strip("\"'")
+            found = [f for f in mine if getattr(f, attr) and getattr(f, attr).lower() == want.lower()]
+            return found[0].device if len(found) == 1 else None
+    for old, new in sorted(maps, key=lambda m: -len(m[0])):
+        if spec == old or (spec.startswith(old) and re.fullmatch(r"p?\d+", spec[len(old) :])):
+            dev = new + spec[len(old) :].lstrip("p")
+            return dev if dev in filesystems else None
+    return None
+
+
+def find_view(gi: Guest, roots: list[str], guest: str, disk: str, filesystems: dict[str, Filesystem]) -> View:
+    """Find the guest's root on its disk and what its fstab mounts (the guest is left mounted at /).
+
+    Raises:
+        InvalidInput: no root or several on the guest's disk, no fstab, or an fstab entry that names
+            no filesystem on the guest's disks (not ``nofail``/``noauto``); the message names the image.
+    """
+    mine = [r for r in roots if whole_disk(r) == disk]
+    if not mine:
+        raise InvalidInput(f"{guest}: no operating system found on it (no root filesystem with /etc)")
+    if len(mine) > 1:
+        raise InvalidInput(f"{guest}: several systems on it ({', '.join(mine)}): one root per guest disk")
+    root = mine[0]
+    maps = guest_maps(disk)
+    gi.mount_view({"/": root})
+    fstab = gi.text("/etc/fstab")
+    if fstab is None:
+        raise InvalidInput(f"{guest}: {root} has no /etc/fstab")
+    mps = {"/": root}
+    for line in fstab.splitlines():
+        w = line.split()
+        if not w or w[0].startswith("#") or len(w) < 3:
+            continue
+        spec, mp, fstype = w[0], w[1], w[2]
+        opts = w[3].split(",") if len(w) > 3 else []
+        if mp == "/" or not mp.startswith("/") or fstype in SKIP_FS:
+            continue
+        dev = resolve_spec(spec, maps, filesystems, {disk, SYSTEM_DEV})
+        if dev is None:
+            if "nofail" in opts or "noauto" in opts:
+                continue
+            raise InvalidInput(
+                f"{guest}: /etc/fstab: {spec} ({mp}) names no filesystem on {guest} or the system disk"
+            )
+        mps[mp] = dev
+    return View(guest, disk, root, mps, maps)
+
+
+class PositionalResolver(Resolver):
+    """Xen disk names in a command line every guest shares: ``/dev/xvdXN`` -> ``/dev/vdXN``.
+
+    A ``UUID=`` names one guest's root only; the guest's own first disk is ``vda`` in each of them.
+    """
+
+    def device(self, name: str) -> str | None:
+        m = XVD.match(name)
+        return f"/dev/vd{m.group(1)}{m.group(2).lstrip('p')}" if m else None
+
+    def resolve(self, spec: str) -> tuple[str | None, str]:
+        dev = self.device(spec)
+        return (dev, "the guest's own disk, by position") if dev else (spec, "kept")
+
+
+def cmdline_roots(files: dict[str, str]) -> list[tuple[str, str]]:
+    """(file, root= value) of every kernel command line in loader configuration files."""
+    out: list[tuple[str, str]] = []
+    for path, text in sorted(files.items()):
+        for line in text.splitlines():
+            if line.lstrip().startswith("#"):
+                continue
+            if re.match(r"\s*(append|kernel|linux\w*|options|GRUB_CMDLINE_LINUX\w*=)", line, re.I):
+                out.extend((path, m.group(1).strip("\"'")) for m in re.finditer(r"\broot=(\S+)", line))
+    return out
+
+
+def _step_disk(step: Step, view: View, disks: dict[str, str]) -> str | None:
+    """The DISK a step run in ``view`` lands on: by the mountpoint of its path (a command: its first
+    absolute path argument, a device argument's disk)."""
+    if isinstance(step, MountView):
+        return None
+    path = next(
+        (getattr(step, a) for a in ("path", "dst", "link") if isinstance(getattr(step, a, None), str)), None
+    )
+    if isinstance(step, RunCommand):
+        args = [a.split("=", 1)[-1] for a in step.argv[1:]]
+        dev = next((a for a in args if a.startswith("/dev/")), None)
+        if dev:
+            return disks.get(whole_disk(dev))
+        path = next((a for a in args if a.startswith("/")), "/")
+    if path is None:
+        return None
+    mps = view.mountpoints
+    mp = max((m for m in mps if path == m or path.startswith(m.rstrip("/") + "/")), key=len, default="/")
+    return disks.get(whole_disk(mps.get(mp, "")))
+
+
+def _per_guest(c: Check, view: View) -> Check:
+    return dataclasses.replace(c, name=f"{c.name}:{view.name}", message=f"{view.guest}: {c.message}")
+
+
+def check_root_specs(
+    roots: list[tuple[str, str]], state: GuestState, filesystems: dict[str, Filesystem], system: str
+) -> Check:
+    """Every ``root=`` of the shared command lines names this guest's own root in its view."""
+    v = state.view
+    if not roots:
+        return Check(f"root:{v.name}", False, f"{v.guest}: no root= in {system}'s loader configuration")
+    bad = []
+    for path, spec in roots:
+        dev = resolve_spec(spec, v.maps, filesystems, {v.disk, SYSTEM_DEV})
+        if dev != v.root:
+            bad.append(f"{path}: root={spec} names {dev or 'nothing'} there, not its root {v.root}")
+    if bad:
+        return Check(
+            f"root:{v.name}",
+            False,
+            f"{v.guest}: " + "; ".join(bad) + " (a command line every guest shares needs root=/dev/vdaN, "
+            "each guest's own first disk, or a LABEL= that every guest's root carries)",
+            refuses_as=InvalidInput,
+        )
+    specs = sorted({s for _p, s in roots})
+    return Check(f"root:{v.name}", True, f"{v.guest}: root={', '.join(specs)} is {v.root}, its root")
+
+
+def plan_shared(
+    states: Sequence[GuestState],
+    kernel: Kernel,
+    loader: Bootloader,
+    *,
+    system: str,
+    disks: dict[str, str],
+    previous: str | None,
+    options: Options,
+    initrd_files: list[str],
+    initrd_texts: dict[str, str],
+) -> tuple[Plan, list[Plan]]:
+    """The checks and steps of a shared-system-disk run, and one plan per guest for its verify (pure).
+
+    Args:
+        states: every guest as read in its view (the first one's view runs SYSTEM's steps).
+        disks: appliance disk -> image (``/dev/sda`` is SYSTEM).
+        initrd_files, initrd_texts: the supplied initramfs, listed and unpacked on the host.
+    """
+    first = states[0]
+    filesystems = first.inv.filesystems
+    checks: list[Check] = []
+    # Each guest must take /boot and /usr from SYSTEM, the same filesystems as the others.
+    for s in states:
+        for mp in ("/boot", "/usr"):
+            dev = s.facts.mountpoints.get(mp)
+            want = first.facts.mountpoints.get(mp)
+            ok = dev is not None and whole_disk(dev) == SYSTEM_DEV and dev == want
+            found = f"{dev} on {disks.get(whole_disk(dev), dev)}" if dev else "not in its fstab"
+            checks.append(
+                Check(
+                    f"shared{mp.replace('/', '-')}:{s.view.name}",
+                    ok,
+                    f"{s.view.guest}: {mp} is {dev} on {system}"
+                    if ok
+                    else f"{s.view.guest}: {mp} is {found}: every guest must mount {mp} from {system}"
+                    + (f" ({want})" if want and whole_disk(want) == SYSTEM_DEV else ""),
+                    refuses_as=InvalidInput,
+                )
+            )
+    # Where /lib/modules resolves in each guest: the shared /usr (one link for all), or /boot/modules.
+    link: dict[str, Any] = {"link": MODULES_LINK, "target": MODULES_HOME, "on": system, "guests": {}}
+    for s in states:
+        path = s.facts.modules_path
+        on = _step_disk(Write(path, ""), s.view, disks)
+        ok = s.facts.modules_on_boot or (path == MODULES_LINK and on == system)
+        link["guests"][s.view.guest] = {"lib_modules": path, "on": on, "usrmerge": s.facts.lib_is_link}
+        checks.append(
+            Check(
+                f"modules-link:{s.view.name}",
+                ok,
+                f"{s.view.guest}: /lib/modules is "
+                + (
+                    f"{path} on {on}: the link {MODULES_LINK} -> {MODULES_HOME} there serves every guest"
+                    if ok
+                    else f"{path} on {on}, the guest's own: with a shared system disk /lib/modules must be "
+                    f"{MODULES_LINK} on the shared /usr (usrmerge) or a link to {MODULES_HOME}"
+                ),
+                refuses_as=InvalidInput,
+            )
+        )
+    if loader.name == "grub2":
+        checks.append(
+            Check(
+                "loader",
+                False,
+                f"{system}: GRUB 2 on the shared /boot: update-grub writes the root=UUID= of the guest it "
+                "runs in, so one grub.cfg cannot boot every guest; use extlinux or GRUB legacy there",
+                refuses_as=BootloaderError,
+            )
+        )
+    # The initramfs: generic, with the drivers of every guest's / and /usr.
+    conf = initrd_texts.get("conf/initramfs.conf", "")
+    m = re.search(r"^\s*MODULES=(\w+)", conf, re.M)
+    mode = m.group(1) if m else None
+    checks.append(
+        Check(
+            "initramfs-generic",
+            mode != "dep",
+            "initramfs-tools MODULES=dep: made host-only, for the drivers of the machine it was made on; "
+            "make it with MODULES=most or a list"
+            if mode == "dep"
+            else f"not host-only ({'MODULES=' + mode if mode else 'no initramfs-tools MODULES='})",
+        )
+    )
+    required: list[str] = []
+    for s in states:
+        wanted = list(DISK_DRIVERS.get(options.target, ()))
+        for mp in ("/", "/usr"):
+            fs = FS_DRIVERS.get(s.facts.fs_types.get(mp, ""))
+            if fs and fs not in wanted:
+                wanted.append(fs)
+        missing = []
+        for symbol, module in wanted:
+            state = kernel.driver_state(symbol, module)
+            if state == "module":
+                required.append(module)
+                if not initramfs_has(initrd_files, module):
+                    missing.append(module)
+            elif state == "missing":
+                missing.append(f"{module} ({symbol} not in {kernel.version})")
+        checks.append(
+            Check(
+                f"initramfs-drivers:{s.view.name}",
+                not missing,
+                f"{s.view.guest}: the initramfs lacks {', '.join(missing)}"
+                if missing
+                else f"{s.view.guest}: the drivers of / and /usr on {options.target} are in the initramfs or built in",
+            )
+        )
+    # The command lines on SYSTEM serve every guest: Xen names by position, the Xen console replaced.
+    shared_edits: list[Step] = []
+    problems: list[str] = []
+    shared_files = {
+        p: t
+        for p, t in first.inv.files.items()
+        if CMDLINE_FILES.match(p) and _step_disk(Write(p, ""), first.view, disks) == system
+    }
+    if options.target == "kvm":
+        r = PositionalResolver(first.inv)
+        for path, old in sorted(shared_files.items()):
+            new = edit_cmdline_file(path, old, r, problems)
+            if new != old:
+                shared_edits.append(Write(path, new, old))
+    edited = {w.path: w.text for w in shared_edits if isinstance(w, Write)}
+    roots = cmdline_roots({**shared_files, **edited})
+    for s in states:
+        checks.append(check_root_specs(roots, s, filesystems, system))
+    steps: list[Step] = []
+    where: list[str | None] = []
+    subplans: list[Plan] = []
+
+    def add(step: Step, disk: str | None) -> None:
+        steps.append(step)
+        where.append(disk)
+
+    for i, s in enumerate(states):
+        facts = dataclasses.replace(s.facts, files={**s.facts.files, **edited})
+        own_edits: list[Step] = []
+        rt = None
+        if options.target == "kvm":
+            rt = plan_xen(
+                facts,
+                s.inv,
+                loader.name,
+                version=kernel.version,
+                kernel=None,
+                new_kernel_state=kernel.driver_state,
+                initrd_path=None,
+                initrd_files=None,
+                initrd_texts=None,
+                options=RetargetOptions(maps=s.view.maps),
+            )
+            # Its edits on SYSTEM are the shared command lines, made once above by position.
+            own_edits = [e for e in rt.edits if _step_disk(e, s.view, disks) == s.view.guest]
+            facts = dataclasses.replace(
+                facts, files={**facts.files, **{e.path: e.text for e in own_edits if isinstance(e, Write)}}
+            )
+            for c in rt.checks:
+                if c.name == "boot-code" and i > 0:
+                    continue  # the boot code is SYSTEM's, checked once
+                checks.append(c if c.name == "boot-code" else _per_guest(c, s.view))
+        p = plan_rekernel(
+            facts,
+            kernel,
+            loader,
+            disk=s.view.guest,
+            previous=previous,
+            options=options,
+            initrd_files=initrd_files,
+        )
+        if i == 0:
+            has_code = any(c.name == "boot-code" for c in checks)
+            checks.extend(
+                c
+                for c in p.checks
+                if not c.name.startswith("driver:") and not (c.name == "boot-code" and has_code)
+            )
+        add(
+            MountView(s.view.guest, tuple(sorted(s.view.mountpoints.items(), key=lambda kv: len(kv[0])))),
+            None,
+        )
+        if i == 0:
+            for e in shared_edits:
+                add(e, system)
+        for e in own_edits:
+            add(e, s.view.guest)
+        for step in p.steps:
+            d = _step_disk(step, s.view, disks)
+            if d == system and i > 0:
+                continue  # SYSTEM's part is done once, in the first guest's view
+            add(step, d)
+        if i == 0 and rt is not None:
+            for step in rt.code:
+                add(step, _step_disk(step, s.view, disks))
+        retarget = (rt.info | {"xen": rt.xen, "required": rt.required}) if rt is not None else {}
+        subplans.append(dataclasses.replace(p, checks=(), steps=(), retarget=retarget, disks={}))
+    if problems:
+        checks.append(Check("cmdline", False, "; ".join(problems), refuses_as=InvalidInput))
+    shared_info = {
+        "system": system,
+        "guests": [
+            {
+                "disk": s.view.guest,
+                "appliance_disk": s.view.disk,
+                "root": s.view.root,
+                "mountpoints": s.view.mountpoints,
+                "order": f"{s.view.guest} first (xvda/vda), {system} second (xvdb/vdb)",
+            }
+            for s in states
+        ],
+        "modules_link": link
+        | {
+            "resolved_by": "each guest's own namespace at boot: /usr mounted by the initramfs, /boot by "
+            f"systemd from the guest's fstab, {BOOT_MODULES_UNIT_NAME} loading what udev missed before"
+        },
+        "cmdline_roots": [{"file": f, "root": r} for f, r in roots],
+        "loader_files": sorted(shared_files),
+    }
+    plan = Plan(
+        disk=system,
+        root=first.facts.root,
+        version=kernel.version,
+        previous=previous,
+        loader=loader.name,
+        initramfs="supplied",
+        checks=tuple(checks),
+        steps=tuple(steps),
+        facts=first.facts.summary(),
+        action="rekernel-shared",
+        initramfs_modules=tuple(dict.fromkeys(required)),
+        retarget={
+            "xen": any(sp.retarget.get("xen") for sp in subplans),
+            "markers": [
+                f"{s.view.name}: {len(sp.retarget.get('markers', []))} Xen settings"
+                for s, sp in zip(states, subplans, strict=True)
+            ],
+        },
+        disks=disks,
+        step_disks=tuple(where),
+        shared=shared_info,
+    )
+    return plan, subplans
+
+
+def read_guests(gi: Guest, guests: Sequence[Path]) -> list[GuestState]:
+    """Every guest's view, facts and inventory (each view mounted in turn; the first is left mounted)."""
+    roots = gi.roots()
+    filesystems = read_filesystems(gi)
+    states = []
+    for i, g in enumerate(guests):
+        disk = f"/dev/sd{chr(ord('b') + i)}"
+        view = find_view(gi, roots, str(g), disk, filesystems)
+        gi.mount_view(view.mountpoints)
+        facts = collect_facts(gi, view.root, mountpoints=view.mountpoints, extra_files=(STATE_FILE,))
+        inv = collect_inventory(gi, [])
+        states.append(GuestState(view, facts, inv))
+    gi.mount_view(states[0].view.mountpoints)
+    return states
+
+
+def verify_shared(
+    gi: Guest, states: Sequence[GuestState], loader: Bootloader, plan: Plan, subplans: Sequence[Plan]
+) -> dict[str, Any]:
+    """Re-read each guest's view: the new kernel, its modules through the link, the loader, its own files.
+
+    Raises:
+        GuestError: something a guest needs is missing or points elsewhere; the message names the guest.
+    """
+    out: dict[str, Any] = {}
+    v = plan.version
+    for s, sub in zip(states, subplans, strict=True):
+        gi.mount_view(s.view.mountpoints)
+        try:
+            got = verify(gi, s.facts, loader, sub)
+            got.update(verify_retarget(gi, sub))
+        except GuestError as e:
+            raise GuestError(f"{s.view.guest}: {e}") from e
+        real = gi.realpath(f"/lib/modules/{v}")
+        if real != f"{MODULES_HOME}/{v}":
+            raise GuestError(f"{s.view.guest}: verify: /lib/modules/{v} resolves to {real}")
+        link = gi.readlink(MODULES_LINK)
+        if link != MODULES_HOME:
+            raise GuestError(
+                f"{s.view.guest}: verify: {MODULES_LINK} is {link!r}, not a link to {MODULES_HOME}"
+            )
+        if s.facts.boot_separate and not (gi.is_file(UNIT) and gi.is_symlink(UNIT_WANTS)):
+            raise GuestError(f"{s.view.guest}: verify: {UNIT} is not installed and enabled")
+        files = {p: t for p in plan.shared.get("loader_files", []) if (t := gi.text(p)) is not None}
+        check = check_root_specs(cmdline_roots(files), s, s.inv.filesystems, plan.disk)
+        if not check.ok:
+            raise GuestError(f"verify: {check.message}")
+        got["modules_link"] = f"{MODULES_LINK} -> {link}; /lib/modules/{v} -> {real}"
+        got["root"] = check.message
+        out[s.view.guest] = got
+    return {"guests": out}
+
+
+def rekernel_shared(
+    system: str | os.PathLike[str],
+    from_dir: str | os.PathLike[str],
+    guests: Iterable[str | os.PathLike[str]],
+    *,
+    version: str | None = None,
+    target: str = "kvm",
+    force: bool = False,
+    dry_run: bool = False,
+    workdir: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Result:
+    """Put the kernel from ``from_dir`` on the shared ``system`` disk for every guest; all or nothing.
+
+    Args:
+        system: the shared system disk (raw): every guest's ``/boot`` and ``/usr``.
+        from_dir: BOOTDIR with the kernel, its modules and a generic initramfs (required here).
+        guests: each guest's root disk (raw); each guest sees it first and ``system`` second.
+        target: "kvm" (guests moved off Xen are retargeted, each on its own disk) or "xen".
+        Others as ``rekernel()``.
+
+    Raises:
+        InvalidInput: no guest, a disk given twice, no initramfs in BOOTDIR, a guest that does not take
+            /boot and /usr from ``system``, a root= that does not name every guest's root (exit 2).
+        KernelError, BootloaderError, ImageRefused: refused before any change (exit 2), e.g. an image
+            a running QEMU holds.
+        GuestError, ImageError: failed; every disk is as it was. ``error.result`` as ``rekernel()``.
+    """
+    if target not in ("kvm", "xen"):
+        raise InvalidInput(f"--target {target}: use kvm or xen")
+    t_start = time.monotonic()
+    roots = [Path(g) for g in guests]
+    if not roots:
+        raise InvalidInput("a shared system disk needs at least one --guest ROOT")
+    disks = as_disks([system, *roots])
+    kernel = find_kernel(Path(from_dir), version=version)
+    if kernel.initramfs is None:
+        raise InvalidInput(
+            f"{from_dir}: no initramfs: a shared system disk takes a generic one from BOOTDIR "
+            "(initrd.img-VER made with MODULES=most or a list carrying every guest's disk and filesystem drivers)"
+        )
+    initrd_files, initrd_texts = list_initramfs(kernel.initramfs), initramfs_texts(kernel.initramfs)
+    options = Options(target=target, force=force, regenerate_initramfs=False)
+    dmap = disk_map(disks)
+    result = Result(plan=None, dry_run=dry_run, action="rekernel-shared")
+    with disks_session(disks, result, workdir=Path(workdir) if workdir else None) as gi:
+        t0 = time.monotonic()
+        states = read_guests(gi, disks[1:])
+        loader = detect(states[0].facts)
+        try:
+            previous = version_of(loader.default_entry(gi, states[0].facts).kernel)
+        except (BootloaderError, GuestError) as e:
+            log.warning("cannot tell which kernel the guests boot now: %s", e)
+            previous = None
+        result.seconds["inspect"] = round(time.monotonic() - t0, 2)
+        result.plan, subplans = plan_shared(
+            states,
+            kernel,
+            loader,
+            system=str(disks[0]),
+            disks=dmap,
+            previous=previous,
+            options=options,
+            initrd_files=initrd_files,
+            initrd_texts=initrd_texts,
+        )
+        log.info("%s", result.plan.describe(diffs=dry_run))
+        refusal = result.plan.refusal(force=force)
+        if refusal is not None:
+            raise refusal
+        t1 = time.monotonic()
+        apply_plan(gi, states[0].facts, loader, result.plan, progress, done=result.done)
+        result.seconds["apply"] = round(time.monotonic() - t1, 2)
+        t2 = time.monotonic()
+        result.verified = verify_shared(gi, states, loader, result.plan, subplans)
+        result.seconds["verify"] = round(time.monotonic() - t2, 2)
+    result.seconds["total"] = round(time.monotonic() - t_start, 2)
+    result.seconds["work"] = round(result.seconds["total"] - result.seconds.get("launch", 0.0), 2)
+    return result
