@@ -15,14 +15,14 @@ APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-ven
 TEST_ENV := LIBGUESTFS_BACKEND_SETTINGS=$${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 PYTEST_ARGS ?=
 
-.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-formats bench-blocksync bench-rekernel clean
+.PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-formats bench-replicate bench-blocksync bench-rekernel clean
 
 help:
 	@echo "make demo       set up, then sync a built-in sample image and show what changed"
 	@echo "make test       set up, then run lint, type checks and the whole test suite"
 	@echo "make test-fast  the suite without the slow, guestfs and boot tests"
 	@echo "make bench      the engine benchmarks (docs/native.md)"
-	@echo "make bench-sync / bench-remote / bench-formats / bench-rekernel   beside the peers (docs/sync.md, remote.md, formats.md, rekernel.md)"
+	@echo "make bench-sync / bench-remote / bench-formats / bench-replicate / bench-rekernel   beside the peers (docs/sync.md, remote.md, formats.md, replicate.md, rekernel.md)"
 	@echo "make bench-blocksync [BLOCKSYNC_SRC=DIR|URL]   warm and cold, beside blocksync-fast built from its source (docs/sync.md)"
 
 deps: apt $(VENV)/.installed
@@ -72,6 +72,9 @@ bench-sync: deps
 
 bench-remote: deps
 	$(PY) benchmarks/remote_vs_peers.py --repeat 3
+
+bench-replicate: deps
+	$(PY) benchmarks/replicate_vs_peers.py --repeat 3
 
 bench-formats: deps
 	$(PY) benchmarks/formats_vs_peers.py --repeat 3

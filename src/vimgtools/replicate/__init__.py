@@ -30,6 +30,7 @@ def replicate(
     fmt: str = "raw",
     dry_run: bool = False,
     block_size: int = 4096,
+    full: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> ReplicateResult:
@@ -40,7 +41,7 @@ def replicate(
         ImageRefused: an image a running QEMU holds, given as a shut-off guest's.
         VimgError: failed; DEST still holds the last whole generation.
     """
-    opts = dict(fmt=fmt, dry_run=dry_run, block_size=block_size, progress=progress, stop=stop)
+    opts = dict(fmt=fmt, dry_run=dry_run, block_size=block_size, full=full, progress=progress, stop=stop)
     if isinstance(guest, str) and guest.startswith("qmp:"):
         g = QmpGuest(guest[4:], agent=agent, name=name)
         try:

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-b", "--block-size", type=_cli.parse_size, default=4096, metavar="SIZE", help="compare unit"
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="compare every disk in full this run, whatever the bitmaps say (a scrub); tracking goes on",
+    )
     _cli.add_progress_options(p)
     _cli.add_common_options(p)
     return p
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = replicate(
             guest, args.dest, name=args.name, agent=args.agent, uri=args.connect, fmt=args.format, dry_run=args.dry_run,
-            block_size=args.block_size, progress=(lambda t, done, total: bar(done, total)) if bar else None,
+            block_size=args.block_size, full=args.full, progress=(lambda t, done, total: bar(done, total)) if bar else None,
             stop=stop,
         )  # fmt: skip
     finally:

@@ -149,10 +149,13 @@ def run(
     fmt: str = "raw",
     dry_run: bool = False,
     block_size: int = 4096,
+    full: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> ReplicateResult:
-    """Generation N of ``backend``'s guest into the replica directory ``dest`` (made if missing)."""
+    """Generation N of ``backend``'s guest into the replica directory ``dest`` (made if missing).
+
+    ``full``: compare every disk in full this time (a scrub); tracking goes on as usual."""
     t0 = time.monotonic()
     if fmt not in FORMATS:
         raise InvalidInput(f"{fmt!r}: replicas are raw or qcow2", option="format")
@@ -166,7 +169,7 @@ def run(
     with contextlib.ExitStack() as stack:
         # A dry run into a DEST still to be made compares against replicas that do not exist yet.
         where = dest_path if dest_path.is_dir() else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        res = _run(backend, dest_path, where, prev, fmt, dry_run, block_size, progress, stop)
+        res = _run(backend, dest_path, where, prev, fmt, dry_run, block_size, full, progress, stop)
     res.seconds = time.monotonic() - t0
     return res
 
@@ -179,6 +182,7 @@ def _run(
     fmt: str,
     dry_run: bool,
     block_size: int,
+    full: bool,
     progress: Progress | None,
     stop: threading.Event | None,
 ) -> ReplicateResult:
@@ -194,6 +198,8 @@ def _run(
             old = None  # another image in this slot now
         replica = where / f"{d.target}.{FORMATS[fmt]}"
         mode, reason = decide(old, d, replica)
+        if full and mode == "incremental":
+            mode, reason = "rescan", "asked for (--full)"
         plans.append((d, replica, mode, reason, old))
     since = {
         d.target: (old.bitmap if mode == "incremental" and old else None) for d, _, mode, _, old in plans
