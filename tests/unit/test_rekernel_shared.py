@@ -1,0 +1,273 @@
+"""The shared-system-disk planner (rekernel.shared) on plain data: where each change lands, the refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from kernelhelp import bzimage
+
+from vimgtools.boot import detect
+from vimgtools.errors import BootloaderError, InvalidInput, KernelError
+from vimgtools.guest.facts import GuestFacts
+from vimgtools.guest.fake import FakeGuest
+from vimgtools.guest.inventory import Filesystem, Inventory
+from vimgtools.guest.steps import MountView, Write
+from vimgtools.kernel import Kernel, find_kernel
+from vimgtools.rekernel.__main__ import main
+from vimgtools.rekernel.plan import Options, Plan
+from vimgtools.rekernel.shared import (
+    GuestState,
+    View,
+    cmdline_roots,
+    find_view,
+    guest_maps,
+    plan_shared,
+    resolve_spec,
+)
+
+OLD = "6.1.0-50-amd64"
+NEW = "6.1.0-56-cloud-amd64"
+SYSTEM, R1, R2 = "system.img", "root1.img", "root2.img"
+DISKS = {"/dev/sda": SYSTEM, "/dev/sdb": R1, "/dev/sdc": R2}
+FS = {
+    "/dev/sda1": Filesystem("/dev/sda1", "ext4", "b0000000-0000-0000-0000-000000000001", "sysboot"),
+    "/dev/sda2": Filesystem("/dev/sda2", "ext4", "a0000000-0000-0000-0000-000000000002", "sysusr"),
+    "/dev/sdb1": Filesystem("/dev/sdb1", "ext4", "11111111-0000-0000-0000-000000000000", "root"),
+    "/dev/sdc1": Filesystem("/dev/sdc1", "ext4", "22222222-0000-0000-0000-000000000000", "root"),
+}
+FSTAB = "/dev/xvda1 / ext4 errors=remount-ro 0 1\n/dev/xvdb1 /boot ext4 ro,noload 0 0\n/dev/xvdb2 /usr ext4 ro 0 0\n"
+CONF = (
+    "DEFAULT debian\nLABEL debian\n    KERNEL /vmlinuz-{old}\n    INITRD /initrd.img-{old}\n"
+    "    APPEND root={root} ro console=hvc0 quiet\n"
+)
+SYSLINUX_MBR = b"\x33\xc0\xfa" + bytes(507) + b"\x55\xaa"
+HVC0 = "/etc/systemd/system/getty.target.wants/serial-getty@hvc0.service"
+
+
+def state(disk: str, guest: str, *, root_spec: str = "/dev/xvda1", **facts_kw: object) -> GuestState:
+    root = disk + "1"
+    mps = {"/": root, "/boot": "/dev/sda1", "/usr": "/dev/sda2"}
+    files = {
+        "/etc/fstab": FSTAB,
+        "/boot/extlinux/extlinux.conf": CONF.format(old=OLD, root=root_spec),
+        "/etc/network/interfaces": "auto enX0\niface enX0 inet dhcp\n",
+        "/etc/initramfs-tools/initramfs.conf": "MODULES=most\n",
+    }
+    base: dict[str, object] = {
+        "root": root,
+        "arch": "x86_64",
+        "distro": "debian",
+        "product": "Debian 12",
+        "mountpoints": mps,
+        "fs_types": dict.fromkeys(mps, "ext4"),
+        "boot_separate": True,
+        "lib_is_link": True,
+        "modules_path": "/usr/lib/modules",
+        "modules_on_boot": False,
+        "module_versions": {OLD: 200 << 20},
+        "boot_kernels": [OLD],
+        "boot_free": 900 << 20,
+        "boot_sector": SYSLINUX_MBR,
+        "files": files,
+        "tools": {"/usr/bin/extlinux", "/usr/sbin/update-initramfs"},
+    }
+    base.update(facts_kw)
+    facts = GuestFacts(**base)  # type: ignore[arg-type]
+    inv = Inventory(
+        disks=list(DISKS),
+        partitions=list(FS),
+        filesystems=dict(FS),
+        files=dict(facts.files),
+        getty_links={HVC0: "/lib/systemd/system/serial-getty@.service"},
+        kernels={},
+        boot_sectors={d: SYSLINUX_MBR for d in DISKS},
+    )
+    return GuestState(View(guest, disk, root, dict(facts.mountpoints), guest_maps(disk)), facts, inv)
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Kernel:
+    d = tmp_path / "boot"
+    mods = d / "modules" / NEW / "kernel"
+    mods.mkdir(parents=True)
+    (d / f"vmlinuz-{NEW}").write_bytes(bzimage(NEW))
+    (d / f"initrd.img-{NEW}").write_bytes(bytes(1 << 16))
+    (d / f"config-{NEW}").write_text("CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=m\nCONFIG_SCSI_VIRTIO=m\n")
+    for m in ("virtio_blk", "virtio_scsi", "virtio_net", "ext4"):
+        (mods / f"{m}.ko").write_bytes(bytes(10))
+    return find_kernel(d)
+
+
+INITRD = ["x/virtio_blk.ko", "x/virtio_scsi.ko", "x/virtio_net.ko", "x/ext4.ko"]
+
+
+def plan(
+    states: list[GuestState], k: Kernel, *, initrd: list[str] = INITRD, conf: str = "MODULES=most\n"
+) -> Plan:
+    p, subplans = plan_shared(
+        states,
+        k,
+        detect(states[0].facts),
+        system=SYSTEM,
+        disks=DISKS,
+        previous=OLD,
+        options=Options(regenerate_initramfs=False),
+        initrd_files=initrd,
+        initrd_texts={"conf/initramfs.conf": conf},
+    )
+    assert len(subplans) == len(states)
+    return p
+
+
+def two() -> list[GuestState]:
+    return [state("/dev/sdb", R1), state("/dev/sdc", R2)]
+
+
+def test_each_change_lands_on_its_disk(kernel: Kernel) -> None:
+    p = plan(two(), kernel)
+    assert p.refusal() is None, p.describe()
+    on: dict[str | None, list[str]] = {}
+    for i, s in enumerate(p.steps):
+        on.setdefault(p.where(i, s), []).append(s.describe())
+    assert [s.guest for s in p.steps if isinstance(s, MountView)] == [R1, R2]
+    assert on[None] == [s.describe() for s in p.steps if isinstance(s, MountView)]
+    shared = on[SYSTEM]
+    assert sum(d.startswith("copy") and "vmlinuz" in d for d in shared) == 1
+    assert f"move /usr/lib/modules/{OLD} -> /boot/modules/{OLD}" in shared
+    assert "ln -s /boot/modules /usr/lib/modules" in shared
+    assert "run /usr/bin/extlinux --install /boot/extlinux  # reinstall the extlinux boot sector" in shared
+    for guest in (R1, R2):
+        own = on[guest]
+        assert own[0] == "edit /etc/fstab" and f"rm -f {HVC0}  # a getty on a Xen console" in own
+        assert "write /etc/systemd/network/10-vimgtools-enX0.link" in own
+        assert "write /etc/systemd/system/vimgtools-boot-modules.service" in own
+        assert not any("/boot" in d.split()[-1] or "/usr/" in d for d in own if not d.startswith("ln -s"))
+    fstabs = [s for s in p.steps if isinstance(s, Write) and s.path == "/etc/fstab"]
+    assert [f.text.split()[0] for f in fstabs] == [
+        f"UUID={FS['/dev/sdb1'].uuid}",
+        f"UUID={FS['/dev/sdc1'].uuid}",
+    ]
+    assert all(f"UUID={FS['/dev/sda2'].uuid} /usr" in f.text for f in fstabs)
+    conf = next(s for s in p.steps if isinstance(s, Write) and s.path.endswith("extlinux.conf"))
+    assert "APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in conf.text
+    assert {c["root"] for c in p.shared["cmdline_roots"]} == {"/dev/vda1"}
+    d = p.to_dict()
+    assert d["shared"]["modules_link"]["on"] == SYSTEM
+    assert [s["disk"] for s in d["steps"]] == list(p.step_disks)
+    assert "[on system.img]" in p.describe() and "[on root2.img]" in p.describe()
+
+
+def refusal_names(p: Plan) -> set[str]:
+    return {c.name for c in p.checks if not c.ok}
+
+
+def test_a_guest_whose_usr_is_its_own_is_refused(kernel: Kernel) -> None:
+    g2 = state("/dev/sdc", R2)
+    g2 = dataclasses.replace(
+        g2,
+        facts=dataclasses.replace(
+            g2.facts, mountpoints={"/": "/dev/sdc1", "/boot": "/dev/sda1", "/usr": "/dev/sdc2"}
+        ),
+    )
+    p = plan([state("/dev/sdb", R1), g2], kernel)
+    assert "shared-usr:root2.img" in refusal_names(p)
+    err = p.refusal()
+    assert isinstance(err, InvalidInput) and "every guest must mount /usr from system.img" in str(err)
+
+
+def test_a_host_only_initramfs_or_one_without_a_driver_is_refused(kernel: Kernel) -> None:
+    p = plan(two(), kernel, conf="MODULES=dep\n")
+    assert refusal_names(p) == {"initramfs-generic"} and isinstance(p.refusal(), KernelError)
+    p = plan(two(), kernel, initrd=["x/virtio_blk.ko", "x/virtio_scsi.ko"])
+    assert refusal_names(p) == {"initramfs-drivers:root1.img", "initramfs-drivers:root2.img"}
+    assert "lacks ext4" in str(p.refusal())
+
+
+def test_a_root_uuid_of_one_guest_cannot_serve_the_other(kernel: Kernel) -> None:
+    spec = f"UUID={FS['/dev/sdb1'].uuid}"
+    p = plan([state("/dev/sdb", R1, root_spec=spec), state("/dev/sdc", R2, root_spec=spec)], kernel)
+    assert refusal_names(p) == {"root:root2.img"}
+    assert "needs root=/dev/vdaN" in str(p.refusal())
+    # A LABEL every guest's root carries serves them all.
+    p = plan(
+        [state("/dev/sdb", R1, root_spec="LABEL=root"), state("/dev/sdc", R2, root_spec="LABEL=root")], kernel
+    )
+    assert p.refusal() is None
+
+
+def test_grub2_on_the_shared_boot_and_a_guest_with_its_own_modules_are_refused(kernel: Kernel) -> None:
+    grub = {"/boot/grub/grub.cfg": f"menuentry 'x' {{\n linux /vmlinuz-{OLD} root=/dev/xvda1\n}}\n"}
+    states = [
+        dataclasses.replace(
+            s,
+            facts=dataclasses.replace(
+                s.facts, files=grub | {"/etc/fstab": FSTAB}, tools={"/usr/sbin/update-grub"}
+            ),
+        )
+        for s in two()
+    ]
+    p = plan(states, kernel)
+    assert "loader" in refusal_names(p)
+    assert any(c.refuses_as is BootloaderError and "update-grub" in c.message for c in p.checks if not c.ok)
+    g2 = state("/dev/sdc", R2, modules_path="/lib/modules", lib_is_link=False)
+    p = plan([state("/dev/sdb", R1), g2], kernel)
+    assert refusal_names(p) == {"modules-link:root2.img"}
+    assert "the guest's own" in str(p.refusal())
+
+
+def test_resolve_spec_in_one_guests_view() -> None:
+    maps, mine = guest_maps("/dev/sdc"), {"/dev/sdc", "/dev/sda"}
+    assert resolve_spec("/dev/xvda1", maps, FS, mine) == "/dev/sdc1"
+    assert resolve_spec("/dev/vdb2", maps, FS, mine) == "/dev/sda2"
+    assert resolve_spec(f"UUID={FS['/dev/sdb1'].uuid}", maps, FS, mine) is None  # the other guest's
+    assert resolve_spec("LABEL=root", maps, FS, mine) == "/dev/sdc1"
+    assert resolve_spec("LABEL=root", maps, FS, {"/dev/sdb", "/dev/sdc"}) is None  # two of them
+    assert resolve_spec("/dev/xvdc1", maps, FS, mine) is None
+    assert cmdline_roots(
+        {"/boot/extlinux/extlinux.conf": "  APPEND root=/dev/vda1 ro\n# APPEND root=x\n"}
+    ) == [("/boot/extlinux/extlinux.conf", "/dev/vda1")]
+
+
+def test_find_view_mounts_what_the_fstab_names() -> None:
+    g = FakeGuest(image="appliance", roots=["/dev/sdb1", "/dev/sdc1"], filesystems={d: "ext4" for d in FS})
+    g.put("/etc/fstab", FSTAB + "/dev/xvda9 /srv ext4 nofail 0 2\n")
+    v = find_view(g, g.roots(), R2, "/dev/sdc", FS)
+    assert v.root == "/dev/sdc1" and v.mountpoints == {
+        "/": "/dev/sdc1",
+        "/boot": "/dev/sda1",
+        "/usr": "/dev/sda2",
+    }
+    g.put("/etc/fstab", FSTAB + "/dev/xvdc1 /data ext4 defaults 0 2\n")
+    with pytest.raises(
+        InvalidInput, match=r"root2.img: /etc/fstab: /dev/xvdc1 \(/data\) names no filesystem"
+    ):
+        find_view(g, g.roots(), R2, "/dev/sdc", FS)
+    with pytest.raises(InvalidInput, match=r"root3\.img: no operating system found"):
+        find_view(g, g.roots(), "root3.img", "/dev/sdd", FS)
+
+
+def test_cli_usage_errors_exit_2_before_any_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disks = [tmp_path / n for n in (SYSTEM, R1, R2)]
+    for d in disks:
+        d.write_bytes(bytes(4096))
+    boot = tmp_path / "boot"
+    (boot / "modules" / NEW / "kernel").mkdir(parents=True)
+    (boot / "modules" / NEW / "kernel" / "ext4.ko").write_bytes(bytes(10))
+    (boot / f"vmlinuz-{NEW}").write_bytes(bzimage(NEW))
+    s, r1, r2 = map(str, disks)
+    cases = {
+        "--guest takes one DISK": [s, r1, "--from", str(boot), "--guest", r2],
+        "--guest needs --from": [s, "--guest", r1],
+        "--rollback not supported": [s, "--from", str(boot), "--guest", r1, "--rollback"],
+        "no initramfs: a shared system disk takes a generic one": [s, "--from", str(boot), "--guest", r1],
+        "a DISK is given twice": [s, "--from", str(boot), "--guest", r1, "--guest", r1],
+    }
+    for message, argv in cases.items():
+        assert main(argv) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vimgtools.rekernel: error: ") and message in err[0], err
+    assert all(d.read_bytes() == bytes(4096) for d in disks)
