@@ -217,6 +217,23 @@ def _customize(root: Path) -> None:
         f.write(FSTAB_DATA)
 
 
+#: What the initramfs needs to find and mount a virtio root: the rest is left out (MODULES=list).
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+
+
+def _small_initramfs(root: Path) -> None:
+    """A small initramfs (MODULES=list: virtio and ext4 only, about 8 MiB instead of 32). Under TCG,
+    GRUB reading Debian's 32 MiB initramfs takes 13-16 s of every boot (docs/drill.md); the replicas
+    of this guest are booted by many tests. Made by the guest's own mkinitramfs, in a chroot."""
+    ver = guestbuild.guest_kernel_version(root)
+    conf = root / "etc/initramfs-tools"
+    (conf / "conf.d/vimg-modules").write_text("MODULES=list\n")
+    with open(conf / "modules", "a") as f:
+        f.write("".join(m + "\n" for m in INITRAMFS_MODULES))
+    with guestbuild.chroot_mounts(root):
+        guestbuild.run("chroot", root, "mkinitramfs", "-o", f"/boot/initrd.img-{ver}", ver)
+
+
 def disks_key() -> str:
     drill = _drill_conftest()
     return str(
@@ -256,6 +273,7 @@ def build_disks() -> tuple[Path, Path]:
             guestbuild.run("cp", "--sparse=always", base, raw)
             with _drill_conftest().mounted_root(raw, Path(tmp) / "mnt") as root:
                 _customize(root)
+                _small_initramfs(root)
             data = Path(tmp) / "vdb.raw"
             with open(data, "wb") as f:
                 f.truncate(DATA_SIZE)
