@@ -54,7 +54,10 @@ def replicate(
             dom = lookup(conn, guest)
             if dom.isActive():
                 return run(LibvirtGuest(dom, uri), dest, **opts)  # type: ignore[arg-type]
-            off = Offline([p for _, p, _ in domain_disks(dom.XMLDesc(0))], name or guest)
+            disks = domain_disks(dom.XMLDesc(0))
+            off = Offline(
+                [p for _, p, _ in disks], name or guest, track=False, targets=[t for t, _, _ in disks]
+            )
             off.uuid, off.xml = dom.UUIDString(), dom.XMLDesc(0)
             return run(off, dest, **opts)  # type: ignore[arg-type]
         finally:

@@ -4,7 +4,7 @@
 freezing it starts a watchdog: a separate process (its own session, so a Ctrl-C of ours does
 not reach it) that holds the read end of a pipe whose write end only we hold. We tell it
 "thawed" when we have thawed; if the pipe closes first — vimgtools killed, even by SIGKILL —
-it thaws the guest itself (``python -m vimgtools.replicate.watchdog``).
+it thaws the guest itself (``watchdog.py``, run as a file: up in milliseconds).
 
 A guest without an agent (or whose agent does not answer) gives no freeze: the moment is
 crash-consistent, and the run says so.
@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger("vimgtools.replicate")
@@ -90,7 +91,7 @@ def frozen(freezer: Freezer | None, guest: str) -> Iterator[Freeze]:
 
 def _watchdog(freezer: Freezer) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "vimgtools.replicate.watchdog", *freezer.watchdog_argv()],
+        [sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")), *freezer.watchdog_argv()],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # our terminal's signals are not its

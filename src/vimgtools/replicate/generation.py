@@ -99,6 +99,10 @@ class Moment(Protocol):
         """The generation whose tracking is ``bitmap`` is durable: drop older tracking of ours."""
         ...
 
+    def tracking(self, target: str, bitmap: str) -> str | None:
+        """The bitmap that records this disk's changes since this moment (None: none does)."""
+        ...
+
 
 class Backend(Protocol):
     name: str
@@ -227,7 +231,7 @@ def _run(
             )  # fmt: skip
             entries.append(
                 mf.Disk(
-                    d.target, replica.name, d.source, fmt, size, bitmap if d.bitmaps is not None else None,
+                    d.target, replica.name, d.source, fmt, size, m.tracking(d.target, bitmap),
                     {} if dry_run else replica_identity(replica),
                 )
             )  # fmt: skip

@@ -76,12 +76,6 @@ def lookup(conn: Any, name: str) -> Any:
         ) from None
 
 
-def thaw_domain(uri: str, name: str) -> int:
-    """The watchdog's way: thaw the domain's filesystems."""
-    n: int = lookup(connect(uri), name).fsThaw()
-    return n
-
-
 def domain_disks(xml: str) -> list[tuple[str, str, str]]:
     """(target, source file, format) of each disk (CD-ROMs and floppies left out), in the guest's order."""
     out = []
@@ -275,6 +269,10 @@ class _Moment:
             return NbdImage(ImageInfo(Path(path), fmt, self.guest.dom.blockInfo(target)[0]), served=served)
         except ImageError as e:
             raise ImageError(f"{self.guest.name}: {target}: {e}") from e
+
+    def tracking(self, target: str, bitmap: str) -> str | None:
+        fmt = next(f for t, _, f in self.guest._disks if t == target)
+        return bitmap if fmt == "qcow2" else None
 
     def commit(self, bitmap: str) -> None:
         for name in self.guest._ours():

@@ -30,11 +30,22 @@ def target_name(i: int) -> str:
 class Offline:
     """The backend for a shut-off guest given as its images, in the guest's order."""
 
-    def __init__(self, images: Sequence[str | os.PathLike[str]], name: str | None = None) -> None:
+    def __init__(
+        self,
+        images: Sequence[str | os.PathLike[str]],
+        name: str | None = None,
+        *,
+        track: bool = True,
+        targets: Sequence[str] | None = None,
+    ) -> None:
+        """``track=False``: start no bitmap and remove none (a libvirt domain's bitmaps are its
+        checkpoints', which only libvirt may change): each disk is read since the last generation's
+        bitmap when it is still there, and that bitmap stays this generation's tracking."""
         if not images:
             raise InvalidInput("no images given")
         self.paths = [Path(i).resolve() for i in images]
         self.name = name or Path(images[0]).stem
+        self.track = track
         self.uuid: str | None = None
         self.xml: str | None = None  # a shut-off libvirt domain's definition
         for p in self.paths:
@@ -44,7 +55,8 @@ class Offline:
                         f"{p}: a running VM (QEMU) holds it: replicate a running guest by its libvirt "
                         "name or qmp:SOCKET (one consistent moment of all its disks), or shut it off"
                     )
-        self._targets = {target_name(i): p for i, p in enumerate(self.paths)}
+        names = list(targets) if targets else [target_name(i) for i in range(len(self.paths))]
+        self._targets = dict(zip(names, self.paths, strict=True))
 
     def disks(self) -> list[GuestDisk]:
         out = []
@@ -66,7 +78,7 @@ class Offline:
 
     @contextlib.contextmanager
     def moment(self, bitmap: str, since: dict[str, str | None], dry_run: bool) -> Iterator[_Images]:
-        if not dry_run:
+        if not dry_run and self.track:
             for p in self.paths:
                 info = inspect(p, None)
                 if info.format != "qcow2":
@@ -74,7 +86,7 @@ class Offline:
                 if any(b.name == bitmap for b in info.bitmaps):  # left by a run that failed: afresh
                     remove_bitmap(p, bitmap)
                 add_bitmap(p, bitmap)  # before the disk is read: the next generation's tracking
-        yield _Images(self._targets, since)
+        yield _Images(self._targets, since, self.track)
 
 
 @dataclass
@@ -83,6 +95,7 @@ class _Images:
 
     targets: dict[str, Path]
     since: dict[str, str | None]
+    track: bool
     consistency: str = "offline"
     freeze_seconds: float = 0.0
     lost: dict[str, str] = field(default_factory=dict)
@@ -90,7 +103,14 @@ class _Images:
     def open(self, target: str) -> Image:
         return open_image(self.targets[target], bitmap=self.since.get(target))
 
+    def tracking(self, target: str, bitmap: str) -> str | None:
+        if not self.track:
+            return self.since.get(target)
+        return bitmap if inspect(self.targets[target], None).format == "qcow2" else None
+
     def commit(self, bitmap: str) -> None:
+        if not self.track:
+            return
         for p in self.targets.values():
             for b in inspect(p, None).bitmaps:
                 if b.name.startswith(mf.BITMAP_PREFIX) and b.name != bitmap:

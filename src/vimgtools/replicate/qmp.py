@@ -121,16 +121,6 @@ class AgentFreezer:
         return ["--agent", self.path]
 
 
-def thaw_by_agent(path: str) -> int:
-    """The watchdog's way: a fresh connection (ours died with us), thaw."""
-    agent = Qmp(path, negotiate=False, what="the guest agent")
-    try:
-        n: int = agent("guest-fsfreeze-thaw")
-        return n
-    finally:
-        agent.close()
-
-
 @dataclass
 class _Disk:
     target: str
@@ -348,6 +338,10 @@ class _Moment:
             return NbdImage(info, served=served)
         except ImageError as e:
             raise ImageError(f"{self.guest.name}: {target}: {e}") from e
+
+    def tracking(self, target: str, bitmap: str) -> str | None:
+        d = next(x for x in self.guest._disks if x.target == target)
+        return bitmap if d.format == "qcow2" else None
 
     def commit(self, bitmap: str) -> None:
         nodes = {n["node-name"]: n for n in self.guest.qmp("query-named-block-nodes", flat=True)}
