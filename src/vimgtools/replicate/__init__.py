@@ -11,9 +11,21 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+from vimgtools.errors import InvalidInput
+from vimgtools.replicate.define import check_can_define
+from vimgtools.replicate.define import define as define_clone
 from vimgtools.replicate.generation import DiskResult, Progress, ReplicateResult, run
-from vimgtools.replicate.libvirt import DEFAULT_URI, LibvirtGuest, connect, domain_disks, lookup
+from vimgtools.replicate.libvirt import (
+    DEFAULT_URI,
+    LibvirtGuest,
+    connect,
+    domain_disks,
+    libvirt_module,
+    lookup,
+)
 from vimgtools.replicate.offline import Offline
 from vimgtools.replicate.qmp import QmpGuest
 
@@ -31,10 +43,15 @@ def replicate(
     dry_run: bool = False,
     block_size: int = 4096,
     full: bool = False,
+    define: str | None = None,
+    as_name: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> ReplicateResult:
     """Copy generation N of ``guest`` into ``dest``; the same data as the CLI's ``--json``.
+
+    ``define``: a libvirt URI where the clone is then defined (inactive, never started) from
+    DEST/domain.xml, named ``as_name`` (default: the guest's); a libvirt guest only.
 
     Raises:
         InvalidInput: no such guest, socket or image; a bad option (exit 2, nothing written).
@@ -42,6 +59,12 @@ def replicate(
         VimgError: failed; DEST still holds the last whole generation.
     """
     opts = dict(fmt=fmt, dry_run=dry_run, block_size=block_size, full=full, progress=progress, stop=stop)
+    if define is not None and not (
+        isinstance(guest, str) and not guest.startswith("qmp:") and not os.path.exists(guest)
+    ):
+        raise InvalidInput(
+            "--define needs a libvirt guest (its definition is what is cloned)", option="define"
+        )
     if isinstance(guest, str) and guest.startswith("qmp:"):
         g = QmpGuest(guest[4:], agent=agent, name=name)
         try:
@@ -49,18 +72,36 @@ def replicate(
         finally:
             g.close()
     if isinstance(guest, str) and not os.path.exists(guest):  # a libvirt domain's name
-        conn = connect(uri)
-        try:
-            dom = lookup(conn, guest)
-            if dom.isActive():
-                return run(LibvirtGuest(dom, uri), dest, **opts)  # type: ignore[arg-type]
-            disks = domain_disks(dom.XMLDesc(0))
-            off = Offline(
-                [p for _, p, _ in disks], name or guest, track=False, targets=[t for t, _, _ in disks]
-            )
-            off.uuid, off.xml = dom.UUIDString(), dom.XMLDesc(0)
-            return run(off, dest, **opts)  # type: ignore[arg-type]
-        finally:
-            conn.close()
+        return _libvirt(guest, dest, uri, name, define, as_name, opts)
     images = [guest] if isinstance(guest, (str, os.PathLike)) else list(guest)
     return run(Offline(images, name), dest, **opts)  # type: ignore[arg-type]
+
+
+def _libvirt(
+    guest: str, dest: str | os.PathLike[str], uri: str, name: str | None, define: str | None,
+    as_name: str | None, opts: dict[str, Any],
+) -> ReplicateResult:  # fmt: skip
+    conn = connect(uri)
+    clones = connect(define) if define is not None else None
+    try:
+        dom = lookup(conn, guest)
+        clone_name = as_name or dom.name()
+        if clones is not None:  # refused before anything is written
+            check_can_define(clones, libvirt_module(), clone_name, None if as_name else dom.UUIDString())
+        backend: LibvirtGuest | Offline
+        if dom.isActive():
+            backend = LibvirtGuest(dom, uri)
+        else:
+            disks = domain_disks(dom.XMLDesc(0))
+            backend = Offline(
+                [p for _, p, _ in disks], name or guest, track=False, targets=[t for t, _, _ in disks]
+            )
+            backend.uuid, backend.xml = dom.UUIDString(), dom.XMLDesc(0)
+        res = run(backend, dest, **opts)
+        if clones is not None and not opts["dry_run"]:
+            res.defined = define_clone(clones, libvirt_module(), Path(dest), res.generation, clone_name)
+        return res
+    finally:
+        conn.close()
+        if clones is not None:
+            clones.close()

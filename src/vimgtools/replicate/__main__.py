@@ -84,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-b", "--block-size", type=_cli.parse_size, default=4096, metavar="SIZE", help="compare unit"
     )
     p.add_argument(
+        "--define",
+        metavar="URI",
+        help="then define the clone there (e.g. qemu:///system on the DR host) as an inactive libvirt "
+        "domain from DEST/domain.xml: disks at the replicas, never started; a domain of that name that "
+        "is not a clone of ours is never touched",
+    )
+    p.add_argument(
+        "--as", dest="as_name", metavar="NAME", help="with --define: the clone's name (default the guest's)"
+    )
+    p.add_argument(
         "--full",
         action="store_true",
         help="compare every disk in full this run, whatever the bitmaps say (a scrub); tracking goes on",
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     guest = args.guest if len(args.guest) > 1 else args.guest[0]
     if args.agent and not (isinstance(guest, str) and guest.startswith("qmp:")):
         parser.error("--agent applies only to GUEST qmp:PATH")
+    if args.as_name and not args.define:
+        parser.error("--as applies only with --define")
     _cli.setup_logging(args.verbose, args.quiet)
     stop = threading.Event()
     _cli.install_stop_handlers(stop)
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = replicate(
             guest, args.dest, name=args.name, agent=args.agent, uri=args.connect, fmt=args.format, dry_run=args.dry_run,
-            block_size=args.block_size, full=args.full, progress=(lambda t, done, total: bar(done, total)) if bar else None,
+            block_size=args.block_size, full=args.full, define=args.define, as_name=args.as_name, progress=(lambda t, done, total: bar(done, total)) if bar else None,
             stop=stop,
         )  # fmt: skip
     finally:

@@ -64,6 +64,7 @@ class ReplicateResult:
     seconds: float = 0.0
     disks: list[DiskResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    defined: str | None = None  # --define: the clone's name where it was defined
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in vars(self).items() if k != "disks"}

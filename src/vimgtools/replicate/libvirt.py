@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from vimgtools.replicate.generation import GuestDisk
 log = logging.getLogger("vimgtools.replicate")
 
 DEFAULT_URI = "qemu:///system"
+JOB_END_TIMEOUT = 30.0
 
 
 class LibvirtError(VimgError):
@@ -280,7 +282,25 @@ class _Moment:
                 self.guest._delete(name)
 
     def end(self) -> None:
-        if self.begun:
-            with contextlib.suppress(self.guest.lv.libvirtError):
-                self.guest.dom.abortJob()  # ends a pull backup ("Operation canceled" is its normal end)
-            self.begun = False
+        """End the pull backup (``abortJob``: "Operation canceled" is its normal end) and wait until
+        libvirt has: a job still there would make the next run's backupBegin fail."""
+        if not self.begun:
+            return
+        lv, dom = self.guest.lv, self.guest.dom
+        deadline = time.monotonic() + JOB_END_TIMEOUT
+        while True:
+            try:
+                dom.abortJob()
+            except lv.libvirtError as e:
+                log.debug("%s: abortJob: %s", self.guest.name, e.get_error_message())
+            try:
+                dom.backupGetXMLDesc()
+            except lv.libvirtError:
+                break  # no backup job any more
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%s: warning: libvirt's backup job is still there; the next run ends it", self.guest.name
+                )
+                break
+            time.sleep(0.2)
+        self.begun = False
