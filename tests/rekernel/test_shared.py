@@ -2,11 +2,12 @@
 
 ``rekernel SYSTEM --from CLOUD-BOOTDIR --guest ROOT1 --guest ROOT2`` (Debian's cloud kernel with
 an initramfs made on the host, xenbuild.kvm_cloud_bootdir): one appliance, one group commit. The
-module fixture's run serves every assertion on the plan and the result; then both guests boot at
-once under TCG (each with its own ROOT as vda and the shared SYSTEM as vdb, read-only, booted from)
-and report on ttyS0: the new kernel, ``dummy`` loaded from ``/boot/modules``. The negative control
-boots an untouched copy (Xen names, a Xen-only initramfs): it never reports. Refusals need no boot:
-a dry run (every image byte-identical) and a guest image held by a running QEMU.
+module fixture's run serves every assertion on the plan and the result; beside it, at the same time,
+the same run with ``-n`` on a second set of copies (every image hashed before and after). A guest
+image a running QEMU holds is refused before any launch. Then both guests boot at once under TCG
+(each with its own ROOT as vda and the shared SYSTEM as vdb, read-only, booted from) and report on
+ttyS0: the new kernel, ``dummy`` loaded from ``/boot/modules``; beside them the negative control,
+the untouched first guest (Xen names, a Xen-only initramfs), which never reports.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,20 +30,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.guestfs, pytest.mark.boot]
 
 BOOT_TIMEOUT = 480
 CONTROL_SECONDS = 90
-MEASURED: dict[str, float] = {}
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str) -> subprocess.Popen[str]:
     env = dict(
         os.environ, LIBGUESTFS_BACKEND_SETTINGS=os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     )
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "vimgtools.rekernel", *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=1500,
     )
+
+
+def finish(p: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=1500)
+    return p.returncode, out, err
 
 
 @dataclass
@@ -70,16 +74,25 @@ def start(root: Path, system: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), serial
 
 
-def boot_all(roots: list[Path], system: Path, *, timeout: float) -> list[Boot]:
-    """Boot every guest at once (they share SYSTEM read-only) until each powers off or ``timeout``."""
+def boot_all(
+    guests: list[tuple[Path, Path]], controls: list[tuple[Path, Path]], *, timeout: float
+) -> tuple[list[Boot], list[Boot]]:
+    """Boot every (ROOT, SYSTEM) at once until each guest powers off or ``timeout``; the controls
+    beside them, for twice as long as the guests took (at least CONTROL_SECONDS)."""
     t0 = time.monotonic()
-    vms = [start(r, system) for r in roots]
+    vms = [start(r, s) for r, s in [*guests, *controls]]
     ends: list[float | None] = [None] * len(vms)
-    while any(e is None for e in ends) and time.monotonic() - t0 < timeout:
-        time.sleep(0.5)
+    n = len(guests)
+    while time.monotonic() - t0 < timeout:
         for i, (p, _s) in enumerate(vms):
             if ends[i] is None and p.poll() is not None:
                 ends[i] = time.monotonic() - t0
+        good = [e for e in ends[:n] if e is not None]
+        if len(good) == n:
+            limit = max(CONTROL_SECONDS, 2 * max(good, default=0))
+            if all(e is not None for e in ends[n:]) or time.monotonic() - t0 > limit:
+                break
+        time.sleep(0.5)
     out = []
     for i, (p, serial) in enumerate(vms):
         if p.poll() is None:
@@ -96,25 +109,41 @@ def boot_all(roots: list[Path], system: Path, *, timeout: float) -> list[Boot]:
                 values["DONE"] = "yes"
         end = ends[i]
         out.append(Boot(values, text, end if end is not None else time.monotonic() - t0, p.returncode == 0))
-    return out
+    return out[:n], out[n:]
+
+
+def shared_args(disks: tuple[Path, Path, Path]) -> list[str]:
+    system, root1, root2 = disks
+    bootdir = xenbuild.kvm_cloud_bootdir()
+    return [str(system), "--from", str(bootdir), "--guest", str(root1), "--guest", str(root2)]
 
 
 @pytest.fixture(scope="module")
-def shared_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """ONE ``rekernel SYSTEM --from BOOTDIR --guest ROOT1 --guest ROOT2`` on fresh copies."""
-    bootdir = xenbuild.kvm_cloud_bootdir()
-    system, root1, root2 = sharedbuild.copy_all(tmp_path_factory.mktemp("shared"))
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """ONE ``rekernel SYSTEM --from BOOTDIR --guest ROOT1 --guest ROOT2`` on fresh copies and, at the
+    same time (two appliances, to save wall time), the same run with ``-n`` on a second set of copies,
+    every image of which is hashed before and after."""
+    real = sharedbuild.copy_all(tmp_path_factory.mktemp("shared"))
+    dry = sharedbuild.copy_all(tmp_path_factory.mktemp("dry"))
+    sums = [sha256(d) for d in dry]
     t0 = time.monotonic()
-    p = cli("--json", str(system), "--from", str(bootdir), "--guest", str(root1), "--guest", str(root2))
+    p_real, p_dry = cli("--json", *shared_args(real)), cli("-n", *shared_args(dry))
+    rc, out, err = finish(p_real)
     seconds = time.monotonic() - t0
-    assert p.returncode == 0, p.stderr[-4000:]
-    return {"disks": (system, root1, root2), "json": json.loads(p.stdout), "seconds": seconds}
+    assert rc == 0, err[-4000:]
+    dry_rc, dry_out, dry_err = finish(p_dry)
+    return {
+        "disks": real,
+        "json": json.loads(out),
+        "seconds": seconds,
+        "dry": {"disks": dry, "sums": sums, "rc": dry_rc, "out": dry_out, "err": dry_err},
+    }
 
 
-def test_plan_names_the_disk_of_every_change(shared_run: dict[str, Any]) -> None:
-    obj = shared_run["json"]
-    system, root1, root2 = map(str, shared_run["disks"])
-    print(f"\nshared rekernel: {shared_run['seconds']:.1f} s wall; seconds {obj['seconds']}")
+def test_plan_names_the_disk_of_every_change(runs: dict[str, Any]) -> None:
+    obj = runs["json"]
+    system, root1, root2 = map(str, runs["disks"])
+    print(f"\nshared rekernel: {runs['seconds']:.1f} s wall; seconds {obj['seconds']}")
     assert obj["action"] == "rekernel-shared" and obj["committed"] and obj["disks"] == [system, root1, root2]
     plan = obj["plan"]
     assert plan["disks"] == {"/dev/sda": system, "/dev/sdb": root1, "/dev/sdc": root2}
@@ -151,66 +180,24 @@ def test_plan_names_the_disk_of_every_change(shared_run: dict[str, Any]) -> None
     assert not list(Path(system).parent.glob("*vimg-rekernel*")), "no group file, journal or marker left"
 
 
-def test_both_guests_boot_the_new_kernel_and_load_a_module_from_boot_modules(
-    shared_run: dict[str, Any],
-) -> None:
-    system, root1, root2 = shared_run["disks"]
-    new = shared_run["json"]["plan"]["version"]
-    boots = boot_all([root1, root2], system, timeout=BOOT_TIMEOUT)
-    for b, name in zip(boots, sharedbuild.GUESTS, strict=True):
-        print(f"\n{name}: reported in {b.seconds:.1f} s (both booting at once)")
-        assert b.finished and b.values.get("DONE") == "yes", (b.console[-3000:], b.values)
-        assert b.values["GUEST"] == name
-        assert b.values["KERNEL"] == new
-        assert b.values["MODULE"] == f"dummy loaded=yes file=/boot/modules/{new}/kernel/drivers/net/dummy.ko"
-        assert b.values["MODULES-LINK"] == f"/boot/modules -> /boot/modules/{new}"
-        assert b.values["ROOT"].startswith("/dev/vda") and b.values["USR"].startswith("/dev/vdb2 ro")
-        assert b.values["BOOT"] == "/dev/vdb1"
-        assert "enX0" in b.values["NICS"].split()
-        assert b.values["UNLOADED"].split()[0] == "0", b.values["UNLOADED"]
-        assert "console=ttyS0,115200" in b.values["CMDLINE"] and "hvc0" not in b.values["CMDLINE"]
-    MEASURED["boot_seconds"] = max(b.seconds for b in boots)
-
-
-def test_untouched_guests_do_not_boot(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Negative control: the same disks without the run (Xen names, a Xen-only initramfs) never report.
-
-    Given twice the time the rekernelled guests took to report in this run (at least CONTROL_SECONDS).
-    """
-    system, root1, _root2 = sharedbuild.copy_all(tmp_path_factory.mktemp("control"))
-    good = MEASURED.get("boot_seconds")
-    limit = max(CONTROL_SECONDS, 2 * good) if good else 2 * CONTROL_SECONDS
-    (b,) = boot_all([root1], system, timeout=limit)
-    print(f"\nnegative control: no report in {b.seconds:.0f} s (the rekernelled guests: {good} s)")
-    assert "DONE" not in b.values and "KERNEL" not in b.values, b.console[-2000:]
-
-
-# -- refusals and the dry run: nothing written -------------------------------------------------------
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[tuple[Path, Path, Path], list[str]]]:
-    disks = sharedbuild.copy_all(tmp_path_factory.mktemp("pristine"))
-    yield disks, [sha256(d) for d in disks]
-
-
-def test_dry_run_writes_nothing(pristine: tuple[tuple[Path, Path, Path], list[str]]) -> None:
-    (system, root1, root2), sums = pristine
-    bootdir = xenbuild.kvm_cloud_bootdir()
-    p = cli("-n", str(system), "--from", str(bootdir), "--guest", str(root1), "--guest", str(root2))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert f"[on {system}]" in p.stdout and f"[on {root1}]" in p.stdout and f"[on {root2}]" in p.stdout
-    assert "+    APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in p.stdout
-    assert "rehearsed (dry run, DISK unchanged)" in p.stdout
-    assert [sha256(d) for d in (system, root1, root2)] == sums
+def test_dry_run_writes_nothing(runs: dict[str, Any]) -> None:
+    d = runs["dry"]
+    system, root1, root2 = d["disks"]
+    assert d["rc"] == 0, d["err"][-3000:]
+    out = d["out"]
+    assert f"[on {system}]" in out and f"[on {root1}]" in out and f"[on {root2}]" in out
+    assert "+    APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in out
+    assert "rehearsed (dry run, DISK unchanged)" in out
+    assert [sha256(p) for p in d["disks"]] == d["sums"], "a dry run wrote an image"
     assert not list(system.parent.glob(".vimg-rekernel*")) and not list(
         system.parent.glob("*.vimg-rekernel*")
     )
 
 
-def test_a_guest_image_a_running_qemu_holds_is_refused(
-    pristine: tuple[tuple[Path, Path, Path], list[str]],
-) -> None:
-    (system, root1, root2), sums = pristine
-    bootdir = xenbuild.kvm_cloud_bootdir()
+def test_a_guest_image_a_running_qemu_holds_is_refused(runs: dict[str, Any]) -> None:
+    """Refused before the appliance is launched (exit 2, one line naming the image), nothing written."""
+    d = runs["dry"]
+    root2 = d["disks"][2]
     vm = subprocess.Popen(
         [
             "qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "64",
@@ -228,14 +215,53 @@ def test_a_guest_image_a_running_qemu_holds_is_refused(
                 assert vm.poll() is None and time.monotonic() < deadline, "qemu never locked its disk"
                 time.sleep(0.1)
         t0 = time.monotonic()
-        p = cli("--json", str(system), "--from", str(bootdir), "--guest", str(root1), "--guest", str(root2))
+        rc, out, err = finish(cli("--json", *shared_args(d["disks"])))
         seconds = time.monotonic() - t0
     finally:
         vm.kill()
         vm.communicate()
     print(f"\nrefused in {seconds:.1f} s")
-    assert p.returncode == 2, p.stderr[-2000:]
-    line = p.stderr.strip().splitlines()[-1]
+    assert rc == 2, err[-2000:]
+    line = err.strip().splitlines()[-1]
     assert line.startswith(f"vimgtools.rekernel: error: {root2}: a running QEMU holds this image"), line
-    assert json.loads(p.stdout)["exit_code"] == 2
-    assert [sha256(d) for d in (system, root1, root2)] == sums
+    assert json.loads(out)["exit_code"] == 2
+    assert [sha256(p) for p in d["disks"]] == d["sums"]
+
+
+@pytest.fixture(scope="module")
+def boots(runs: dict[str, Any]) -> tuple[list[Boot], Boot]:
+    """Both rekernelled guests booted at once, and beside them the negative control: the untouched
+    first guest (the dry run's copies, proven unchanged), given twice as long as they took."""
+    system, root1, root2 = runs["disks"]
+    dry_system, dry_root1, _ = runs["dry"]["disks"]
+    guests, (control,) = boot_all(
+        [(root1, system), (root2, system)], [(dry_root1, dry_system)], timeout=BOOT_TIMEOUT
+    )
+    return guests, control
+
+
+def test_both_guests_boot_the_new_kernel_and_load_a_module_from_boot_modules(
+    runs: dict[str, Any], boots: tuple[list[Boot], Boot]
+) -> None:
+    new = runs["json"]["plan"]["version"]
+    for b, name in zip(boots[0], sharedbuild.GUESTS, strict=True):
+        print(f"\n{name}: reported in {b.seconds:.1f} s (three guests booting at once)")
+        assert b.finished and b.values.get("DONE") == "yes", (b.console[-3000:], b.values)
+        assert b.values["GUEST"] == name
+        assert b.values["KERNEL"] == new
+        assert b.values["MODULE"] == f"dummy loaded=yes file=/boot/modules/{new}/kernel/drivers/net/dummy.ko"
+        assert b.values["MODULES-LINK"] == f"/boot/modules -> /boot/modules/{new}"
+        assert b.values["ROOT"] == "/dev/vda1" and b.values["USR"].startswith("/dev/vdb2 ro")
+        assert b.values["BOOT"] == "/dev/vdb1"
+        assert "enX0" in b.values["NICS"].split()
+        assert b.values["UNLOADED"].split()[0] == "0", b.values["UNLOADED"]
+        assert "console=ttyS0,115200" in b.values["CMDLINE"] and "hvc0" not in b.values["CMDLINE"]
+
+
+def test_untouched_guest_does_not_boot(boots: tuple[list[Boot], Boot]) -> None:
+    """Negative control: the same disks without the run (Xen names, a Xen-only initramfs) never report."""
+    good = max(b.seconds for b in boots[0])
+    control = boots[1]
+    print(f"\nnegative control: no report in {control.seconds:.0f} s (the rekernelled guests: {good:.0f} s)")
+    assert control.seconds >= min(2 * good, BOOT_TIMEOUT) - 1 or control.seconds >= CONTROL_SECONDS
+    assert "DONE" not in control.values and "KERNEL" not in control.values, control.console[-2000:]
