@@ -335,3 +335,30 @@ def test_the_watchdog_thaws_when_vimgtools_dies_frozen(vm: Qemu, tmp_path: Path)
         time.sleep(0.05)
     out = run_json("--agent", tmp_path / "qga.sock", f"qmp:{vm.qmp}", dest)  # and the next run is whole
     assert out["generation"] == 2 and vm.leftovers() == []
+
+
+def test_the_guest_shutting_down_mid_run(vm: Qemu, tmp_path: Path) -> None:
+    """QEMU exits while its disks are read: the run fails (exit 1, one line), the replica directory
+    keeps the last generation, and the next run (QEMU started again) is incremental and correct."""
+    dest = tmp_path / "dr"
+    run_json(f"qmp:{vm.qmp}", dest)
+    vm.io("vdb", *(f"write -P {i + 1} {i}M 1M" for i in range(60)))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vimgtools.replicate", "-q", "-b", "4096", f"qmp:{vm.qmp}", str(dest)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not vm.cmd("query-block-exports"):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    vm.quit()  # the guest powers off: QEMU stores its bitmaps and exits
+    _, err = p.communicate()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert json.loads((dest / "manifest.json").read_text())["generation"] == 1
+    subprocess.run(
+        [sys.executable, "-m", "vimgtools.sync", "-q", "--recover", str(dest / "vdb.img")], check=True
+    )
+    vm.start()
+    out = run_json(f"qmp:{vm.qmp}", dest)
+    assert out["generation"] == 2 and [d["mode"] for d in out["disks"]] == ["incremental", "incremental"]
+    assert same_after_quit(vm, dest)
