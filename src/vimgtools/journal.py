@@ -237,8 +237,9 @@ class JournalContents:
     data_bytes: int  # DATA payload bytes up to there
 
 
-def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int]]:
-    """Each intact record: (kind, record, sequence). Stops at the first torn or damaged one."""
+def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int, bytes | None]]:
+    """Each intact record: (kind, record, sequence, payload: the bytes checked, None but for DATA).
+    Stops at the first torn or damaged one."""
     pos, expect = HEADER_SIZE, 0
     while pos + RECORD_SIZE <= size:
         raw = os.pread(fd, RECORD_SIZE, pos)
@@ -247,14 +248,16 @@ def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int]]:
         if magic_r != RECORD_MAGIC or checksum64(raw[: RECORD.size]) != rsum or rseq != expect:
             return
         payload_len = length if kind == DATA else 0
+        payload = None
         if kind == DATA:
             if length > MAX_RECORD or pos + RECORD_SIZE + length > size:
                 return
-            if checksum64(os.pread(fd, length, pos + RECORD_SIZE)) != psum:
+            payload = os.pread(fd, length, pos + RECORD_SIZE)
+            if len(payload) != length or checksum64(payload) != psum:
                 return
         elif kind not in (ZERO, CHECKPOINT, COMMIT):
             return
-        yield kind, Record(kind, offset, length, aux, pos + RECORD_SIZE), rseq
+        yield kind, Record(kind, offset, length, aux, pos + RECORD_SIZE), rseq, payload
         pos += RECORD_SIZE + payload_len
         expect += 1
 
@@ -270,7 +273,7 @@ def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
         header = Header.unpack(os.pread(fd, HEADER_SIZE, 0), path, magic)
         checkpoint, resume_at, seq, committed = 0, HEADER_SIZE, 0, False
         data_bytes = pending = 0
-        for kind, rec, rseq in _walk(fd, size):
+        for kind, rec, rseq, _ in _walk(fd, size):
             if kind == DATA:
                 pending += rec.length
             elif kind in (CHECKPOINT, COMMIT):
@@ -297,24 +300,20 @@ def iter_records(contents: JournalContents) -> Iterator[tuple[Record, bytes | No
     except OSError as e:
         raise JournalError(f"{path}: cannot read: {describe_os_error(e)}") from e
     try:
-        walked = _walk(fd, contents.resume_at)
-        for kind, rec, _ in walked:
-            if kind == DATA:
-                payload = os.pread(fd, rec.length, rec.payload_at)
-                if checksum64(payload) != _payload_sum(fd, rec):
-                    raise JournalError(f"{path}: changed while being read (record at {rec.offset})")
+        # Each payload is the one _walk read and checked against its record: one read of each.
+        # The walk must reach where verification ended, or the file changed since (never a
+        # silently shorter apply).
+        end = HEADER_SIZE
+        for kind, rec, _, payload in _walk(fd, contents.resume_at):
+            end = rec.payload_at + (rec.length if kind == DATA else 0)
+            if kind in (DATA, ZERO):
                 yield rec, payload
-            elif kind == ZERO:
-                yield rec, None
+        if end != contents.resume_at:
+            raise JournalError(f"{path}: changed while being read (no intact record at file position {end})")
     except OSError as e:
         raise JournalError(f"{path}: read error: {describe_os_error(e)}") from e
     finally:
         os.close(fd)
-
-
-def _payload_sum(fd: int, rec: Record) -> int:
-    raw = os.pread(fd, RECORD.size, rec.payload_at - RECORD_SIZE)
-    return int(RECORD.unpack_from(raw)[4])
 
 
 def journal_path_for(dst: Image) -> Path:
