@@ -3,7 +3,7 @@ the real parts of guests.py: libvirtd started by the tests, a running test guest
 libvirt, or qemu with QMP), and directories libvirt's QEMU can reach.
 
 Boots cost 60-100 s under TCG: ``libvirt_guest`` is one guest for the whole session (its disks are
-copies, the domain ``vimg-test-guest``); a test may shut it down, destroy or kill it, and the next
+copies, the domain ``vimg-test-PID-guest``); a test may shut it down, destroy or kill it, and the next
 test asking for ``libvirt_guest`` gets it running again. On a failed test, the console tails of the
 guests it used are added to the report.
 """
@@ -27,6 +27,10 @@ import guests
 
 URI = "qemu:///system"
 GUEST_NAME = guests.DOMAIN_PREFIX + "guest"
+HERE = Path(__file__).parent
+#: The session guests booted so far: stopped after the last test of this directory (a TCG guest and
+#: its workload would slow every test after it), undefined at the end of the session.
+_BOOTED: list[guests.Guest] = []
 
 
 def _needs_root() -> None:
@@ -39,8 +43,9 @@ def _needs_root() -> None:
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[str]:
     """libvirtd (and virtlogd) answering on qemu:///system: the URI. Started here unless already
-    running; at the end every ``vimg-test-`` domain is destroyed and undefined, and the daemons this
-    fixture started are stopped by PID."""
+    running; at the end this session's domains (``guests.DOMAIN_PREFIX``: ``vimg-test-PID-``, and
+    those of sessions that are gone) are destroyed and undefined, and the daemons this fixture
+    started are stopped by PID (unless other sessions' domains run on them)."""
     _needs_root()
     daemons = guests.start_libvirtd(URI)
     print(f"\nlibvirtd: {'started' if daemons.started else 'already running'} in {daemons.seconds:.1f} s")
@@ -48,7 +53,8 @@ def libvirtd() -> Iterator[str]:
         yield URI
     finally:
         guests.remove_test_domains(URI)
-        guests.stop_daemons(daemons)
+        if left := guests.stop_daemons(daemons):
+            print(f"\nlibvirtd: left running for the domains of other sessions: {', '.join(left)}")
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +79,13 @@ def libvirt_session_guest(libvirtd: str, guest_disks: tuple[Path, Path]) -> Iter
     d = guests.libvirt_dir()
     disks = guests.copy_disks(d)
     g = guests.start_libvirt_guest(libvirtd, GUEST_NAME, disks, d / "console.log")
+    _BOOTED.append(g)
     try:
         seconds = g.wait_agent(420)
         print(f"\n{GUEST_NAME}: agent answered {seconds:.0f} s after the start")
         yield g
     finally:
+        _BOOTED.remove(g)
         g.undefine()
         shutil.rmtree(d, ignore_errors=True)
 
@@ -101,11 +109,13 @@ def qmp_session_guest(
     work = tmp_path_factory.mktemp("qmp-guest")
     disks = guests.copy_disks(work / "disks")
     g = guests.start_qmp_guest(disks, work)
+    _BOOTED.append(g)
     try:
         seconds = g.wait_agent(420)
         print(f"\nqmp guest: agent answered {seconds:.0f} s after the start")
         yield g
     finally:
+        _BOOTED.remove(g)
         g.stop()
 
 
@@ -115,6 +125,39 @@ def qmp_guest(qmp_session_guest: guests.QmpGuest) -> guests.QmpGuest:
     with ``guests.start_qmp_guest(g.disks, workdir)`` if you need that)."""
     assert qmp_session_guest.is_running(), qmp_session_guest.console_tail()
     return qmp_session_guest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "shuts_down_guest: shuts the session's libvirt guest down; run after the other tests of "
+        "tests/replicate, so that they need no second boot",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``shuts_down_guest`` move behind the other tests of this directory."""
+    here = [i for i, item in enumerate(items) if Path(item.path).parent == HERE]
+    late = [items[i] for i in here if items[i].get_closest_marker("shuts_down_guest")]
+    if not late or len(late) == len(here):
+        return
+    last = max(i for i in here if not items[i].get_closest_marker("shuts_down_guest"))
+    anchor = items[last]
+    for item in late:
+        items.remove(item)
+    at = items.index(anchor) + 1
+    items[at:at] = late
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the last test of this directory: stop the session guests (their CPU is for the rest)."""
+    if Path(item.path).parent == HERE and (nextitem is None or Path(nextitem.path).parent != HERE):
+        for g in _BOOTED:
+            with contextlib.suppress(Exception):
+                if isinstance(g, guests.LibvirtGuest):
+                    g.destroy(sigkill=False)
+                elif isinstance(g, guests.QmpGuest):
+                    g.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -4,6 +4,8 @@ The guest is the cached ``grub2`` test guest of tests/rekernel/guestbuild.py wit
 
 - qemu-guest-agent (unpacked as the drill tests do: udev starts it when the virtio-serial port
   ``org.qemu.guest_agent.0`` appears), no getty, and the report unit that powers off disabled;
+  ``/usr/sbin/shutdown`` acting at once (the agent's ``guest-shutdown`` works without logind); a
+  small initramfs (virtio and ext4 only: boots 10-15 s faster under TCG); slow units masked;
 - a data disk ``vdb``: ext4 on the whole disk, label ``vimgdata``, mounted at ``/srv`` by UUID;
 - ``vimg-workload.service``: writes numbered files, odd numbers on the root filesystem
   (``/var/lib/w/000001``), even ones on the data disk (``/srv/w/000002``), each 4-64 KiB of
@@ -21,7 +23,27 @@ through libvirt (``start_libvirt_guest``) or by qemu directly with QMP (``start_
 ``check_replica(dest)`` boots a replica directory through the drill, reads the check's line, and
 checks every ext filesystem of the replica on the host (``e2fsck`` on a throw-away overlay).
 
-Run by hand to warm the cache: ``python tests/replicate/guests.py disks``.
+API (fixtures in conftest.py: ``libvirtd``, ``libvirt_guest``, ``qmp_guest``, ``guest_disks``,
+``libvirt_tmp``):
+
+- ``build_disks() -> (vda, vdb)`` cached, read-only; ``copy_disks(dir) -> [dir/vda.qcow2, dir/vdb.qcow2]``.
+- ``start_libvirtd(uri) -> Daemons``, ``stop_daemons(d)``, ``remove_test_domains(uri)``; domain names
+  start with ``DOMAIN_PREFIX`` (``vimg-test-PID-``: this session's, removed at its end);
+  ``libvirt_dir()``: a directory libvirt's QEMU can reach (see LIBVIRT_IMAGES for why).
+- ``start_libvirt_guest(uri, name, disks, console) -> LibvirtGuest``: ``.name``, ``.dom``, ``.disks``,
+  ``.console``, ``.pid()``, ``.start()``, ``.destroy(sigkill=True)``, ``.shutdown()``, ``.undefine()``.
+- ``start_qmp_guest(disks, workdir) -> QmpGuest``: ``.qmp_socket``, ``.agent_socket``, ``.qmp(cmd,
+  args)``, ``.stop()`` (QMP quit), ``.kill()`` (SIGKILL), ``.start()`` (again), ``.shutdown()``.
+- Both (``Guest``): ``agent(cmd, args)``, ``wait_agent(timeout)``, ``workload_files()``,
+  ``workload_count()``, ``wait_workload(n)``, ``freeze()``, ``thaw()``, ``read_file(path)``,
+  ``console_text()``, ``console_tail()``.
+- ``check_replica(dest) -> CheckResult``: ``.ok`` (= ``.check_ok and .clean``), ``.line``, ``.files``,
+  ``.fsck`` (``Fsck`` per filesystem), ``.report`` (the drill's), ``.console``, ``.describe()``;
+  ``replica_files(dest)``: the log as the replica holds it (host side, no boot);
+  ``corrupt_data_file(raw_vdb, path)`` for negative controls.
+
+Run by hand to warm the cache: ``python tests/replicate/guests.py disks``; to check a replica:
+``python tests/replicate/guests.py check DEST``.
 """
 
 from __future__ import annotations
@@ -320,11 +342,16 @@ class Guest:
     def agent(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10) -> Any:
         raise NotImplementedError
 
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
     def wait_agent(self, timeout: float = 300) -> float:
         """Wait until the agent answers ``guest-ping``; returns the seconds waited."""
         t0 = time.monotonic()
         last: Exception | None = None
         while time.monotonic() - t0 < timeout:
+            if not self.is_running():
+                raise AgentError(f"the guest is not running (any more)\n{self.console_tail()}")
             try:
                 self.agent("guest-ping", timeout=3)
                 return time.monotonic() - t0
@@ -404,7 +431,11 @@ class Guest:
 #: all), and a static root:root DAC label would hide the permission problems the replicate code must
 #: handle on a real host (the backup socket's directory must be writable by libvirt-qemu).
 LIBVIRT_IMAGES = Path("/var/lib/libvirt/images")
-DOMAIN_PREFIX = "vimg-test-"
+TEST_PREFIX = "vimg-test-"
+#: Names of this test session's domains (and directories): several sessions share this machine and
+#: its libvirtd (engineers run the suite at the same time), and each removes only its own, and those
+#: of sessions that are gone (their pid is not running).
+DOMAIN_PREFIX = f"{TEST_PREFIX}{os.getpid()}-"
 
 
 def libvirt_dir(prefix: str = DOMAIN_PREFIX) -> Path:
@@ -491,7 +522,10 @@ class LibvirtGuest(Guest):
             return None
 
     def is_running(self) -> bool:
-        return bool(self.dom.isActive())
+        try:
+            return bool(self.dom.isActive())
+        except _libvirt().libvirtError:  # undefined behind our back
+            return False
 
     def start(self) -> None:
         """Start the (shut-off) domain again; the console file is appended to."""
@@ -534,7 +568,13 @@ class LibvirtGuest(Guest):
             time.sleep(0.2)
 
     def undefine(self) -> None:
+        """Destroy and undefine the domain, and close our connection (the handle is done)."""
         undefine_domain(self.dom)
+        # Dropped now, not at interpreter exit (where libvirt's __del__ fails noisily: its C module
+        # is already gone).
+        self.dom = None
+        with contextlib.suppress(Exception):
+            self.conn.close()
 
 
 def _libvirt() -> ModuleType:
@@ -553,8 +593,8 @@ def start_libvirt_guest(
     """Define (persistent) and start the test guest as libvirt domain ``name`` on ``uri``.
 
     ``disks`` (qcow2, vda first) and ``console`` must be in a directory libvirt's QEMU can reach
-    (``libvirt_dir()``). Names should start with ``DOMAIN_PREFIX``: the ``libvirtd`` fixture
-    removes such domains at the end. Returns at once; ``wait_agent()`` waits for the boot.
+    (``libvirt_dir()``). Names should start with ``DOMAIN_PREFIX`` (this session's): the ``libvirtd``
+    fixture removes such domains at the end. Returns at once; ``wait_agent()`` waits for the boot.
     """
     libvirt = _libvirt()
     conn = libvirt.open(uri)
@@ -587,16 +627,29 @@ def undefine_domain(dom: Any) -> None:
 
 
 def remove_test_domains(uri: str, prefix: str = DOMAIN_PREFIX) -> list[str]:
-    """Destroy and undefine every domain whose name starts with ``prefix``; their names."""
+    """Destroy and undefine every domain whose name starts with ``prefix`` (this session's), and
+    those of test sessions that are gone (``vimg-test-PID-...`` of a pid not running); their names."""
     libvirt = _libvirt()
     conn = libvirt.open(uri)
     try:
         gone = []
         for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix):
+            name = dom.name()
+            m = re.match(re.escape(TEST_PREFIX) + r"(\d+)-", name)
+            if name.startswith(prefix) or (m is not None and not _alive(int(m.group(1)))):
                 undefine_domain(dom)
-                gone.append(dom.name())
+                gone.append(name)
         return gone
+    finally:
+        conn.close()
+
+
+def active_domains(uri: str) -> list[str]:
+    """Names of the running domains (anyone's)."""
+    libvirt = _libvirt()
+    conn = libvirt.open(uri)
+    try:
+        return [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
     finally:
         conn.close()
 
@@ -660,8 +713,11 @@ def _pid_alive(pidfile: str) -> bool:
     return True
 
 
-def stop_daemons(daemons: Daemons, timeout: float = 20) -> None:
-    """SIGTERM to the daemons we started (libvirtd first), by PID; SIGKILL after ``timeout``."""
+def stop_daemons(daemons: Daemons, timeout: float = 20) -> list[str]:
+    """SIGTERM to the daemons we started (libvirtd first), by PID; SIGKILL after ``timeout``. Not
+    while domains run (another session's, started on the daemon we started): their names then."""
+    if daemons.started and (running := active_domains(daemons.uri)):
+        return running
     for name in ("libvirtd", "virtlogd"):
         pid = daemons.started.get(name)
         if pid is None:
@@ -675,6 +731,7 @@ def stop_daemons(daemons: Daemons, timeout: float = 20) -> None:
                     os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.1)
+    return []
 
 
 def _alive(pid: int) -> bool:
@@ -750,11 +807,32 @@ class QmpGuest(Guest):
     agent_socket: Path
     console: Path
     disks: list[Path]
-    proc: subprocess.Popen[bytes] = field(repr=False)
+    proc: subprocess.Popen[bytes] | None = field(repr=False)
     stderr: Path
+    argv: list[str] = field(repr=False)
 
     def agent(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10) -> Any:
         return UnixAgent(self.agent_socket)(command, arguments, timeout)
+
+    def start(self) -> None:
+        """Start qemu (again, after ``stop``, ``kill`` or ``shutdown``): same disks and sockets."""
+        assert not self.is_running(), "already running"
+        for sock in (self.qmp_socket, self.agent_socket):
+            sock.unlink(missing_ok=True)
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                preexec_fn=die_with_parent(signal.SIGKILL),
+            )
+        deadline = time.monotonic() + 30
+        while not self.qmp_socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"qemu did not start: {self.stderr.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
 
     def qmp(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30) -> Any:
         """One QMP command over a fresh connection (QEMU's own client library, synchronous form)."""
@@ -768,25 +846,25 @@ class QmpGuest(Guest):
             mon.close()
 
     def is_running(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         """SIGKILL: its bitmaps stay flagged in-use in the qcow2 (tracking lost)."""
-        if self.is_running():
-            self.proc.kill()
-        self.proc.wait(30)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(30)
 
     def stop(self, timeout: float = 20) -> None:
         """QEMU ends now, cleanly for its images (QMP ``quit``: bitmaps stored), SIGKILL if it hangs.
         The guest sees a power cut."""
-        if self.is_running():
+        if self.proc is not None and self.is_running():
             with contextlib.suppress(Exception):
                 self.qmp("quit")
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                self.kill()
 
     def shutdown(self, timeout: float = 120) -> None:
         """A clean power-off through the agent; ``stop()`` after ``timeout``."""
@@ -794,6 +872,7 @@ class QmpGuest(Guest):
             return
         with contextlib.suppress(AgentError):
             self.agent("guest-shutdown", {"mode": "powerdown"}, timeout=5)
+        assert self.proc is not None
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -806,7 +885,7 @@ def qmp_argv(disks: Sequence[Path], workdir: Path, *, memory_mb: int = 768, cpus
         "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-cpu", "max",
         "-m", str(memory_mb), "-smp", str(cpus),
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-serial", f"file:{workdir / 'console.log'}",
+        "-chardev", f"file,id=ser0,path={workdir / 'console.log'},append=on", "-serial", "chardev:ser0",
         "-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off",
         "-chardev", f"socket,id=qga0,path={workdir / 'qga.sock'},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
@@ -825,36 +904,22 @@ def qmp_argv(disks: Sequence[Path], workdir: Path, *, memory_mb: int = 768, cpus
 def start_qmp_guest(disks: Sequence[Path], workdir: Path, *, memory_mb: int = 768, cpus: int = 1) -> QmpGuest:
     """The test guest in qemu-system-x86_64 without libvirt: TCG, QMP on ``workdir/qmp.sock``, the
     agent on ``workdir/qga.sock``, disks as ``-blockdev`` qcow2 nodes ``vda``, ``vdb`` (over file
-    nodes ``vda-file``, ...) on virtio-blk devices of the same ids, the console in
+    nodes ``vda-file``, ...) on virtio-blk devices of the same ids, the console appended to
     ``workdir/console.log``. QEMU dies with the thread that started it (PR_SET_PDEATHSIG)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("qmp.sock", "qga.sock"):
-        (workdir / name).unlink(missing_ok=True)
     if len(str(workdir / "qmp.sock")) > 100:
         raise ValueError(f"{workdir}: too long for a unix socket path")
-    stderr = workdir / "qemu.log"
-    with open(stderr, "wb") as err:
-        proc = subprocess.Popen(
-            qmp_argv(disks, workdir, memory_mb=memory_mb, cpus=cpus),
-            stdin=subprocess.DEVNULL,
-            stdout=err,
-            stderr=err,
-            preexec_fn=die_with_parent(signal.SIGKILL),
-        )
+    argv = qmp_argv(disks, workdir, memory_mb=memory_mb, cpus=cpus)
     guest = QmpGuest(
         qmp_socket=workdir / "qmp.sock",
         agent_socket=workdir / "qga.sock",
         console=workdir / "console.log",
         disks=[Path(d) for d in disks],
-        proc=proc,
-        stderr=stderr,
+        proc=None,
+        stderr=workdir / "qemu.log",
+        argv=argv,
     )
-    deadline = time.monotonic() + 30
-    while not guest.qmp_socket.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            guest.stop()
-            raise RuntimeError(f"qemu did not start: {stderr.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.05)
+    guest.start()
     return guest
 
 
@@ -869,13 +934,15 @@ class Fsck:
 
     disk: str  # the replica file's name
     offset: int  # the filesystem's start in the disk (bytes)
+    needed_recovery: bool  # its journal held transactions to replay (crash-consistent, not frozen)
     journal_rc: int  # e2fsck -E journal_only -y: the journal replayed as a mount would
     check_rc: int  # e2fsck -fn afterwards: 0 = clean
     output: str
 
     @property
     def clean(self) -> bool:
-        return self.check_rc == 0
+        """The journal replayed (if it needed it) and no error found after."""
+        return self.journal_rc in (0, 1) and self.check_rc == 0
 
 
 @dataclass
@@ -906,95 +973,124 @@ class CheckResult:
 
     def describe(self) -> str:
         fs = ", ".join(
-            f"{f.disk}@{f.offset}: {'clean' if f.clean else f'rc={f.check_rc}'}" for f in self.fsck
+            f"{f.disk}@{f.offset}: {'clean' if f.clean else f'rc={f.check_rc}'}"
+            + (" (journal replayed)" if f.needed_recovery else "")
+            for f in self.fsck
         )
         tail = "\n".join(self.console.splitlines()[-30:])
         return f"check: {self.line}\nfsck: {fs}\n--- replica console (last 30 lines) ---\n{tail}"
 
 
-def ext_filesystems(image: Path, fmt: str) -> list[int]:
-    """Byte offsets of the ext2/3/4 filesystems of a disk: the whole disk, or its MBR's primary
-    partitions (the test guests' layouts; no GPT, no LVM)."""
+def ext_filesystems(image: Path, fmt: str) -> list[tuple[int, int]]:
+    """``(offset, size)`` in bytes of the ext2/3/4 filesystems of a disk: the whole disk, or its MBR's
+    primary partitions (the test guests' layouts; no GPT, no LVM)."""
 
     def is_ext(read: Callable[[int, int], bytes], offset: int) -> bool:
         return read(offset + 1024 + 56, 2) == b"\x53\xef"  # the superblock's magic
 
-    with _exported(image, fmt, writable=False) as dev, open(dev, "rb") as f:
+    with _exported(image, fmt, writable=False) as (dev,), open(dev, "rb") as f:
 
         def read(off: int, n: int) -> bytes:
             f.seek(off)
             return f.read(n)
 
         if is_ext(read, 0):
-            return [0]
+            return [(0, os.stat(dev).st_size)]
         mbr = read(0, 512)
         if mbr[510:512] != b"\x55\xaa":
             return []
-        starts = [int.from_bytes(mbr[446 + 16 * i + 8 : 446 + 16 * i + 12], "little") for i in range(4)]
-        return [lba * 512 for lba in starts if lba and is_ext(read, lba * 512)]
+        found = []
+        for i in range(4):
+            entry = mbr[446 + 16 * i : 446 + 16 * (i + 1)]
+            lba, count = int.from_bytes(entry[8:12], "little"), int.from_bytes(entry[12:16], "little")
+            if lba and count and is_ext(read, lba * 512):
+                found.append((lba * 512, count * 512))
+        return found
 
 
 @contextlib.contextmanager
-def _exported(image: Path, fmt: str, *, writable: bool, overlay: Path | None = None) -> Iterator[Path]:
-    """``image`` as a plain file: itself when raw and read-only, else through qemu-storage-daemon's
-    FUSE export (of a qcow2 ``overlay`` backed by the image when writable: the image is never written)."""
-    if fmt == "raw" and not writable:
-        yield image
+def _exported(
+    image: Path,
+    fmt: str,
+    *,
+    writable: bool,
+    overlay: Path | None = None,
+    slices: Sequence[tuple[int, int]] = (),
+) -> Iterator[list[Path]]:
+    """``image`` as plain files: the whole disk (no ``slices``), or one file per ``(offset, size)``
+    slice. A raw image read whole is itself; the rest goes through qemu-storage-daemon's FUSE
+    exports, of a qcow2 ``overlay`` backed by the image when writable (the image is never written).
+
+    Slices rather than e2fsck's ``FILE?offset=N``: after replaying a journal e2fsck re-opens the
+    filesystem without the offset ("Bad magic number in super-block while trying to re-open")."""
+    if fmt == "raw" and not writable and not slices:
+        yield [image]
         return
-    with tempfile.TemporaryDirectory(prefix="vimg-fsck-") as tmp:
-        mnt = Path(tmp) / "disk"
-        mnt.touch()
+    with tempfile.TemporaryDirectory(prefix="vimg-export-") as tmp:
         if writable:
             assert overlay is not None
             create = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.absolute()), "-F", fmt]
             subprocess.run([*create, str(overlay)], check=True)
-            node = f"driver=qcow2,node-name=top,file.driver=file,file.filename={overlay}"
+            top = f"driver=qcow2,node-name=top,file.driver=file,file.filename={overlay}"
         else:
-            node = f"driver={fmt},node-name=top,read-only=on,file.driver=file,file.filename={image},file.read-only=on"
-        export = f"type=fuse,id=e0,node-name=top,mountpoint={mnt},writable={'on' if writable else 'off'}"
+            top = f"driver={fmt},node-name=top,read-only=on,file.driver=file,file.filename={image},file.read-only=on"
+        argv = ["qemu-storage-daemon", "--blockdev", top]
+        nodes = ["top"]
+        if slices:
+            nodes = [f"p{i}" for i in range(len(slices))]
+            for node, (offset, size) in zip(nodes, slices, strict=True):
+                ro = "" if writable else ",read-only=on"
+                argv += [
+                    "--blockdev",
+                    f"driver=raw,node-name={node},file=top,offset={offset},size={size}{ro}",
+                ]
+        files = [Path(tmp) / node for node in nodes]
+        for i, (node, f) in enumerate(zip(nodes, files, strict=True)):
+            f.touch()
+            on = "on" if writable else "off"
+            argv += ["--export", f"type=fuse,id=e{i},node-name={node},mountpoint={f},writable={on}"]
         daemon = subprocess.Popen(
-            ["qemu-storage-daemon", "--blockdev", node, "--export", export],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
         try:
             deadline = time.monotonic() + 20
-            while mnt.stat().st_size == 0:
+            while any(f.stat().st_size == 0 for f in files):
                 if daemon.poll() is not None or time.monotonic() > deadline:
                     err = daemon.stderr.read() if daemon.stderr else b""
                     raise RuntimeError(f"qemu-storage-daemon did not export {image}: {err!r}")
                 time.sleep(0.05)
-            yield mnt
+            yield files
         finally:
             daemon.terminate()
             daemon.communicate(timeout=30)
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+            for f in files:
+                subprocess.run(["umount", "-l", str(f)], capture_output=True, check=False)
 
 
 def fsck_disk(image: Path, fmt: str, workdir: Path) -> list[Fsck]:
     """Every ext filesystem of ``image`` checked as a mount would find it: the journal replayed
     (``e2fsck -E journal_only``), then ``e2fsck -fn``; all on a throw-away qcow2 overlay."""
-    out = []
-    offsets = ext_filesystems(image, fmt)
+    out: list[Fsck] = []
+    found = ext_filesystems(image, fmt)
+    if not found:
+        return out
     overlay = workdir / f"{image.name}.fsck.qcow2"
     overlay.unlink(missing_ok=True)
     try:
-        with _exported(image, fmt, writable=True, overlay=overlay) as dev:
-            for off in offsets:
-                target = f"{dev}?offset={off}" if off else str(dev)
-                j = subprocess.run(
-                    ["e2fsck", "-y", "-E", "journal_only", target],
-                    capture_output=True,
-                    text=True,
-                    check=False,
+        with _exported(image, fmt, writable=True, overlay=overlay, slices=found) as devs:
+            for (offset, _size), dev in zip(found, devs, strict=True):
+                head = subprocess.run(
+                    ["dumpe2fs", "-h", str(dev)], capture_output=True, text=True, check=False
                 )
-                c = subprocess.run(["e2fsck", "-fn", target], capture_output=True, text=True, check=False)
-                out.append(
-                    Fsck(
-                        image.name, off, j.returncode, c.returncode, j.stdout + j.stderr + c.stdout + c.stderr
-                    )
-                )
+                recovery = "needs_recovery" in head.stdout
+                argv = ["e2fsck", "-y", "-E", "journal_only", str(dev)]
+                j = subprocess.run(argv, capture_output=True, text=True, check=False)
+                c = subprocess.run(["e2fsck", "-fn", str(dev)], capture_output=True, text=True, check=False)
+                text = j.stdout + j.stderr + c.stdout + c.stderr
+                out.append(Fsck(image.name, offset, recovery, j.returncode, c.returncode, text))
     finally:
         overlay.unlink(missing_ok=True)
     return out
@@ -1011,16 +1107,17 @@ def data_disk(dest: Path) -> tuple[Path, str]:
     return dest / d.file, d.format
 
 
-def debugfs(image: Path, fmt: str, request: str, offset: int = 0) -> str:
-    """``debugfs -R REQUEST`` on the filesystem at ``offset`` of ``image`` as a mount would find it:
-    its journal replayed first, on a throw-away overlay (``/srv/w/log`` is ``/w/log`` on the data
-    disk). Without the replay, what the guest fsync'd last may be only in the journal."""
+def debugfs(image: Path, fmt: str, request: str) -> str:
+    """``debugfs -R REQUEST`` on the first ext filesystem of ``image`` as a mount would find it: its
+    journal replayed first, on a throw-away overlay (``/srv/w/log`` is ``/w/log`` on the data disk).
+    Without the replay, what the guest fsync'd last may be only in the journal."""
+    found = ext_filesystems(image, fmt)
+    assert found, f"{image}: no ext filesystem"
     with tempfile.TemporaryDirectory(prefix="vimg-debugfs-") as tmp:
         overlay = Path(tmp) / "overlay.qcow2"
-        with _exported(image, fmt, writable=True, overlay=overlay) as dev:
-            target = f"{dev}?offset={offset}" if offset else str(dev)
-            subprocess.run(["e2fsck", "-y", "-E", "journal_only", target], capture_output=True, check=False)
-            p = subprocess.run(["debugfs", "-R", request, target], capture_output=True, check=True)
+        with _exported(image, fmt, writable=True, overlay=overlay, slices=found[:1]) as (dev,):
+            subprocess.run(["e2fsck", "-y", "-E", "journal_only", str(dev)], capture_output=True, check=False)
+            p = subprocess.run(["debugfs", "-R", request, str(dev)], capture_output=True, check=True)
     return p.stdout.decode("utf-8", "replace")
 
 

@@ -39,6 +39,7 @@ def test_libvirt_guest_boots_its_agent_answers_and_the_workload_writes(
     assert "VIMG-DONE" not in text  # the report unit (which powers off) is disabled
 
 
+@pytest.mark.shuts_down_guest
 def test_shut_off_copy_passes_the_check_and_a_corrupted_file_fails_it(
     libvirt_guest: guests.LibvirtGuest, tmp_path: Path
 ) -> None:
@@ -77,11 +78,15 @@ def test_shut_off_copy_passes_the_check_and_a_corrupted_file_fails_it(
         good_f = pool.submit(guests.check_replica, good, workdir=tmp_path / "check-good")
         bad_f = pool.submit(guests.check_replica, bad, workdir=tmp_path / "check-bad")
         ok, ko = good_f.result(), bad_f.result()
-    print(f"two replica checks: {time.monotonic() - t0:.1f} s; {ok.line}; {ko.line}")
+    print(
+        f"two replica checks at once: {time.monotonic() - t0:.1f} s (drills {ok.report.seconds:.0f} s, "
+        f"{ko.report.seconds:.0f} s); {ok.line}; {ko.line}"
+    )
 
     assert ok.ok, ok.describe()
     assert ok.files == len(listed)
     assert {(f.disk, f.offset) for f in ok.fsck} == {("vda.img", guests.ROOT_OFFSET), ("vdb.img", 0)}
+    assert not any(f.needed_recovery for f in ok.fsck), ok.describe()  # shut down cleanly: unmounted
 
     assert ko.line is not None and ko.line.startswith("VIMG-CHECK bad"), ko.describe()
     assert "failed=1 " in ko.line and victim.replace(" ", "_") in ko.line, ko.line
