@@ -91,7 +91,7 @@ def test_libvirt_kill_9_of_vimgtools_leaves_a_whole_generation(
         p.send_signal(signal.SIGKILL)
         p.wait()
         subprocess.run(
-            [sys.executable, "-m", "vimgtools.sync", "-q", "--recover", str(dest / "vdb.img")], check=True
+            [sys.executable, "-m", "vimgtools.replicate", "-q", "--recover", str(dest)], check=True
         )
         manifest = json.loads((dest / "manifest.json").read_text())
         assert manifest["generation"] in (1, 2, 3, 4)

@@ -17,7 +17,7 @@ from typing import Any
 from vimgtools.errors import InvalidInput
 from vimgtools.replicate.define import check_can_define
 from vimgtools.replicate.define import define as define_clone
-from vimgtools.replicate.generation import DiskResult, Progress, ReplicateResult, run
+from vimgtools.replicate.generation import DiskResult, Progress, ReplicateResult, restore, run
 from vimgtools.replicate.libvirt import (
     DEFAULT_URI,
     LibvirtGuest,
@@ -26,10 +26,20 @@ from vimgtools.replicate.libvirt import (
     libvirt_module,
     lookup,
 )
+from vimgtools.replicate.manifest import load as load_manifest
 from vimgtools.replicate.offline import Offline
 from vimgtools.replicate.qmp import QmpGuest
 
-__all__ = ["DiskResult", "ReplicateResult", "replicate"]
+__all__ = ["DiskResult", "ReplicateResult", "recover", "replicate"]
+
+
+def recover(dest: str | os.PathLike[str], *, dry_run: bool = False) -> list[str]:
+    """Put DEST back to the generation its manifest says after a run that died writing it
+    (every run does it first). Returns the replica files put back."""
+    path = Path(dest)
+    if not path.is_dir():
+        raise InvalidInput(f"{path}: no such replica directory")
+    return restore(path, load_manifest(path), dry_run=dry_run)
 
 
 def replicate(

@@ -7,7 +7,7 @@ import logging
 import threading
 
 from vimgtools import _cli
-from vimgtools.replicate import ReplicateResult, replicate
+from vimgtools.replicate import ReplicateResult, recover, replicate
 
 log = logging.getLogger("vimgtools.replicate")
 
@@ -59,11 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "guest",
-        nargs="+",
+        nargs="*",
         metavar="GUEST",
         help="a libvirt domain, qmp:PATH, or a shut-off guest's images in its order",
     )
     p.add_argument("dest", metavar="DEST", help="the replica directory (created if missing)")
+    p.add_argument(
+        "--recover",
+        action="store_true",
+        help="only put DEST back to the generation its manifest says, after a run that died while "
+        "writing it (every run does this first); no GUEST",
+    )
     p.add_argument(
         "--name", help="the guest's name in the manifest (default: QEMU's -name, or the first image's)"
     )
@@ -114,6 +120,19 @@ def _summary(r: ReplicateResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.recover:
+        if args.guest:
+            parser.error("--recover takes only DEST")
+        _cli.setup_logging(args.verbose, args.quiet)
+        restored = recover(args.dest, dry_run=args.dry_run)
+        log.info(
+            "%s: %s", args.dest, f"put back: {', '.join(restored)}" if restored else "nothing to put back"
+        )
+        if args.json:
+            _cli.print_json({"dest": args.dest, "restored": restored, "dry_run": args.dry_run})
+        return 0
+    if not args.guest:
+        parser.error("GUEST is missing")
     guest = args.guest if len(args.guest) > 1 else args.guest[0]
     if args.agent and not (isinstance(guest, str) and guest.startswith("qmp:")):
         parser.error("--agent applies only to GUEST qmp:PATH")

@@ -12,6 +12,12 @@ guest's ``Backend`` (``offline``, ``qmp``, ``libvirt``):
 3. once every disk is durable the manifest of N is committed; only then is older tracking
    of ours dropped (``Moment.commit``). A run that fails keeps the last generation whole
    and its tracking: the next run covers both.
+
+Every disk written after the first generation keeps an undo file (sync's ``--undo``: the old
+content of every block it overwrites) in ``DEST/.undo/`` until the manifest of N is committed.
+A run that dies after some disks were written leaves the directory as a mix of N-1 and N; the
+next run (or ``--recover``) first puts every disk back to N-1 (``restore``): the directory
+holds one whole generation again, never disks of two.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -27,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vimgtools.errors import InvalidInput
-from vimgtools.image import Image
+from vimgtools.errors import InvalidInput, JournalError
+from vimgtools.image import Image, fsync_dir
 from vimgtools.replicate import manifest as mf
 from vimgtools.replicate.domain import DOMAIN_XML, clone_xml
 from vimgtools.sync.local import sync_from
 from vimgtools.sync.options import SyncOptions
+from vimgtools.sync.undo import rollback
 
 log = logging.getLogger("vimgtools.replicate")
 
@@ -147,6 +155,49 @@ def decide(prev: mf.Disk | None, disk: GuestDisk, replica: Path) -> tuple[str, s
     return "incremental", None
 
 
+UNDO_DIR = ".undo"  # in DEST: the undo files of the generation being written
+UNDO_GENERATION = "generation"  # in UNDO_DIR: which generation they undo
+
+
+def restore(dest: Path, prev: mf.Manifest | None, *, dry_run: bool = False) -> list[str]:
+    """Put every disk of DEST back to the generation its manifest says, after a run that died
+    after writing some of them (its undo files are there and its manifest was never committed).
+    Returns the replica files put back. With ``dry_run`` nothing is written."""
+    undo = dest / UNDO_DIR
+    if not undo.is_dir():
+        return []
+    try:
+        writing = int((undo / UNDO_GENERATION).read_text())
+    except (OSError, ValueError):
+        writing = -1  # the run died before it wrote a single disk
+    restored: list[str] = []
+    if prev is None or writing > prev.generation:
+        for u in sorted(undo.glob("*.undo")):
+            replica = dest / u.stem
+            if not replica.exists():
+                continue
+            try:
+                if not dry_run:
+                    rollback(replica, u)
+            except JournalError as e:  # its sync never reached writing in place: nothing to put back
+                log.debug("%s: %s", u, e)
+                continue
+            restored.append(replica.name)
+            old = next((d for d in prev.disks if d.file == replica.name), None) if prev else None
+            if old is not None and old.replica and not dry_run:
+                # Exactly the content the manifest's generation had (rollback checks it): its identity
+                # too, so that the next run can still be incremental.
+                os.utime(replica, ns=(time.time_ns(), old.replica["mtime_ns"]))
+            log.warning(
+                "%s: back to generation %s (the run that wrote it did not finish)",
+                replica, prev.generation if prev else 0,
+            )  # fmt: skip
+    if not dry_run:
+        shutil.rmtree(undo)
+        fsync_dir(dest)
+    return restored
+
+
 def run(
     backend: Backend,
     dest: str | os.PathLike[str],
@@ -171,6 +222,8 @@ def run(
         if not dry_run:
             dest_path.mkdir()
     prev = mf.load(dest_path) if dest_path.is_dir() else None
+    if dest_path.is_dir() and not dry_run:
+        restore(dest_path, prev)
     with contextlib.ExitStack() as stack:
         # A dry run into a DEST still to be made compares against replicas that do not exist yet.
         where = dest_path if dest_path.is_dir() else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -209,6 +262,10 @@ def _run(
     since = {
         d.target: (old.bitmap if mode == "incremental" and old else None) for d, _, mode, _, old in plans
     }
+    undo = dest_path / UNDO_DIR
+    if prev is not None and not dry_run:  # a generation to protect: each disk's old blocks kept until commit
+        undo.mkdir(exist_ok=True)
+        mf.write_atomic(undo / UNDO_GENERATION, f"{generation}\n")
     with backend.moment(bitmap, since, dry_run) as m:
         res = ReplicateResult(backend.name, str(dest_path), generation, m.consistency, dry_run)
         res.freeze_seconds = m.freeze_seconds
@@ -219,7 +276,10 @@ def _run(
                 mode, reason = "rescan", m.lost[d.target]
             if mode == "rescan":
                 log.warning("%s: %s: %s; comparing in full", backend.name, d.target, reason)
-            opts = SyncOptions(block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True)
+            keep = str(undo / f"{replica.name}.undo") if prev is not None and not dry_run else None
+            opts = SyncOptions(
+                block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True, undo=keep
+            )
             each = None if progress is None else (lambda done, total, t=d.target: progress(t, done, total))
             with m.open(d.target) as img:
                 regions = getattr(img, "dirty_in", None) if mode == "incremental" else None
@@ -245,5 +305,8 @@ def _run(
             mf.save(
                 dest_path, mf.Manifest(backend.name, generation, stamp, m.consistency, entries, backend.uuid)
             )
+            if undo.is_dir():  # committed: nothing to undo any more
+                shutil.rmtree(undo)
+                fsync_dir(dest_path)
             m.commit(bitmap)  # the new generation is durable: older tracking of ours can go
     return res

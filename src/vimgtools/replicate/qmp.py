@@ -51,7 +51,8 @@ log = logging.getLogger("vimgtools.replicate")
 
 TIMEOUT = 60.0
 EXPORT_BITMAP = "vimgtools.export"  # the last generation's bitmap, frozen at the moment
-SCRATCH = "vimgtools-scratch-"  # node names of our scratch images
+SCRATCH = "vimgtools-scratch-"  # node names of our scratch images, and their files' names
+SCRATCH_DIR = "/var/tmp"
 JOB = "vimgtools-"  # job and export ids
 
 
@@ -148,6 +149,8 @@ class QmpGuest:
             qname = None
         self.name = name or qname or Path(path).stem
         self._warnings: list[str] = []
+        self._disks: list[_Disk] = []
+        self._clean()  # a killed run's backup job sits between the device and its disk: first away with it
         self._disks = self._find_disks()
 
     def close(self) -> None:
@@ -300,8 +303,12 @@ class QmpGuest:
             self.qmp("nbd-server-start", addr=addr)
 
     def _scratch(self, d: _Disk) -> None:
-        """A scratch qcow2 for the disk's overwritten blocks, opened by QEMU then unlinked."""
-        fd, path = tempfile.mkstemp(prefix=f"vimgtools-scratch-{d.target}-", suffix=".qcow2", dir="/var/tmp")
+        """A scratch qcow2 for the disk's overwritten blocks, opened by QEMU then unlinked. Its name
+        carries our pid: what a run killed in between left, a later run removes (``_sweep``)."""
+        _sweep()
+        fd, path = tempfile.mkstemp(
+            prefix=f"{SCRATCH}{os.getpid()}-{d.target}-", suffix=".qcow2", dir=SCRATCH_DIR
+        )
         os.close(fd)
         try:
             create(Path(path), "qcow2", d.size, d.cluster)
@@ -312,6 +319,15 @@ class QmpGuest:
             )  # fmt: skip
         finally:
             os.unlink(path)
+
+
+def _sweep() -> None:
+    """Scratch files of runs that died between making one and QEMU opening it."""
+    for f in Path(SCRATCH_DIR).glob(f"{SCRATCH}*.qcow2"):
+        pid = f.name[len(SCRATCH) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def _act(kind: str, **data: Any) -> dict[str, Any]:
