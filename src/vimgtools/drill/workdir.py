@@ -24,7 +24,7 @@ from pathlib import Path
 from vimgtools.drill.qemu import OVMF_VARS, Drive
 from vimgtools.errors import ImageRefused, InvalidInput, VimgError
 from vimgtools.image import Image
-from vimgtools.replicate.manifest import MANIFEST
+from vimgtools.replicate.manifest import MANIFEST, UNDO_DIR
 from vimgtools.replicate.manifest import load as load_manifest
 
 log = logging.getLogger("vimgtools.drill")
@@ -89,6 +89,11 @@ def replica_disks(paths: Sequence[Path], formats: Sequence[str | None]) -> list[
         raise InvalidInput(f"{dirs[0]}: a directory without {MANIFEST}: not a replica directory")
     if not manifest.disks:
         raise InvalidInput(f"{dirs[0] / MANIFEST}: names no disk")
+    if (dirs[0] / UNDO_DIR).is_dir():
+        raise InvalidInput(
+            f"{dirs[0]}: a replicate run that did not finish may have left disks of two generations; "
+            f"put it back first: python -m vimgtools.replicate --recover {dirs[0]}"
+        )
     log.info(
         "replica of %s, generation %d (%s): %s",
         manifest.guest,

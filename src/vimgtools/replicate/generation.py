@@ -155,7 +155,7 @@ def decide(prev: mf.Disk | None, disk: GuestDisk, replica: Path) -> tuple[str, s
     return "incremental", None
 
 
-UNDO_DIR = ".undo"  # in DEST: the undo files of the generation being written
+UNDO_DIR = mf.UNDO_DIR
 UNDO_GENERATION = "generation"  # in UNDO_DIR: which generation they undo
 
 

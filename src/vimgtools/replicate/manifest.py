@@ -24,6 +24,7 @@ from vimgtools.errors import JournalError
 from vimgtools.image import describe_os_error, fsync_dir
 
 MANIFEST = "manifest.json"
+UNDO_DIR = ".undo"  # in DEST while a generation is being written: its disks' undo files
 BITMAP_PREFIX = "vimgtools.gen-"  # our bitmaps; others' are left alone
 
 
