@@ -670,12 +670,15 @@ def plan_xen(
                 "/boot/extlinux/extlinux.conf",
             )
             code.append(RunCommand((ext, "--install", posixpath.dirname(conf)), "the extlinux boot sector"))
-            code.append(
-                RunCommand(
-                    ("dd", f"if={inv.mbr_bin}", f"of={disk}", "bs=440", "count=1", "conv=notrunc"),
-                    f"{what} in the MBR: syslinux's mbr.bin",
-                )
+            # The disk as the chroot's /proc/mounts names it, as for grub-install above: a dd of=/dev/sda
+            # inside the appliance wrote the appliance's own disk (found by the extlinux case in
+            # tests/rekernel/test_xen_cases.py: verify saw no boot code in the guest's MBR).
+            script = (
+                'p=$(awk \'$2=="/boot"{b=$1} $2=="/"{r=$1} END{print b?b:r}\' /proc/mounts); '
+                "d=$(echo \"$p\" | sed -E 's/p?[0-9]+$//'); "
+                f'dd if={inv.mbr_bin} of="$d" bs=440 count=1 conv=notrunc'
             )
+            code.append(RunCommand(("/bin/sh", "-c", script), f"{what} in the MBR: syslinux's mbr.bin"))
             info["write_boot_code"] = True
             checks.append(Check("boot-code", True, f"{what} on {disk}: syslinux's mbr.bin is written"))
         else:
