@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import sharedbuild
 import xenbuild
-from qemuboot import sha256
+from imagesum import image_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.guestfs, pytest.mark.boot]
 
@@ -125,7 +125,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     every image of which is hashed before and after."""
     real = sharedbuild.copy_all(tmp_path_factory.mktemp("shared"))
     dry = sharedbuild.copy_all(tmp_path_factory.mktemp("dry"))
-    sums = [sha256(d) for d in dry]
+    sums = [image_digest(d) for d in dry]
     t0 = time.monotonic()
     p_real, p_dry = cli("--json", *shared_args(real)), cli("-n", *shared_args(dry))
     rc, out, err = finish(p_real)
@@ -188,7 +188,7 @@ def test_dry_run_writes_nothing(runs: dict[str, Any]) -> None:
     assert f"[on {system}]" in out and f"[on {root1}]" in out and f"[on {root2}]" in out
     assert "+    APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in out
     assert "rehearsed (dry run, DISK unchanged)" in out
-    assert [sha256(p) for p in d["disks"]] == d["sums"], "a dry run wrote an image"
+    assert [image_digest(p) for p in d["disks"]] == d["sums"], "a dry run wrote an image"
     assert not list(system.parent.glob(".vimg-rekernel*")) and not list(
         system.parent.glob("*.vimg-rekernel*")
     )
@@ -225,7 +225,7 @@ def test_a_guest_image_a_running_qemu_holds_is_refused(runs: dict[str, Any]) -> 
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"vimgtools.rekernel: error: {root2}: a running QEMU holds this image"), line
     assert json.loads(out)["exit_code"] == 2
-    assert [sha256(p) for p in d["disks"]] == d["sums"]
+    assert [image_digest(p) for p in d["disks"]] == d["sums"]
 
 
 @pytest.fixture(scope="module")
