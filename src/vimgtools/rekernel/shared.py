@@ -304,7 +304,9 @@ def plan_shared(
     for s in states:
         path = s.facts.modules_path
         on = _step_disk(Write(path, ""), s.view, disks)
-        ok = s.facts.modules_on_boot or (path == MODULES_LINK and on == system)
+        # usrmerge (/lib -> usr/lib on the guest's root): /lib/modules is the shared /usr's, either still
+        # the directory or already the link (a second run). Without it the guest has a /lib of its own.
+        ok = s.facts.lib_is_link and (s.facts.modules_on_boot or (path == MODULES_LINK and on == system))
         link["guests"][s.view.guest] = {"lib_modules": path, "on": on, "usrmerge": s.facts.lib_is_link}
         checks.append(
             Check(
