@@ -27,7 +27,7 @@ def test_libvirt_guest_boots_its_agent_answers_and_the_workload_writes(
     assert g.agent("guest-ping") == {}
     first = g.workload_count()
     t0 = time.monotonic()
-    later = g.wait_workload(first + 5, timeout=90)
+    later = g.wait_workload(first + 5)
     rate = (later - first) / (time.monotonic() - t0)
     print(f"\nworkload: {first} -> {later} files, {rate:.1f} files/s")
     files = g.workload_files()
@@ -44,7 +44,7 @@ def test_shut_off_copy_passes_the_check_and_a_corrupted_file_fails_it(
     libvirt_guest: guests.LibvirtGuest, tmp_path: Path
 ) -> None:
     g = libvirt_guest
-    g.wait_workload(10, timeout=120)
+    g.wait_workload(10)
     before = g.workload_count()
     t0 = time.monotonic()
     g.shutdown(timeout=120)
