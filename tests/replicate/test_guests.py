@@ -16,9 +16,32 @@ from pathlib import Path
 import guests
 import pytest
 
-pytestmark = [pytest.mark.boot, pytest.mark.slow]
+
+def test_parse_log_keeps_complete_lines_only() -> None:
+    """A line the guest was writing when it was killed is not promised: it is not listed."""
+    text = "aa  /var/lib/w/000001\nbb  /srv/w/000002\ncc  /var/lib/w/0000"
+    assert guests.parse_log(text) == ["/var/lib/w/000001", "/srv/w/000002"]
+    assert guests.parse_log("") == [] and guests.parse_log("aa  /srv/w/000002\n") == ["/srv/w/000002"]
 
 
+def test_domain_xml_is_what_libvirt_here_accepts(tmp_path: Path) -> None:
+    """TCG, virtio qcow2 disks vda/vdb, the agent's channel, the console to a file, no graphics."""
+    xml = guests.domain_xml("vimg-test-x", [tmp_path / "a.qcow2", tmp_path / "b.qcow2"], tmp_path / "c.log")
+    assert "<domain type='qemu'>" in xml and "<graphics" not in xml and "<video><model type='none'/>" in xml
+    assert "<target dev='vda' bus='virtio'/>" in xml and "<target dev='vdb' bus='virtio'/>" in xml
+    assert xml.count("type='qcow2'") == 2 and "org.qemu.guest_agent.0" in xml
+    assert f"<source path='{tmp_path / 'c.log'}' append='on'/>" in xml
+
+
+def test_qmp_argv_names_the_nodes_vda_and_vdb(tmp_path: Path) -> None:
+    argv = " ".join(guests.qmp_argv([tmp_path / "a.qcow2", tmp_path / "b.qcow2"], tmp_path))
+    assert "-accel tcg" in argv and f"unix:{tmp_path / 'qmp.sock'},server=on,wait=off" in argv
+    assert "driver=qcow2,file=vda-file,node-name=vda" in argv and "virtio-blk-pci,drive=vdb,id=vdb" in argv
+    assert "name=org.qemu.guest_agent.0" in argv
+
+
+@pytest.mark.boot
+@pytest.mark.slow
 def test_libvirt_guest_boots_its_agent_answers_and_the_workload_writes(
     libvirt_guest: guests.LibvirtGuest,
 ) -> None:
@@ -39,6 +62,8 @@ def test_libvirt_guest_boots_its_agent_answers_and_the_workload_writes(
     assert "VIMG-DONE" not in text  # the report unit (which powers off) is disabled
 
 
+@pytest.mark.boot
+@pytest.mark.slow
 @pytest.mark.shuts_down_guest
 def test_shut_off_copy_passes_the_check_and_a_corrupted_file_fails_it(
     libvirt_guest: guests.LibvirtGuest, tmp_path: Path
@@ -92,3 +117,10 @@ def test_shut_off_copy_passes_the_check_and_a_corrupted_file_fails_it(
     assert "failed=1 " in ko.line and victim.replace(" ", "_") in ko.line, ko.line
     assert ko.clean, ko.describe()  # the filesystems are fine: only a file's content is wrong
     assert not ko.ok
+
+    # And the host's fsck is no rubber stamp either: an inode of the data disk cleared behind ext4's back.
+    broken = tmp_path / "broken-vdb.img"
+    subprocess.run(["cp", "--sparse=always", str(good / "vdb.img"), str(broken)], check=True)
+    subprocess.run(["debugfs", "-w", "-R", f"clri {victim.removeprefix('/srv')}", str(broken)], check=True)
+    (fs,) = guests.fsck_disk(broken, "raw", tmp_path)
+    assert not fs.clean and fs.check_rc == 4, fs.output  # 4: errors left uncorrected (-n)
