@@ -46,6 +46,7 @@ log = logging.getLogger("vimgtools.replicate")
 
 DEFAULT_URI = "qemu:///system"
 JOB_END_TIMEOUT = 30.0
+WORK_DIR = "/var/tmp"  # our per-run directories: the backup's socket and scratch files
 
 
 class LibvirtError(VimgError):
@@ -160,6 +161,13 @@ class LibvirtGuest:
             with contextlib.suppress(self.lv.libvirtError):
                 self.dom.abortJob()
 
+    def _sweep(self) -> None:
+        """Work directories of killed runs (their backup job is ended by now): named with their pid."""
+        for d in Path(WORK_DIR).glob(f"vimgtools-{self.name}-*"):
+            pid = d.name[len(f"vimgtools-{self.name}-") :].split("-", 1)[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(d, ignore_errors=True)
+
     def _delete(self, name: str) -> None:
         """Delete one checkpoint of ours; its metadata alone when its bitmap is gone."""
         try:
@@ -181,7 +189,8 @@ class LibvirtGuest:
             not dry_run and bitmap in self._ours()
         ):  # a run that failed made it: its changes merge into the last
             self._delete(bitmap)
-        work = Path(tempfile.mkdtemp(prefix=f"vimgtools-{self.name}-", dir="/var/tmp"))
+        self._sweep()
+        work = Path(tempfile.mkdtemp(prefix=f"vimgtools-{self.name}-{os.getpid()}-", dir=WORK_DIR))
         if self._qemu_ids is not None:  # QEMU makes the socket and the scratch files there
             os.chown(work, *self._qemu_ids)
         m = _Moment(self, work / f"vimgtools-{secrets.token_hex(4)}.sock")
