@@ -53,6 +53,7 @@ def libvirtd() -> Iterator[str]:
         yield URI
     finally:
         guests.remove_test_domains(URI)
+        guests.sweep_test_dirs()
         if left := guests.stop_daemons(daemons):
             print(f"\nlibvirtd: left running for the domains of other sessions: {', '.join(left)}")
 

@@ -53,6 +53,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -650,6 +651,18 @@ def remove_test_domains(uri: str, prefix: str = DOMAIN_PREFIX) -> list[str]:
         return gone
     finally:
         conn.close()
+
+
+def sweep_test_dirs(base: Path = LIBVIRT_IMAGES) -> list[Path]:
+    """Remove the ``libvirt_dir()`` directories of test sessions that are gone (killed before their
+    clean-up); the paths removed."""
+    gone = []
+    for d in base.glob(f"{TEST_PREFIX}*"):
+        m = re.match(re.escape(TEST_PREFIX) + r"(\d+)-", d.name)
+        if d.is_dir() and m is not None and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def active_domains(uri: str) -> list[str]:
