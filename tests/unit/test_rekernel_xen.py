@@ -571,3 +571,26 @@ def test_generic_mbr_code_is_replaced_by_the_guests_loader() -> None:
     assert any(isinstance(s, RunCommand) and "grub-install" in s.argv[-1] for s in plan.steps)  # type: ignore[attr-defined]
     _f, _l, plan = plan_for(xen_debian(mbr=GRUB_MBR))
     assert not any(isinstance(s, RunCommand) and "grub-install" in s.argv[-1] for s in plan.steps)  # type: ignore[attr-defined]
+
+
+def test_extlinux_boot_code_goes_to_the_disk_the_chroot_mounts() -> None:
+    """syslinux's mbr.bin: dd to the disk /proc/mounts names in the chroot, never a fixed /dev/sda
+    (inside the appliance the kernel does not always name the guest's disk sda)."""
+    g = xen_debian()
+    for f in ("/usr/sbin/update-grub", "/usr/sbin/grub-install", "/usr/bin/grub-editenv"):
+        g.rm_f(f)
+    g.rm_rf("/boot/grub")
+    g.put(
+        "/boot/extlinux/extlinux.conf",
+        f"DEFAULT debian\nLABEL debian\n    KERNEL /boot/vmlinuz-{OLD}\n    INITRD /boot/initrd.img-{OLD}\n"
+        "    APPEND root=/dev/xvda1 ro console=hvc0\n",
+    )
+    g.put("/usr/bin/extlinux", "#!/bin/sh\n")
+    g.put("/usr/lib/syslinux/mbr/mbr.bin", bytes(440))
+    _f, loader, plan = plan_for(g)
+    assert loader.name == "extlinux"  # type: ignore[attr-defined]
+    cmds = [s.argv for s in plan.steps if isinstance(s, RunCommand)]  # type: ignore[attr-defined]
+    assert ("/usr/bin/extlinux", "--install", "/boot/extlinux") in cmds
+    (dd,) = [a for a in cmds if a[0] == "/bin/sh" and "mbr.bin" in a[2]]
+    assert "/proc/mounts" in dd[2] and 'dd if=/usr/lib/syslinux/mbr/mbr.bin of="$d" bs=440' in dd[2]
+    assert "of=/dev/sda" not in dd[2]
