@@ -119,7 +119,7 @@ def _summary(r: ReplicateResult) -> str:
 @_cli.entry("vimgtools.replicate")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere: GUEST --full DEST too
     if args.recover:
         if args.guest:
             parser.error("--recover takes only DEST")
