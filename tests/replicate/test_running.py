@@ -150,6 +150,6 @@ def test_qmp_guest_without_libvirt(qmp_guest: guests.QmpGuest, tmp_path: Path) -
     out, err = replicate("--agent", g.agent_socket, f"qmp:{g.qmp_socket}", dest)
     assert [d["mode"] for d in out["disks"]] == ["incremental", "incremental"], err
     print(f"qmp: freeze window {out['freeze_seconds']:.3f} s")
-    result = guests.check_replica(dest, workdir=tmp_path / "check")
-    assert result.ok, result.describe()
-    assert result.files >= before
+    # The replica is not booted here (CI time: the libvirt tests boot theirs; test_qmp.py compares
+    # QMP replicas byte for byte); the workload's log in it lists at least what was logged before.
+    assert len(guests.replica_files(dest)) >= before
