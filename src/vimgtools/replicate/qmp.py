@@ -192,8 +192,9 @@ class QmpGuest:
             for d in self._disks
         ]
 
-    def _clean(self) -> None:
-        """What a killed run of ours left inside QEMU: exports, jobs, scratch nodes, frozen copies."""
+    def _clean(self, *, inconsistent: bool = False) -> None:
+        """What a killed run of ours left inside QEMU: exports, jobs, scratch nodes, frozen copies;
+        with ``inconsistent``, our bitmaps QEMU found inconsistent too (not in a dry run)."""
         for e in self.qmp("query-block-exports"):
             if e["id"].startswith(JOB):
                 with contextlib.suppress(QmpError):
@@ -210,7 +211,7 @@ class QmpGuest:
         for d in self._disks:
             with contextlib.suppress(QmpError):
                 self.qmp("block-dirty-bitmap-remove", node=d.node, name=EXPORT_BITMAP)
-        for d in self._disks:  # inconsistent (QEMU was killed): only removing them is allowed
+        for d in self._disks if inconsistent else []:  # QEMU was killed: only removing them is allowed
             for name, ok in list(d.bitmaps.items()):
                 if not ok:
                     log.warning("%s: %s: removing the inconsistent bitmap %s", self.name, d.target, name)
@@ -226,7 +227,7 @@ class QmpGuest:
 
     @contextlib.contextmanager
     def moment(self, bitmap: str, since: dict[str, str | None], dry_run: bool) -> Iterator[_Moment]:
-        self._clean()
+        self._clean(inconsistent=not dry_run)
         socket_name = f"vimgtools-{os.getpid()}-{secrets.token_hex(6)}"
         m = _Moment(self, socket_name, since)
         try:
