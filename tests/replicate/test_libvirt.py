@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,21 +14,12 @@ from typing import Any
 
 import guests
 import pytest
+from rephelp import replicate_json
 from synchelp import MiB, digest
 
 from vimgtools.bindings import load_libvirt, load_libvirt_qemu
 
 pytestmark = pytest.mark.slow
-
-
-def replicate(*args: str | Path, check: int = 0) -> tuple[dict[str, Any], str]:
-    p = subprocess.run(
-        [sys.executable, "-m", "vimgtools.replicate", "--json", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == check, p.stderr
-    return (json.loads(p.stdout) if p.stdout.strip() else {}), p.stderr
 
 
 DOMAIN = """<domain type='qemu'>
@@ -83,7 +73,7 @@ def domain(libvirtd: str, libvirt_tmp: Path) -> Iterator[Domain]:
 
 def test_full_then_incremental_without_an_agent(domain: Domain, tmp_path: Path) -> None:
     dest = tmp_path / "dr"
-    out, err = replicate(domain.name, dest)
+    out, err = replicate_json(domain.name, dest)
     assert out["generation"] == 1 and out["consistency"] == "crash" and "crash-consistent" in err
     assert [(d["target"], d["mode"]) for d in out["disks"]] == [("vda", "full"), ("vdb", "full")]
     assert domain.checkpoints() == ["vimgtools.gen-1"]
@@ -101,7 +91,7 @@ def test_full_then_incremental_without_an_agent(domain: Domain, tmp_path: Path) 
         f.seek(40 * MiB)
         assert f.read(4096) == b"\x12" * 4096
     assert digest(dest / "vdb.img") == digest(domain.where / "data.raw")
-    out, err = replicate(domain.name, dest)
+    out, err = replicate_json(domain.name, dest)
     vda, vdb = out["disks"]
     assert vda["mode"] == "incremental" and vda["bytes_read"] == 0  # nothing written since
     assert vdb["mode"] == "rescan" and "raw" in vdb["reason"]
@@ -110,11 +100,11 @@ def test_full_then_incremental_without_an_agent(domain: Domain, tmp_path: Path) 
 
 
 def test_dry_run_adds_no_checkpoint(domain: Domain, tmp_path: Path) -> None:
-    out, _ = replicate("-n", domain.name, tmp_path / "dr")
+    out, _ = replicate_json("-n", domain.name, tmp_path / "dr")
     assert out["dry_run"] is True and not (tmp_path / "dr").exists() and domain.checkpoints() == []
-    replicate(domain.name, tmp_path / "dr")
+    replicate_json(domain.name, tmp_path / "dr")
     before = {p.name: digest(p) for p in (tmp_path / "dr").iterdir()}
-    out, _ = replicate("-n", domain.name, tmp_path / "dr")
+    out, _ = replicate_json("-n", domain.name, tmp_path / "dr")
     assert out["disks"][0]["mode"] == "incremental"
     assert {p.name: digest(p) for p in (tmp_path / "dr").iterdir()} == before
     assert domain.checkpoints() == ["vimgtools.gen-1"]
@@ -124,30 +114,30 @@ def test_bitmap_gone_behind_libvirts_back(domain: Domain, tmp_path: Path) -> Non
     """The checkpoint's bitmap removed from the image (a restore, a reinstall): libvirt says
     "checkpoint inconsistent"; our checkpoints go, every disk is read in full, then incremental again."""
     dest = tmp_path / "dr"
-    replicate(domain.name, dest)
+    replicate_json(domain.name, dest)
     node = next(
         n["node-name"] for n in domain.qmp("query-named-block-nodes", flat=True)
         if any(b.get("name") == "vimgtools.gen-1" for b in n.get("dirty-bitmaps", []))
     )  # fmt: skip
     domain.qmp("block-dirty-bitmap-remove", node=node, name="vimgtools.gen-1")
-    out, err = replicate(domain.name, dest)
+    out, err = replicate_json(domain.name, dest)
     assert out["disks"][0]["mode"] == "rescan" and "tracking lost" in out["disks"][0]["reason"], err
     assert domain.checkpoints() == ["vimgtools.gen-2"]
-    out, err = replicate(domain.name, dest)
+    out, err = replicate_json(domain.name, dest)
     assert out["disks"][0]["mode"] == "incremental", err
 
 
 def test_define_the_clone(domain: Domain, tmp_path: Path, libvirtd: str) -> None:
     dest = tmp_path / "dr"
-    _, err = replicate("--define", libvirtd, domain.name, dest, check=2)  # its own name: the guest's
+    _, err = replicate_json("--define", libvirtd, domain.name, dest, check=2)  # its own name: the guest's
     assert "not a clone of vimgtools" in err and "--as" in err and not dest.exists()
     clone = guests.DOMAIN_PREFIX + "clone"
-    out, err = replicate("--define", libvirtd, "--as", clone, domain.name, dest)
+    out, err = replicate_json("--define", libvirtd, "--as", clone, domain.name, dest)
     assert out["defined"] == clone, err
     dom = domain.conn.lookupByName(clone)
     assert not dom.isActive() and dom.UUIDString() != domain.dom.UUIDString()
     xml = dom.XMLDesc(0)
     assert f"{dest}/vda.img" in xml and "vimg:clone" in xml
     uuid = dom.UUIDString()
-    out, _ = replicate("--define", libvirtd, "--as", clone, domain.name, dest)  # redefined in place
+    out, _ = replicate_json("--define", libvirtd, "--as", clone, domain.name, dest)  # redefined in place
     assert domain.conn.lookupByName(clone).UUIDString() == uuid and out["generation"] == 2

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rephelp import replicate, run_json
 from synchelp import MiB, digest, qemu_holding
 
 SIZE = 64 * MiB
@@ -34,20 +35,6 @@ def bitmaps(image: Path) -> dict[str, list[str]]:
 
 def same(a: Path, b: Path) -> bool:
     return subprocess.run(["qemu-img", "compare", "-q", "-U", str(a), str(b)]).returncode == 0
-
-
-def replicate(*args: str | Path, check: int = 0) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(
-        [sys.executable, "-m", "vimgtools.replicate", "--json", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == check, p.stderr
-    return p
-
-
-def run_json(*args: str | Path) -> dict[str, object]:
-    return json.loads(replicate(*args).stdout)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from rephelp import replicate, run_json
 from synchelp import MiB, digest
 
 from vimgtools.children import die_with_parent
@@ -106,21 +107,6 @@ def vm(tmp_path: Path) -> Iterator[Qemu]:
     yield q
     if q.proc.poll() is None:
         q.kill()
-
-
-def replicate(
-    *args: str | Path, check: int = 0, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(
-        [sys.executable, "-m", "vimgtools.replicate", "--json", *map(str, args)],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    assert p.returncode == check, p.stderr
-    return p
-
-
-def run_json(*args: str | Path) -> dict[str, Any]:
-    return json.loads(replicate(*args).stdout)  # type: ignore[no-any-return]
 
 
 def same_after_quit(vm: Qemu, dest: Path) -> bool:

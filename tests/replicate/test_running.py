@@ -15,22 +15,12 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import guests
 import pytest
+from rephelp import replicate_json
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
-
-
-def replicate(*args: str | Path, check: int = 0) -> tuple[dict[str, Any], str]:
-    p = subprocess.run(
-        [sys.executable, "-m", "vimgtools.replicate", "--json", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == check, p.stderr
-    return (json.loads(p.stdout) if p.stdout.strip() else {}), p.stderr
 
 
 def checkpoints(g: guests.LibvirtGuest) -> list[str]:
@@ -51,14 +41,14 @@ def test_libvirt_guest_full_then_incremental_while_it_writes(
     g = libvirt_guest
     dest = tmp_path / "dr"
     g.wait_workload(10)
-    out, err = replicate(g.name, dest)
+    out, err = replicate_json(g.name, dest)
     assert out["generation"] == 1 and out["consistency"] == "application", err
     assert [(d["target"], d["mode"]) for d in out["disks"]] == [("vda", "full"), ("vdb", "full")]
     assert out["freeze_seconds"] > 0  # frozen for the backup's start (its length: the benchmark's)
     print(f"freeze window, full run: {out['freeze_seconds']:.3f} s")
     assert checkpoints(g) == ["vimgtools.gen-1"] and no_backup_job(g)
     before = g.wait_workload(g.workload_count() + 10)  # a day of mail
-    out, err = replicate(g.name, dest)
+    out, err = replicate_json(g.name, dest)
     vda, vdb = out["disks"]
     assert out["generation"] == 2 and vda["mode"] == vdb["mode"] == "incremental", err
     assert out["consistency"] == "application"
@@ -84,7 +74,7 @@ def test_libvirt_kill_9_of_vimgtools_leaves_a_whole_generation(
 ) -> None:
     g = libvirt_guest
     dest = tmp_path / "dr"
-    replicate(g.name, dest)
+    replicate_json(g.name, dest)
     for delay in (0.5, 1.5, 3.0):
         p = subprocess.Popen([sys.executable, "-m", "vimgtools.replicate", "-q", g.name, str(dest)])
         time.sleep(delay)
@@ -95,7 +85,7 @@ def test_libvirt_kill_9_of_vimgtools_leaves_a_whole_generation(
         )
         manifest = json.loads((dest / "manifest.json").read_text())
         assert manifest["generation"] in (1, 2, 3, 4)
-    out, err = replicate(g.name, dest)  # the next run cleans up after the killed ones and is whole
+    out, err = replicate_json(g.name, dest)  # the next run cleans up after the killed ones and is whole
     assert [d["mode"] for d in out["disks"]] == ["incremental", "incremental"], err
     assert checkpoints(g) == [f"vimgtools.gen-{out['generation']}"] and no_backup_job(g)
     assert not list(Path("/var/tmp").glob(f"vimgtools-{g.name}-*"))
@@ -104,10 +94,10 @@ def test_libvirt_kill_9_of_vimgtools_leaves_a_whole_generation(
 def test_libvirt_disk_resized_between_runs(libvirt_guest: guests.LibvirtGuest, tmp_path: Path) -> None:
     g = libvirt_guest
     dest = tmp_path / "dr"
-    replicate(g.name, dest)
+    replicate_json(g.name, dest)
     size = g.dom.blockInfo("vdb")[0]
     g.dom.blockResize("vdb", size + (64 << 20), 1)  # VIR_DOMAIN_BLOCK_RESIZE_BYTES
-    out, err = replicate(g.name, dest)
+    out, err = replicate_json(g.name, dest)
     vda, vdb = out["disks"]
     assert vda["mode"] == "incremental" and vdb["mode"] == "rescan" and "resized" in vdb["reason"], err
     assert (dest / "vdb.img").stat().st_size == size + (64 << 20)
@@ -121,10 +111,10 @@ def test_libvirt_guest_killed_then_shut_off_then_running_again(
     is compared in full from a fresh backup, and the run after it is incremental again."""
     g = libvirt_guest
     dest = tmp_path / "dr"
-    replicate(g.name, dest)
+    replicate_json(g.name, dest)
     g.wait_workload(g.workload_count() + 5)
     g.destroy(sigkill=True)
-    out, err = replicate(g.name, dest)  # shut off: its images, as QEMU left them
+    out, err = replicate_json(g.name, dest)  # shut off: its images, as QEMU left them
     assert out["consistency"] == "offline" and out["generation"] == 2, err
     assert all(d["mode"] == "rescan" for d in out["disks"]), out  # the bitmaps died with QEMU
     result = guests.check_replica(dest, workdir=tmp_path / "check-off")
@@ -132,10 +122,10 @@ def test_libvirt_guest_killed_then_shut_off_then_running_again(
     g.start()
     g.wait_agent(420)
     g.wait_workload(g.workload_count() + 5)
-    out, err = replicate(g.name, dest)
+    out, err = replicate_json(g.name, dest)
     assert out["consistency"] == "application" and all(d["mode"] == "rescan" for d in out["disks"]), err
     assert "tracking lost" in out["disks"][0]["reason"] and "tracking lost" in err
-    out, err = replicate(g.name, dest)
+    out, err = replicate_json(g.name, dest)
     assert [d["mode"] for d in out["disks"]] == ["incremental", "incremental"], err
     assert checkpoints(g) == [f"vimgtools.gen-{out['generation']}"]
 
@@ -144,10 +134,10 @@ def test_qmp_guest_without_libvirt(qmp_guest: guests.QmpGuest, tmp_path: Path) -
     g = qmp_guest
     dest = tmp_path / "dr"
     g.wait_workload(10)
-    out, err = replicate("--agent", g.agent_socket, f"qmp:{g.qmp_socket}", dest)
+    out, err = replicate_json("--agent", g.agent_socket, f"qmp:{g.qmp_socket}", dest)
     assert out["consistency"] == "application" and [d["mode"] for d in out["disks"]] == ["full", "full"], err
     before = g.wait_workload(g.workload_count() + 10)
-    out, err = replicate("--agent", g.agent_socket, f"qmp:{g.qmp_socket}", dest)
+    out, err = replicate_json("--agent", g.agent_socket, f"qmp:{g.qmp_socket}", dest)
     assert [d["mode"] for d in out["disks"]] == ["incremental", "incremental"], err
     print(f"qmp: freeze window {out['freeze_seconds']:.3f} s")
     # The replica is not booted here (CI time: the libvirt tests boot theirs; test_qmp.py compares
