@@ -257,6 +257,7 @@ def test_dry_run_changes_nothing_in_qemu_or_dest(vm: Qemu, tmp_path: Path) -> No
 def test_bad_guests_are_one_line_errors(tmp_path: Path) -> None:
     for args, said in (
         ([f"qmp:{tmp_path}/nothing.sock", tmp_path / "dr"], "no such QMP socket"),
+        ([tmp_path / "typo.qcow2", tmp_path / "dr"], "no such image"),
         (["--agent", "x", tmp_path / "a.img", tmp_path / "dr"], "--agent applies only"),
     ):
         p = replicate(*args, check=2)

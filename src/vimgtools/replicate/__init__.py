@@ -32,6 +32,8 @@ from vimgtools.replicate.qmp import QmpGuest
 
 __all__ = ["DiskResult", "ReplicateResult", "recover", "replicate"]
 
+IMAGE_SUFFIXES = {".img", ".raw", ".qcow2", ".qcow", ".vmdk", ".vdi", ".vhd", ".vhdx", ".qed"}
+
 
 def recover(dest: str | os.PathLike[str], *, dry_run: bool = False) -> list[str]:
     """Put DEST back to the generation its manifest says after a run that died writing it
@@ -81,6 +83,12 @@ def replicate(
             return run(g, dest, **opts)  # type: ignore[arg-type]
         finally:
             g.close()
+    if (
+        isinstance(guest, str)
+        and not os.path.exists(guest)
+        and ("/" in guest or Path(guest).suffix in IMAGE_SUFFIXES)
+    ):
+        raise InvalidInput(f"{guest}: no such image (a libvirt domain's name has no '/' nor image suffix)")
     if isinstance(guest, str) and not os.path.exists(guest):  # a libvirt domain's name
         return _libvirt(guest, dest, uri, name, define, as_name, opts)
     images = [guest] if isinstance(guest, (str, os.PathLike)) else list(guest)

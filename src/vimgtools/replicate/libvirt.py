@@ -66,7 +66,10 @@ def connect(uri: str) -> Any:
     try:
         return lv.open(uri)
     except lv.libvirtError as e:
-        raise InvalidInput(f"{uri}: cannot connect to libvirt: {e.get_error_message()}") from None
+        raise InvalidInput(
+            f"{uri}: cannot connect to libvirt (is libvirtd running? GUEST names a libvirt domain "
+            f"unless it is qmp:PATH or an existing image): {e.get_error_message()}"
+        ) from None
 
 
 def lookup(conn: Any, name: str) -> Any:
