@@ -144,7 +144,9 @@ def decide(prev: mf.Disk | None, disk: GuestDisk, replica: Path) -> tuple[str, s
         return "full", "first run"
     if disk.bitmaps is None:
         return "rescan", f"a {disk.format} disk keeps no dirty bitmap"
-    if prev.bitmap is None or prev.bitmap not in disk.bitmaps:
+    if prev.bitmap is None:
+        return "rescan", "the last generation started no tracking (the guest was shut off under libvirt)"
+    if prev.bitmap not in disk.bitmaps:
         return "rescan", f"tracking lost: bitmap {prev.bitmap} is missing from {disk.source}"
     if not disk.bitmaps[prev.bitmap]:
         return "rescan", f"tracking lost: bitmap {prev.bitmap} is inconsistent (its QEMU was killed?)"
