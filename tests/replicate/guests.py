@@ -865,6 +865,7 @@ class QmpGuest(Guest):
             return mon.cmd(command, **(arguments or {}))
         finally:
             mon.close()
+            drop_qmp_loop()
 
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -942,6 +943,17 @@ def start_qmp_guest(disks: Sequence[Path], workdir: Path, *, memory_mb: int = 76
     )
     guest.start()
     return guest
+
+
+def drop_qmp_loop() -> None:
+    """Close the event loop qemu.qmp's synchronous client took for this thread, and unset it: an
+    asyncio.run() later in the same process (the drill's) would otherwise drop it unclosed, and
+    its ResourceWarning fail whichever test the garbage collector happens to run in."""
+    import asyncio
+
+    with contextlib.suppress(RuntimeError):
+        asyncio.get_event_loop_policy().get_event_loop().close()
+    asyncio.set_event_loop(None)
 
 
 # --- the proof on a replica -----------------------------------------------------------------

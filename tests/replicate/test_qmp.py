@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import guests
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from rephelp import replicate, run_json
@@ -87,11 +88,13 @@ class Qemu:
     def quit(self) -> None:
         """A clean exit: persistent bitmaps are stored."""
         self.mon.close()
+        guests.drop_qmp_loop()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
 
     def kill(self) -> None:
         self.mon.close()
+        guests.drop_qmp_loop()
         self.proc.kill()
         self.proc.wait()
 
@@ -278,8 +281,16 @@ class FakeAgent:
 
     def _serve(self) -> None:
         while True:
-            conn, _ = self.srv.accept()
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:  # closed
+                return
             threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.srv.shutdown(socket.SHUT_RDWR)
+        self.srv.close()
 
     def _client(self, conn: socket.socket) -> None:
         answers = {"guest-ping": {}, "guest-fsfreeze-freeze": 2, "guest-fsfreeze-thaw": 2}
@@ -301,6 +312,13 @@ class FakeAgent:
 
 def test_the_watchdog_thaws_when_vimgtools_dies_frozen(vm: Qemu, tmp_path: Path) -> None:
     agent = FakeAgent(tmp_path / "qga.sock")
+    try:
+        _watchdog_case(vm, agent, tmp_path)
+    finally:
+        agent.close()
+
+
+def _watchdog_case(vm: Qemu, agent: FakeAgent, tmp_path: Path) -> None:
     dest = tmp_path / "dr"
     out = run_json("--agent", tmp_path / "qga.sock", f"qmp:{vm.qmp}", dest)
     assert out["consistency"] == "application" and agent.calls[-2:] == [
