@@ -130,6 +130,9 @@ def test_a_run_that_fails_after_one_disk_is_put_back_whole(guest: FakeBackend, t
         "generation"
     ] == 1
     prev = mf.load(dest)
+    mixed = {p.name: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert restore(dest, prev, dry_run=True) == ["vda.img"]  # what it would put back; nothing written
+    assert {p.name: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == mixed
     assert restore(dest, prev) == ["vda.img"]
     assert {p.name: p.read_bytes() for p in dest.glob("*.img")} == before  # generation 1, whole
     assert not (dest / mf.UNDO_DIR).exists()
