@@ -14,6 +14,8 @@ APT_PACKAGES := gcc make pkg-config libxxhash-dev xxhash python3-dev python3-ven
 # Nested KVM hangs on our build machines: tests use TCG (users' hosts get KVM).
 TEST_ENV := LIBGUESTFS_BACKEND_SETTINGS=$${LIBGUESTFS_BACKEND_SETTINGS:-force_tcg}
 PYTEST_ARGS ?=
+# Every core (make test TEST_WORKERS=0 runs in one process); groups: tests/conftest.py.
+TEST_WORKERS ?= auto
 
 .PHONY: help deps apt venv demo test test-fast lint bench bench-sync bench-remote bench-formats bench-replicate bench-blocksync bench-rekernel clean
 
@@ -57,7 +59,7 @@ lint: deps
 
 # pytest exits 5 when it collected no test: that is a failure here.
 test: deps lint
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "make test: no tests were collected"; exit 1; fi; exit $$rc
 
 test-fast: deps

@@ -1,8 +1,40 @@
-"""Suite-wide settings. Directory conftests hold the fixtures of each part."""
+"""Suite-wide settings. Directory conftests hold the fixtures of each part.
+
+``make test`` runs the suite on every core (pytest-xdist, ``--dist loadgroup``): the boot and
+appliance tests are single-threaded TCG, so two of them side by side take the time of one. Tests
+that share a guest build, a daemon (libvirtd) or a booted guest stay in one group, on one worker;
+the groups are queued longest first so the last one to start is a short one.
+"""
 
 from __future__ import annotations
 
 import os
 
+import pytest
+
 # Nested KVM hangs on the build machines; users' hosts are not affected.
 os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+
+# (group, the test paths in it), in the order the groups are queued. The sync tests come second so
+# that one worker runs them while the other builds the Debian tree every guest build starts from.
+GROUPS = [
+    ("xen", ("tests/rekernel/test_xen.py", "tests/rekernel/test_xen_cases.py")),
+    ("sync", ("tests/sync/",)),
+    ("rekernel", ("tests/rekernel/test_e2e.py", "tests/rekernel/test_loaders.py")),
+    ("drill", ("tests/drill/",)),
+    ("replicate", ("tests/replicate/",)),  # one libvirtd, one booted guest per worker
+    ("shared", ("tests/rekernel/test_shared.py",)),
+]
+
+
+def group_of(nodeid: str) -> tuple[int, str]:
+    for rank, (name, paths) in enumerate(GROUPS):
+        if nodeid.startswith(paths):
+            return rank, name
+    return len(GROUPS), nodeid.split("::")[0]  # the rest: a file per group
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of(item.nodeid)[1]))
+    items.sort(key=lambda item: group_of(item.nodeid)[0])  # stable: a file's own order is kept

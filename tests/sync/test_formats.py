@@ -39,18 +39,19 @@ def same(a: Path, b: Path) -> bool:
     return subprocess.run(["qemu-img", "compare", "-q", "-U", str(a), str(b)]).returncode == 0
 
 
-def ours() -> list[str]:
+def ours(tmp: Path) -> list[str]:
+    """vimgtools' qemu-storage-daemons serving this test's images (other tests run beside it)."""
     out = subprocess.run(["pgrep", "-af", "qemu-storage-daemon"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "vimgtools-" in line]
+    return [line for line in out.splitlines() if "vimgtools-" in line and str(tmp) in line]
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_running() -> Iterator[None]:
+def nothing_left_running(tmp_path: Path) -> Iterator[None]:
     yield
     deadline = time.monotonic() + 10
-    while ours() and time.monotonic() < deadline:
+    while ours(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not ours(), "a qemu-storage-daemon of vimgtools outlived its run"
+    assert not ours(tmp_path), "a qemu-storage-daemon of vimgtools outlived its run"
 
 
 @pytest.fixture
