@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
 from kernelhelp import bzimage
 
 from vimgtools.boot import detect
-from vimgtools.errors import BootloaderError, InvalidInput, KernelError
+from vimgtools.errors import BootloaderError, GuestError, InvalidInput, KernelError
 from vimgtools.guest.facts import GuestFacts
-from vimgtools.guest.fake import FakeGuest
+from vimgtools.guest.fake import FakeGuest, Handler
 from vimgtools.guest.inventory import Filesystem, Inventory
-from vimgtools.guest.steps import MountView, Write
+from vimgtools.guest.steps import Mkdir, MountView, RunCommand, Upload, Write
 from vimgtools.kernel import Kernel, find_kernel
 from vimgtools.rekernel.__main__ import main
+from vimgtools.rekernel.apply import run_step
 from vimgtools.rekernel.plan import Options, Plan
 from vimgtools.rekernel.shared import (
+    GENERIC_CONF,
     GuestState,
     View,
     cmdline_roots,
     find_view,
+    generic_conf,
     guest_maps,
     plan_shared,
     resolve_spec,
+    verify_initramfs,
 )
 
 OLD = "6.1.0-50-amd64"
@@ -71,7 +76,7 @@ def state(disk: str, guest: str, *, root_spec: str = "/dev/xvda1", **facts_kw: o
         "boot_free": 900 << 20,
         "boot_sector": SYSLINUX_MBR,
         "files": files,
-        "tools": {"/usr/bin/extlinux", "/usr/sbin/update-initramfs"},
+        "tools": {"/usr/bin/extlinux", "/usr/sbin/update-initramfs", "/usr/sbin/mkinitramfs"},
     }
     base.update(facts_kw)
     facts = GuestFacts(**base)  # type: ignore[arg-type]
@@ -95,16 +100,23 @@ def kernel(tmp_path: Path) -> Kernel:
     (d / f"vmlinuz-{NEW}").write_bytes(bzimage(NEW))
     (d / f"initrd.img-{NEW}").write_bytes(bytes(1 << 16))
     (d / f"config-{NEW}").write_text("CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=m\nCONFIG_SCSI_VIRTIO=m\n")
-    for m in ("virtio_blk", "virtio_scsi", "virtio_net", "ext4"):
+    for m in ("virtio_blk", "virtio_scsi", "virtio_net", "ext4", "xfs"):
         (mods / f"{m}.ko").write_bytes(bytes(10))
     return find_kernel(d)
 
 
-INITRD = ["x/virtio_blk.ko", "x/virtio_scsi.ko", "x/virtio_net.ko", "x/ext4.ko"]
+KDIR = f"usr/lib/modules/{NEW}/kernel"
+INITRD = [f"{KDIR}/{m}.ko" for m in ("virtio_blk", "virtio_scsi", "virtio_net", "ext4")]
 
 
 def plan(
-    states: list[GuestState], k: Kernel, *, initrd: list[str] = INITRD, conf: str = "MODULES=most\n"
+    states: list[GuestState],
+    k: Kernel,
+    *,
+    initrd: list[str] = INITRD,
+    conf: str = "MODULES=most\n",
+    texts: dict[str, str] | None = None,
+    generate: bool = False,
 ) -> Plan:
     p, subplans = plan_shared(
         states,
@@ -113,11 +125,12 @@ def plan(
         system=SYSTEM,
         disks=DISKS,
         previous=OLD,
-        options=Options(regenerate_initramfs=False),
-        initrd_files=initrd,
-        initrd_texts={"conf/initramfs.conf": conf},
+        options=Options(regenerate_initramfs=generate),
+        initrd_files=None if generate else initrd,
+        initrd_texts=None if generate else {"conf/initramfs.conf": conf, **(texts or {})},
     )
     assert len(subplans) == len(states)
+    assert {sp.initramfs for sp in subplans} == {"shared"}  # checked once, on the host (verify_initramfs)
     return p
 
 
@@ -180,9 +193,15 @@ def test_a_guest_whose_usr_is_its_own_is_refused(kernel: Kernel) -> None:
 def test_a_host_only_initramfs_or_one_without_a_driver_is_refused(kernel: Kernel) -> None:
     p = plan(two(), kernel, conf="MODULES=dep\n")
     assert refusal_names(p) == {"initramfs-generic"} and isinstance(p.refusal(), KernelError)
-    p = plan(two(), kernel, initrd=["x/virtio_blk.ko", "x/virtio_scsi.ko"])
+    p = plan(two(), kernel, initrd=INITRD[:2])
     assert refusal_names(p) == {"initramfs-drivers:root1.img", "initramfs-drivers:root2.img"}
-    assert "lacks ext4" in str(p.refusal())
+    assert "lacks ext4" in str(p.refusal()) and "--regenerate-initramfs" in str(p.refusal())
+    # Checked as a generated one is after it is made: for this kernel, no Xen disk name baked in.
+    p = plan(two(), kernel, initrd=[f.replace(NEW, OLD) for f in INITRD])
+    assert refusal_names(p) == {"initramfs-version"}
+    p = plan(two(), kernel, texts={"conf/conf.d/resume": "RESUME=/dev/xvda2\n"})
+    assert refusal_names(p) == {"initramfs-config"} and "conf/conf.d/resume" in str(p.refusal())
+    assert "initramfs supplied" in p.describe() and "(supplied, checked on the host)" in p.describe()
 
 
 def test_a_root_uuid_of_one_guest_cannot_serve_the_other(kernel: Kernel) -> None:
@@ -263,7 +282,9 @@ def test_cli_usage_errors_exit_2_before_any_change(
         "--guest takes one DISK": [s, r1, "--from", str(boot), "--guest", r2],
         "--guest needs --from": [s, "--guest", r1],
         "--rollback not supported": [s, "--from", str(boot), "--guest", r1, "--rollback"],
-        "no initramfs: a shared system disk takes a generic one": [s, "--from", str(boot), "--guest", r1],
+        "no initramfs, and --no-regenerate-initramfs": [
+            *(s, "--from", str(boot), "--guest", r1, "--no-regenerate-initramfs"),
+        ],
         "a DISK is given twice": [s, "--from", str(boot), "--guest", r1, "--guest", r1],
     }
     for message, argv in cases.items():
@@ -271,3 +292,164 @@ def test_cli_usage_errors_exit_2_before_any_change(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("vimgtools.rekernel: error: ") and message in err[0], err
     assert all(d.read_bytes() == bytes(4096) for d in disks)
+
+
+# -- a generic initramfs generated in the first guest's view --------------------------------------
+def xfs_guest(disk: str, guest: str) -> GuestState:
+    g = state(disk, guest)
+    return dataclasses.replace(
+        g, facts=dataclasses.replace(g.facts, fs_types={"/": "xfs", "/boot": "ext4", "/usr": "ext4"})
+    )
+
+
+def test_the_generated_initramfs_lands_on_system_in_the_first_guests_view(kernel: Kernel) -> None:
+    p = plan([state("/dev/sdb", R1), xfs_guest("/dev/sdc", R2)], kernel, generate=True)
+    assert p.refusal() is None, p.describe()
+    assert p.initramfs == "regenerate:mkinitramfs"
+    # virtio_pci is built in (the config says y); the second guest's root is xfs.
+    assert p.initramfs_modules == ("virtio_blk", "virtio_scsi", "ext4", "xfs")
+    out = f"/boot/initrd.img-{NEW}"
+    made = [(i, s) for i, s in enumerate(p.steps) if GENERIC_CONF in s.describe()]
+    assert [type(s) for _i, s in made] == [Mkdir, Write, Write, RunCommand]
+    assert {p.where(i, s) for i, s in made} == {SYSTEM}
+    mk = made[-1][1]
+    assert isinstance(mk, RunCommand) and mk.argv == (
+        "/usr/sbin/mkinitramfs",
+        "-d",
+        GENERIC_CONF,
+        "-o",
+        out,
+        NEW,
+    )
+    views = [i for i, s in enumerate(p.steps) if isinstance(s, MountView)]
+    modules_in = next(i for i, s in enumerate(p.steps) if s.describe().startswith("copy modules"))
+    # In the first guest's view, once its modules resolve through the link; never in the second's.
+    assert views[0] < modules_in < made[0][0] and made[-1][0] < views[1]
+    assert sum(isinstance(s, RunCommand) and "mkinitramfs" in s.argv[0] for s in p.steps) == 1
+    assert not any(isinstance(s, Upload) and "initrd" in s.dst for s in p.steps), "BOOTDIR's is not used"
+    conf, modules = (s.text for _i, s in made[1:3] if isinstance(s, Write))
+    assert "MODULES=list\n" in conf and "MODULES=most" not in conf and "RESUME=none\n" in conf
+    assert modules.splitlines()[1:] == list(p.initramfs_modules)
+    checks = {c.name: c for c in p.checks}
+    assert checks["initramfs-tool"].ok and checks["config"].ok
+    assert (
+        "(virtio_blk, virtio_scsi, xfs, ext4) go into the generated initramfs"
+        in checks["initramfs-drivers:root2.img"].message
+    )
+    info = p.shared["initramfs"]
+    assert info["source"] == "generated" and info["in_view_of"] == R1 and info["path"] == out
+    assert info["not_used"].endswith(f"initrd.img-{NEW} (--regenerate-initramfs)")
+    assert f"initramfs for every guest: generated by mkinitramfs in the view of {R1}" in p.describe()
+    # Each guest's loader entry boots it: the extlinux label names the initramfs.
+    *_, label = (s for s in p.steps if isinstance(s, Write) and s.path.endswith("extlinux.conf"))
+    assert f"INITRD /initrd.img-{NEW}" in label.text
+
+
+def test_a_host_only_supplied_initramfs_is_replaced_when_asked(kernel: Kernel) -> None:
+    """The supplied one is MODULES=dep: refused, unless --regenerate-initramfs (then it is not used)."""
+    assert refusal_names(plan(two(), kernel, conf="MODULES=dep\n")) == {"initramfs-generic"}
+    p = plan(two(), kernel, conf="MODULES=dep\n", generate=True)
+    assert p.refusal() is None and p.initramfs == "regenerate:mkinitramfs"
+
+
+def test_generating_is_refused_without_a_tool_a_config_or_a_driver(tmp_path: Path, kernel: Kernel) -> None:
+    no_tool = [
+        dataclasses.replace(s, facts=dataclasses.replace(s.facts, tools={"/usr/bin/extlinux"})) for s in two()
+    ]
+    p = plan(no_tool, kernel, generate=True)
+    assert refusal_names(p) == {"initramfs-tool"} and "put a generic one in BOOTDIR" in str(p.refusal())
+    bare = dataclasses.replace(kernel, config=None)
+    p = plan(two(), bare, generate=True)
+    assert refusal_names(p) == {"config"} and f"put config-{NEW} in BOOTDIR" in str(p.refusal())
+    no_xfs = dataclasses.replace(kernel, module_names=kernel.module_names - {"xfs"})
+    p = plan([state("/dev/sdb", R1), xfs_guest("/dev/sdc", R2)], no_xfs, generate=True)
+    assert refusal_names(p) == {"initramfs-drivers:root2.img"}
+    assert "xfs (CONFIG_XFS_FS not in" in str(p.refusal())
+
+
+def test_a_dracut_guest_generates_with_no_hostonly(kernel: Kernel) -> None:
+    states = [
+        dataclasses.replace(
+            s, facts=dataclasses.replace(s.facts, tools={"/usr/bin/extlinux", "/usr/bin/dracut"})
+        )
+        for s in two()
+    ]
+    p = plan(states, kernel, generate=True)
+    assert p.refusal() is None, p.describe()
+    (mk,) = [s for s in p.steps if isinstance(s, RunCommand) and "dracut" in s.argv[0]]
+    assert mk.argv == (
+        "/usr/bin/dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline",
+        "--force-drivers", "virtio_blk virtio_scsi ext4", f"/boot/initrd.img-{NEW}", NEW,
+    )  # fmt: skip
+    assert p.initramfs == "regenerate:dracut"
+
+
+def test_generic_conf_keeps_the_guests_settings_but_not_its_modules_or_resume() -> None:
+    text = generic_conf("# comment\nMODULES=dep\nCOMPRESS=xz\nRESUME=UUID=1234\nKEYMAP=n\n")
+    body = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert body == ["COMPRESS=xz", "KEYMAP=n", "BUSYBOX=auto", "MODULES=list", "RESUME=none"]
+    assert [ln for ln in generic_conf(None).splitlines() if not ln.startswith("#")] == [
+        "BUSYBOX=auto", "COMPRESS=gzip", "MODULES=list", "RESUME=none",
+    ]  # fmt: skip
+
+
+def cpio_gz(tree: Path, out: Path) -> None:
+    names = "\n".join(str(p.relative_to(tree)) for p in sorted(tree.rglob("*"))) + "\n"
+    data = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"],
+        cwd=tree,
+        input=names.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    out.write_bytes(subprocess.run(["gzip", "-c"], input=data, capture_output=True, check=True).stdout)
+
+
+def mkinitramfs_as(tmp: Path, *, honour_list: bool) -> Handler:
+    """A handler acting out mkinitramfs -d CONF -o OUT VER: a real gzip'd cpio with conf/initramfs.conf
+    and the modules of CONF/modules (or, as MODULES=dep in the appliance would, only virtio_scsi)."""
+
+    def handler(g: FakeGuest, argv: tuple[str, ...]) -> str:
+        conf, out, ver = argv[argv.index("-d") + 1], argv[argv.index("-o") + 1], argv[-1]
+        tree = tmp / "initramfs"
+        (tree / "conf").mkdir(parents=True)
+        (tree / "conf" / "initramfs.conf").write_text(g.text(f"{conf}/initramfs.conf") or "")
+        listed = [m for m in (g.text(f"{conf}/modules") or "").splitlines() if m and not m.startswith("#")]
+        kdir = tree / "usr/lib/modules" / ver / "kernel"
+        kdir.mkdir(parents=True)
+        for m in listed if honour_list else ["virtio_scsi"]:
+            (kdir / f"{m}.ko").write_bytes(b"")
+        cpio_gz(tree, tmp / "initrd")
+        g.write(out, (tmp / "initrd").read_bytes())
+        return ""
+
+    return handler
+
+
+@pytest.mark.parametrize("honour_list", [True, False])
+def test_the_generated_initramfs_is_checked_on_the_host(
+    tmp_path: Path, kernel: Kernel, honour_list: bool
+) -> None:
+    """Its steps run on a FakeGuest (the runner), then verify_initramfs reads what they made on the host;
+    an initramfs made without the list (the appliance's own drivers) fails it."""
+    states = [state("/dev/sdb", R1), xfs_guest("/dev/sdc", R2)]
+    p = plan(states, kernel, generate=True)
+    g = FakeGuest(image="appliance", roots=["/dev/sdb1", "/dev/sdc1"])
+    g.handlers["mkinitramfs"] = mkinitramfs_as(tmp_path, honour_list=honour_list)
+    facts = states[0].facts
+    for s in p.steps:
+        if GENERIC_CONF in s.describe():
+            run_step(g, facts, detect(facts), s)
+    assert g.text(f"{GENERIC_CONF}/modules") is not None
+    if honour_list:
+        got = verify_initramfs(g, states, kernel, "kvm", p)
+        assert got["source"] == "generated" and got["drivers"] == list(p.initramfs_modules)
+    else:
+        with pytest.raises(
+            GuestError,
+            match=r"verify: the generated initramfs .*root1.img: the initramfs lacks virtio_blk, ext4",
+        ):
+            verify_initramfs(g, states, kernel, "kvm", p)
+    g.rm_f(f"/boot/initrd.img-{NEW}")
+    with pytest.raises(GuestError, match=f"initrd.img-{NEW} is missing on {SYSTEM}"):
+        verify_initramfs(g, states, kernel, "kvm", p)

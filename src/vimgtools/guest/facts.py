@@ -39,6 +39,8 @@ CONFIG_FILES = (
 )
 TOOLS = (
     "/usr/sbin/update-initramfs",
+    "/usr/sbin/mkinitramfs",
+    "/sbin/mkinitramfs",
     "/usr/bin/dracut",
     "/usr/sbin/dracut",
     "/sbin/mkinitrd",

@@ -40,12 +40,15 @@ overlay each, committed all or none.
 
 A shared system disk (DISK --guest ROOT [--guest ROOT ...]): DISK is every guest's /boot and /usr,
 each ROOT a guest's own root disk (each guest sees its ROOT first, DISK second). The kernel, its
-modules and BOOTDIR's initramfs (required: generic, carrying the disk and filesystem drivers of
-every guest's / and /usr) go on DISK once; /usr/lib/modules on the shared /usr becomes the link to
-/boot/modules, resolved in each guest at boot (/usr mounted by the initramfs, /boot by its fstab,
-vimgtools-boot-modules.service loading what udev missed before), and checked in each guest's view.
-Each guest's own files (fstab, console, NIC) change on its ROOT; the shared command line names the
-root by position (root=/dev/vda1). One appliance, every disk committed all or none.
+modules and one generic initramfs, carrying the disk and filesystem drivers of every guest's / and
+/usr, go on DISK once: BOOTDIR's (checked on the host: not MODULES=dep, every guest's drivers, no
+/dev/xvd baked in) or, when BOOTDIR has none or with --regenerate-initramfs, one generated in the
+first guest's view (mkinitramfs with MODULES=list of those drivers; checked the same way after).
+/usr/lib/modules on the shared /usr becomes the link to /boot/modules, resolved in each guest at
+boot (/usr mounted by the initramfs, /boot by its fstab, vimgtools-boot-modules.service loading
+what udev missed before), and checked in each guest's view. Each guest's own files (fstab, console,
+NIC) change on its ROOT; the shared command line names the root by position (root=/dev/vda1). One
+appliance, every disk committed all or none.
 """
 
 EPILOG = (
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ROOT",
         help="DISK is a shared system disk (every guest's /boot and /usr) and ROOT one guest's root disk; "
-        "repeat for every guest. Needs --from with an initramfs; all raw, committed all or none",
+        "repeat for every guest. Needs --from (a generic initramfs there, or one is generated); all raw, "
+        "committed all or none",
     )
     p.add_argument(
         "--format", dest="fmt", metavar="FMT", help="DISK's format (default: probed; raw, qcow2, ...)"
@@ -125,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="regen",
         action="store_true",
         default=None,
-        help="make the initramfs in the guest even when BOOTDIR has one",
+        help="make the initramfs in the guest even when BOOTDIR has one (with --guest: a generic one, in "
+        "the first guest's view, for every guest)",
     )
     ini.add_argument(
-        "--no-regenerate-initramfs", dest="regen", action="store_false", help="never make one in the guest"
+        "--no-regenerate-initramfs",
+        dest="regen",
+        action="store_false",
+        help="never make one in the guest (with --guest: BOOTDIR must have one)",
     )
     p.add_argument("--force", action="store_true", help="go on despite preflight warnings (never errors)")
     p.add_argument("--workdir", metavar="DIR", help="where the temporary overlay goes (default: beside DISK)")
@@ -221,7 +229,6 @@ def _run_shared(args: argparse.Namespace) -> Result:
             ("--initramfs", args.initramfs),
             ("--root", args.root),
             ("--map", args.maps),
-            ("--regenerate-initramfs", args.regen),
         )
         if given
     ]
@@ -237,6 +244,7 @@ def _run_shared(args: argparse.Namespace) -> Result:
         target=args.target,
         force=args.force,
         dry_run=args.dry_run,
+        regenerate_initramfs=args.regen,
         workdir=args.workdir,
     )
 

@@ -203,6 +203,8 @@ class Plan:
             f"{self.action} {self.disk} ({self.root}): {self.previous or '?'} -> {self.version}",
             f"  bootloader {self.loader}; initramfs {self.initramfs}",
         ]
+        if self.shared.get("initramfs"):
+            lines.append(f"  initramfs for every guest: {self.shared['initramfs']['describe']}")
         if self.retarget.get("xen"):
             lines.append(f"  retarget to KVM: {'; '.join(self.retarget.get('markers', []))}")
             for old, new in self.retarget.get("rewrites", {}).items():
@@ -414,8 +416,15 @@ def plan_rekernel(
     previous: str | None,
     options: Options,
     initrd_files: list[str] | None,
+    make_initramfs: tuple[Step, ...] | None = None,
 ) -> Plan:
-    """Decide the checks and the steps. Pure: the caller gathered ``facts`` and ``initrd_files``."""
+    """Decide the checks and the steps. Pure: the caller gathered ``facts`` and ``initrd_files``.
+
+    Args:
+        make_initramfs: when regenerating, the steps that make ``/boot/initrd.img-VER`` instead of
+            the guest's own tool (a shared system disk's generic one, ``rekernel.shared``); its
+            ``initramfs`` is then ``regenerate:`` and the basename of their first command.
+    """
     v = kernel.version
     regenerate = (
         options.regenerate_initramfs if options.regenerate_initramfs is not None else not kernel.initramfs
@@ -448,7 +457,11 @@ def plan_rekernel(
         steps.append(Mkdir("/etc/systemd/system/sysinit.target.wants"))
         steps.append(Symlink(unit, f"/etc/systemd/system/sysinit.target.wants/{BOOT_MODULES_UNIT_NAME}"))
     initramfs = "supplied"
-    if regenerate:
+    if regenerate and make_initramfs is not None:
+        steps.extend(make_initramfs)
+        first = next((s.argv[0] for s in make_initramfs if isinstance(s, RunCommand)), "none")
+        initramfs = "regenerate:" + first.rsplit("/", 1)[-1]
+    elif regenerate:
         tool = initramfs_tool(facts, v)
         if tool:
             if v in facts.boot_kernels:

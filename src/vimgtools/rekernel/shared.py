@@ -10,8 +10,8 @@ disk it lands on.
 
 What goes where:
 
-- on SYSTEM, once (run in the first guest's view): the kernel files and the supplied initramfs in
-  ``/boot``, the modules in ``/boot/modules/VER``, ``/usr/lib/modules`` (the shared ``/usr``) made a
+- on SYSTEM, once (run in the first guest's view): the kernel files and the initramfs (supplied or
+  generated, below) in ``/boot``, the modules in ``/boot/modules/VER``, ``/usr/lib/modules`` (the shared ``/usr``) made a
   symlink to ``/boot/modules`` (the old trees moved there first), the loader's entry, whose command
   line serves every guest (Xen names become positional: ``root=/dev/xvda1`` -> ``root=/dev/vda1``,
   each guest's own first disk; ``console=hvc0`` -> tty0 + ttyS0), the state file;
@@ -32,10 +32,24 @@ SYSTEM's filesystems, ``/lib/modules`` resolves to the shared ``/usr/lib/modules
 guest's view (``/lib/modules/VER`` resolves to ``/boot/modules/VER`` with ``modules.dep``, the unit
 is there, the default entry boots VER with a ``root=`` that names that guest's root).
 
-Only a supplied initramfs (in BOOTDIR) is taken: it must be generic (not initramfs-tools
-``MODULES=dep``) and carry the disk drivers and the filesystem drivers of every guest's ``/`` and
-``/usr``. GRUB 2 on the shared ``/boot`` is refused: ``update-grub`` writes the ``root=UUID=`` of the
-guest it runs in. extlinux and GRUB legacy configurations are edited directly.
+The initramfs, one for every guest: generic (not initramfs-tools ``MODULES=dep``, made for the
+drivers of the machine it is made on), carrying the disk drivers and the filesystem drivers of every
+guest's ``/`` and ``/usr`` that the kernel has as modules (``guest_drivers``), made for the kernel,
+with no ``/dev/xvd`` baked in (``check_shared_initramfs``). The contract is the single-disk one's:
+
+- BOOTDIR's, when it has one: listed and unpacked on the host and checked before any change;
+- generated, when BOOTDIR has none or with ``--regenerate-initramfs`` (then BOOTDIR's is not used;
+  ``--no-regenerate-initramfs`` refuses a BOOTDIR without one): in the first guest's view, after the
+  modules are in ``/boot/modules/VER`` and ``/usr/lib/modules`` links there, by
+  ``mkinitramfs -d /boot/vimgtools/initramfs-tools -o /boot/initrd.img-VER VER`` with a configuration
+  of its own on SYSTEM (the first guest's ``initramfs.conf`` with ``MODULES=list`` and
+  ``RESUME=none``, ``modules`` listing every guest's drivers; ``generic_conf``), so that no guest's
+  ``MODULES=``, resume device or update-initramfs state is involved (dracut: ``--no-hostonly
+  --force-drivers``; unit-tested only). Its scratch goes to that guest's ``/var/tmp``. After it is
+  made, verify downloads it and checks it on the host with the same checks (``verify_initramfs``).
+
+GRUB 2 on the shared ``/boot`` is refused: ``update-grub`` writes the ``root=UUID=`` of the guest it
+runs in. extlinux and GRUB legacy configurations are edited directly.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ import dataclasses
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,7 +70,7 @@ from vimgtools.errors import BootloaderError, GuestError, InvalidInput
 from vimgtools.guest.facts import GuestFacts, collect_facts
 from vimgtools.guest.inventory import Filesystem, Inventory, collect_inventory, read_filesystems
 from vimgtools.guest.protocol import Guest
-from vimgtools.guest.steps import MountView, RunCommand, Step, Write
+from vimgtools.guest.steps import Mkdir, MountView, RunCommand, Step, Write
 from vimgtools.kernel import Kernel, find_kernel, initramfs_has, initramfs_texts, list_initramfs
 from vimgtools.rekernel.apply import apply_plan, verify
 from vimgtools.rekernel.plan import (
@@ -259,6 +274,178 @@ def check_root_specs(
     return Check(f"root:{v.name}", True, f"{v.guest}: root={', '.join(specs)} is {v.root}, its root")
 
 
+GENERIC_CONF = "/boot/vimgtools/initramfs-tools"  # on SYSTEM: the configuration the generic one is made from
+GENERIC_CONF_FILES = (f"{GENERIC_CONF}/initramfs.conf", f"{GENERIC_CONF}/modules")
+GENERIC_HEADER = (
+    "# Written by vimgtools rekernel: the configuration of the generic initramfs every guest of this shared\n"
+    "# system disk boots (mkinitramfs -d {conf}): MODULES=list, the disk and filesystem drivers of every\n"
+    "# guest's / and /usr, not the drivers of the machine it is made on (MODULES=dep).\n"
+)
+
+
+def guest_drivers(facts: GuestFacts, kernel: Kernel, target: str) -> tuple[list[str], list[str]]:
+    """(modules an initramfs must carry, drivers the kernel has neither built in nor as a module) for
+    one guest's ``/`` and ``/usr`` on ``target``: the disk drivers and the filesystem drivers."""
+    wanted = list(DISK_DRIVERS.get(target, ()))
+    for mp in ("/", "/usr"):
+        fs = FS_DRIVERS.get(facts.fs_types.get(mp, ""))
+        if fs and fs not in wanted:
+            wanted.append(fs)
+    modules: list[str] = []
+    absent: list[str] = []
+    for symbol, module in wanted:
+        state = kernel.driver_state(symbol, module)
+        if state == "module":
+            modules.append(module)
+        elif state == "missing":
+            absent.append(f"{module} ({symbol} not in {kernel.version})")
+    return modules, absent
+
+
+def check_shared_initramfs(
+    states: Sequence[GuestState], kernel: Kernel, target: str, files: list[str], texts: dict[str, str]
+) -> list[Check]:
+    """An initramfs as listed and unpacked on the host (``list_initramfs``, ``initramfs_texts``), checked
+    for every guest: not host-only, made for the kernel, each guest's drivers in it, no Xen disk name
+    baked in. The same checks refuse a supplied one before any change and fail the verify of a
+    generated one (pure)."""
+    fix = "make it with MODULES=most or a list elsewhere, or --regenerate-initramfs to generate a generic one"
+    conf = texts.get("conf/initramfs.conf", "")
+    m = re.search(r"^\s*MODULES=(\w+)", conf, re.M)
+    mode = m.group(1) if m else None
+    checks = [
+        Check(
+            "initramfs-generic",
+            mode != "dep",
+            "initramfs-tools MODULES=dep: made host-only, for the drivers of the machine it was made on; "
+            + fix
+            if mode == "dep"
+            else f"not host-only ({'MODULES=' + mode if mode else 'no initramfs-tools MODULES='})",
+        )
+    ]
+    v = kernel.version
+    mine = any(f"lib/modules/{v}/" in f for f in files)
+    checks.append(
+        Check(
+            "initramfs-version",
+            mine,
+            f"carries modules of {v}" if mine else f"carries no lib/modules/{v}: made for another kernel",
+        )
+    )
+    for s in states:
+        modules, absent = guest_drivers(s.facts, kernel, target)
+        missing = [m for m in modules if not initramfs_has(files, m)] + absent
+        checks.append(
+            Check(
+                f"initramfs-drivers:{s.view.name}",
+                not missing,
+                f"{s.view.guest}: the initramfs lacks {', '.join(missing)}; {fix}"
+                if missing
+                else f"{s.view.guest}: the drivers of / and /usr on {target} are in the initramfs or built in",
+            )
+        )
+    baked = [p for p, t in texts.items() if "/dev/xvd" in t]
+    checks.append(
+        Check(
+            "initramfs-config",
+            not baked,
+            f"its baked-in configuration names /dev/xvd ({', '.join(baked)}); {fix}"
+            if baked
+            else "no /dev/xvd in its baked-in configuration",
+        )
+    )
+    return checks
+
+
+def generic_conf(guest_conf: str | None) -> str:
+    """``initramfs.conf`` of the generic initramfs: the first guest's own, with ``MODULES=list`` and
+    ``RESUME=none`` (a resume device is one guest's) instead of what it says (pure)."""
+    kept = [
+        ln
+        for ln in (guest_conf or "").splitlines()
+        if not re.match(r"\s*(MODULES|RESUME)=", ln) and not ln.lstrip().startswith("#") and ln.strip()
+    ]
+    have = {ln.split("=", 1)[0].strip() for ln in kept if "=" in ln}
+    defaults = [f"{k}={v}" for k, v in (("BUSYBOX", "auto"), ("COMPRESS", "gzip")) if k not in have]
+    return (
+        GENERIC_HEADER.format(conf=GENERIC_CONF)
+        + "\n".join([*kept, *defaults, "MODULES=list", "RESUME=none"])
+        + "\n"
+    )
+
+
+def plan_generic_initramfs(
+    first: GuestState, kernel: Kernel, modules: list[str], target: str
+) -> tuple[list[Check], tuple[Step, ...], dict[str, Any]]:
+    """The checks and steps that make the generic initramfs on SYSTEM in the first guest's view (pure).
+
+    initramfs-tools: ``mkinitramfs -d GENERIC_CONF`` with a configuration of its own on SYSTEM
+    (``generic_conf``, ``modules`` listing every guest's drivers), so that neither the first guest's
+    ``MODULES=`` nor its resume device nor its update-initramfs state is involved; dracut:
+    ``--no-hostonly --force-drivers``. Either writes ``/boot/initrd.img-VER``.
+    """
+    facts, v = first.facts, kernel.version
+    out = f"/boot/initrd.img-{v}"
+    why = f"the generic initramfs for every guest, made in the view of {first.view.guest}"
+    checks: list[Check] = []
+    steps: tuple[Step, ...] = ()
+    info: dict[str, Any] = {
+        "source": "generated",
+        "path": out,
+        "modules": modules,
+        "in_view_of": first.view.guest,
+    }
+    if mk := facts.has_tool("mkinitramfs"):
+        listing = "".join(f"{m}\n" for m in modules)
+        steps = (
+            Mkdir(GENERIC_CONF),
+            Write(
+                f"{GENERIC_CONF}/initramfs.conf",
+                generic_conf(first.inv.text("/etc/initramfs-tools/initramfs.conf")),
+                facts.text(f"{GENERIC_CONF}/initramfs.conf"),
+            ),
+            Write(
+                f"{GENERIC_CONF}/modules",
+                "# every guest's disk and filesystem drivers (vimgtools rekernel)\n" + listing,
+                facts.text(f"{GENERIC_CONF}/modules"),
+            ),
+            RunCommand(
+                (mk, "-d", GENERIC_CONF, "-o", out, v), why + " (its scratch in that guest's /var/tmp)"
+            ),
+        )
+        info |= {"generator": "mkinitramfs", "conf": GENERIC_CONF, "MODULES": "list"}
+        checks.append(
+            Check(
+                "config",
+                kernel.config is not None,
+                f"mkinitramfs needs /boot/config-{v}: put config-{v} in BOOTDIR"
+                if kernel.config is None
+                else f"/boot/config-{v} from BOOTDIR (mkinitramfs checks its compressor there)",
+            )
+        )
+    elif dracut := facts.has_tool("dracut"):
+        drivers = ("--force-drivers", " ".join(modules)) if modules else ()
+        steps = (
+            RunCommand((dracut, "--force", "--no-hostonly", "--no-hostonly-cmdline", *drivers, out, v), why),
+        )
+        info |= {"generator": "dracut", "hostonly": "no"}
+    checks.append(
+        Check(
+            "initramfs-tool",
+            bool(steps),
+            f"{info['generator']} in the view of {first.view.guest}, writing {out} on the shared /boot"
+            if steps
+            else f"{first.view.guest}: neither mkinitramfs nor dracut to generate the initramfs with: put a "
+            "generic one in BOOTDIR",
+        )
+    )
+    info["describe"] = (
+        f"generated by {info.get('generator', 'nothing')} in the view of {first.view.guest} ({', '.join(modules) or 'no modules'}"
+        f" for {target}), to {out}; checked on the host after it is made"
+    )
+    return checks, steps, info
+
+
 def plan_shared(
     states: Sequence[GuestState],
     kernel: Kernel,
@@ -268,15 +455,18 @@ def plan_shared(
     disks: dict[str, str],
     previous: str | None,
     options: Options,
-    initrd_files: list[str],
-    initrd_texts: dict[str, str],
+    initrd_files: list[str] | None,
+    initrd_texts: dict[str, str] | None,
 ) -> tuple[Plan, list[Plan]]:
     """The checks and steps of a shared-system-disk run, and one plan per guest for its verify (pure).
 
     Args:
         states: every guest as read in its view (the first one's view runs SYSTEM's steps).
         disks: appliance disk -> image (``/dev/sda`` is SYSTEM).
-        initrd_files, initrd_texts: the supplied initramfs, listed and unpacked on the host.
+        options: ``regenerate_initramfs`` true: a generic initramfs is generated in the first
+            guest's view (``plan_generic_initramfs``); else the supplied one is taken.
+        initrd_files, initrd_texts: the supplied initramfs, listed and unpacked on the host
+            (unused when generating).
     """
     first = states[0]
     filesystems = first.inv.filesystems
@@ -332,45 +522,46 @@ def plan_shared(
                 refuses_as=BootloaderError,
             )
         )
-    # The initramfs: generic, with the drivers of every guest's / and /usr.
-    conf = initrd_texts.get("conf/initramfs.conf", "")
-    m = re.search(r"^\s*MODULES=(\w+)", conf, re.M)
-    mode = m.group(1) if m else None
-    checks.append(
-        Check(
-            "initramfs-generic",
-            mode != "dep",
-            "initramfs-tools MODULES=dep: made host-only, for the drivers of the machine it was made on; "
-            "make it with MODULES=most or a list"
-            if mode == "dep"
-            else f"not host-only ({'MODULES=' + mode if mode else 'no initramfs-tools MODULES='})",
-        )
+    # The initramfs: generic, with the drivers of every guest's / and /usr; supplied, or generated.
+    generate = bool(options.regenerate_initramfs)
+    required = list(
+        dict.fromkeys(m for s in states for m in guest_drivers(s.facts, kernel, options.target)[0])
     )
-    required: list[str] = []
-    for s in states:
-        wanted = list(DISK_DRIVERS.get(options.target, ()))
-        for mp in ("/", "/usr"):
-            fs = FS_DRIVERS.get(s.facts.fs_types.get(mp, ""))
-            if fs and fs not in wanted:
-                wanted.append(fs)
-        missing = []
-        for symbol, module in wanted:
-            state = kernel.driver_state(symbol, module)
-            if state == "module":
-                required.append(module)
-                if not initramfs_has(initrd_files, module):
-                    missing.append(module)
-            elif state == "missing":
-                missing.append(f"{module} ({symbol} not in {kernel.version})")
-        checks.append(
-            Check(
-                f"initramfs-drivers:{s.view.name}",
-                not missing,
-                f"{s.view.guest}: the initramfs lacks {', '.join(missing)}"
-                if missing
-                else f"{s.view.guest}: the drivers of / and /usr on {options.target} are in the initramfs or built in",
+    make: tuple[Step, ...] = ()
+    if generate:
+        gen_checks, make, initramfs_info = plan_generic_initramfs(first, kernel, required, options.target)
+        checks.extend(gen_checks)
+        for s in states:
+            modules, absent = guest_drivers(s.facts, kernel, options.target)
+            checks.append(
+                Check(
+                    f"initramfs-drivers:{s.view.name}",
+                    not absent,
+                    f"{s.view.guest}: {', '.join(absent)}: no initramfs can carry it"
+                    if absent
+                    else f"{s.view.guest}: the drivers of / and /usr on {options.target} "
+                    + (
+                        f"({', '.join(modules)}) go into the generated initramfs"
+                        if modules
+                        else "are built in"
+                    ),
+                )
             )
+        if kernel.initramfs is not None:
+            initramfs_info["not_used"] = f"{kernel.initramfs} (--regenerate-initramfs)"
+    else:
+        checks.extend(
+            check_shared_initramfs(states, kernel, options.target, initrd_files or [], initrd_texts or {})
         )
+        initramfs_info = {
+            "source": "supplied",
+            "from": str(kernel.initramfs),
+            "path": f"/boot/initrd.img-{kernel.version}",
+            "on": system,
+            "modules": required,
+            "describe": f"{kernel.initramfs} (supplied, checked on the host), to /boot/initrd.img-{kernel.version} "
+            f"on {system}",
+        }
     # The command lines on SYSTEM serve every guest: Xen names by position, the Xen console replaced.
     shared_edits: list[Step] = []
     problems: list[str] = []
@@ -430,14 +621,19 @@ def plan_shared(
             disk=s.view.guest,
             previous=previous,
             options=options,
-            initrd_files=initrd_files,
+            initrd_files=None if generate else initrd_files,
+            make_initramfs=make if generate else None,
         )
         if i == 0:
+            mode = p.initramfs  # "supplied" or "regenerate:mkinitramfs"
             has_code = any(c.name == "boot-code" for c in checks)
+            # The drivers, the initramfs tool and its needs are the shared disk's checks above.
             checks.extend(
                 c
                 for c in p.checks
-                if not c.name.startswith("driver:") and not (c.name == "boot-code" and has_code)
+                if not c.name.startswith("driver:")
+                and c.name not in ("initramfs-tool", "config")
+                and not (c.name == "boot-code" and has_code)
             )
         add(
             MountView(s.view.guest, tuple(sorted(s.view.mountpoints.items(), key=lambda kv: len(kv[0])))),
@@ -457,7 +653,10 @@ def plan_shared(
             for step in rt.code:
                 add(step, _step_disk(step, s.view, disks))
         retarget = (rt.info | {"xen": rt.xen, "required": rt.required}) if rt is not None else {}
-        subplans.append(dataclasses.replace(p, checks=(), steps=(), retarget=retarget, disks={}))
+        # The initramfs is SYSTEM's, checked on the host once (verify_shared), not in each view.
+        subplans.append(
+            dataclasses.replace(p, checks=(), steps=(), retarget=retarget, disks={}, initramfs="shared")
+        )
     if problems:
         checks.append(Check("cmdline", False, "; ".join(problems), refuses_as=InvalidInput))
     shared_info = {
@@ -478,6 +677,7 @@ def plan_shared(
             f"systemd from the guest's fstab, {BOOT_MODULES_UNIT_NAME} loading what udev missed before"
         },
         "cmdline_roots": [{"file": f, "root": r} for f, r in roots],
+        "initramfs": initramfs_info,
         "loader_files": sorted(shared_files),
     }
     plan = Plan(
@@ -486,7 +686,7 @@ def plan_shared(
         version=kernel.version,
         previous=previous,
         loader=loader.name,
-        initramfs="supplied",
+        initramfs=mode,
         checks=tuple(checks),
         steps=tuple(steps),
         facts=first.facts.summary(),
@@ -515,17 +715,58 @@ def read_guests(gi: Guest, guests: Sequence[Path]) -> list[GuestState]:
         disk = f"/dev/sd{chr(ord('b') + i)}"
         view = find_view(gi, roots, str(g), disk, filesystems)
         gi.mount_view(view.mountpoints)
-        facts = collect_facts(gi, view.root, mountpoints=view.mountpoints, extra_files=(STATE_FILE,))
+        facts = collect_facts(
+            gi, view.root, mountpoints=view.mountpoints, extra_files=(STATE_FILE, *GENERIC_CONF_FILES)
+        )
         inv = collect_inventory(gi, [])
         states.append(GuestState(view, facts, inv))
     gi.mount_view(states[0].view.mountpoints)
     return states
 
 
-def verify_shared(
-    gi: Guest, states: Sequence[GuestState], loader: Bootloader, plan: Plan, subplans: Sequence[Plan]
+def verify_initramfs(
+    gi: Guest, states: Sequence[GuestState], kernel: Kernel, target: str, plan: Plan
 ) -> dict[str, Any]:
-    """Re-read each guest's view: the new kernel, its modules through the link, the loader, its own files.
+    """The initramfs on SYSTEM, downloaded and checked on the host as a supplied one is before the run
+    (``check_shared_initramfs``): a generated one is checked here for the first time.
+
+    Raises:
+        GuestError: it is missing, or a check fails; the message lists them.
+    """
+    path = plan.shared["initramfs"]["path"]
+    if not gi.is_file(path):
+        raise GuestError(f"verify: {path} is missing on {plan.disk}")
+    with tempfile.TemporaryDirectory(prefix="vimg-initrd-") as tmp:
+        local = Path(tmp) / "initrd"
+        gi.download(path, str(local))
+        files, texts = list_initramfs(local), initramfs_texts(local)
+    bad = [c for c in check_shared_initramfs(states, kernel, target, files, texts) if not c.ok]
+    if bad:
+        what = plan.shared["initramfs"]["source"]
+        raise GuestError(
+            f"verify: the {what} initramfs {path}: " + "; ".join(f"{c.name}: {c.message}" for c in bad)
+        )
+    return {
+        "path": path,
+        "source": plan.shared["initramfs"]["source"],
+        "files": len(files),
+        "drivers": list(plan.initramfs_modules),
+        "checked": "generic, for the kernel, every guest's drivers, no /dev/xvd baked in",
+    }
+
+
+def verify_shared(
+    gi: Guest,
+    states: Sequence[GuestState],
+    loader: Bootloader,
+    plan: Plan,
+    subplans: Sequence[Plan],
+    *,
+    kernel: Kernel,
+    target: str,
+) -> dict[str, Any]:
+    """Re-read each guest's view: the new kernel, its modules through the link, the loader, its own
+    files; and the initramfs on SYSTEM, on the host (``verify_initramfs``).
 
     Raises:
         GuestError: something a guest needs is missing or points elsewhere; the message names the guest.
@@ -556,7 +797,7 @@ def verify_shared(
         got["modules_link"] = f"{MODULES_LINK} -> {link}; /lib/modules/{v} -> {real}"
         got["root"] = check.message
         out[s.view.guest] = got
-    return {"guests": out}
+    return {"guests": out, "initramfs": verify_initramfs(gi, states, kernel, target, plan)}
 
 
 def rekernel_shared(
@@ -568,6 +809,7 @@ def rekernel_shared(
     target: str = "kvm",
     force: bool = False,
     dry_run: bool = False,
+    regenerate_initramfs: bool | None = None,
     workdir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Result:
@@ -575,14 +817,18 @@ def rekernel_shared(
 
     Args:
         system: the shared system disk (raw): every guest's ``/boot`` and ``/usr``.
-        from_dir: BOOTDIR with the kernel, its modules and a generic initramfs (required here).
+        from_dir: BOOTDIR with the kernel, its modules and optionally a generic initramfs.
         guests: each guest's root disk (raw); each guest sees it first and ``system`` second.
         target: "kvm" (guests moved off Xen are retargeted, each on its own disk) or "xen".
+        regenerate_initramfs: as ``rekernel()``: True generates a generic initramfs in the first
+            guest's view even when ``from_dir`` has one (then not used), False never generates one
+            (``from_dir`` must have it); default: generate only when ``from_dir`` has none.
         Others as ``rekernel()``.
 
     Raises:
-        InvalidInput: no guest, a disk given twice, no initramfs in BOOTDIR, a guest that does not take
-            /boot and /usr from ``system``, a root= that does not name every guest's root (exit 2).
+        InvalidInput: no guest, a disk given twice, no initramfs in BOOTDIR with
+            ``regenerate_initramfs=False``, a guest that does not take /boot and /usr from
+            ``system``, a root= that does not name every guest's root (exit 2).
         KernelError, BootloaderError, ImageRefused: refused before any change (exit 2), e.g. an image
             a running QEMU holds.
         GuestError, ImageError: failed; every disk is as it was. ``error.result`` as ``rekernel()``.
@@ -595,13 +841,19 @@ def rekernel_shared(
         raise InvalidInput("a shared system disk needs at least one --guest ROOT")
     disks = as_disks([system, *roots])
     kernel = find_kernel(Path(from_dir), version=version)
-    if kernel.initramfs is None:
+    if kernel.initramfs is None and regenerate_initramfs is False:
         raise InvalidInput(
-            f"{from_dir}: no initramfs: a shared system disk takes a generic one from BOOTDIR "
-            "(initrd.img-VER made with MODULES=most or a list carrying every guest's disk and filesystem drivers)"
+            f"{from_dir}: no initramfs, and --no-regenerate-initramfs: put a generic one in BOOTDIR "
+            "(initrd.img-VER made with MODULES=most or a list carrying every guest's disk and filesystem "
+            "drivers), or let one be generated in the first guest's view"
         )
-    initrd_files, initrd_texts = list_initramfs(kernel.initramfs), initramfs_texts(kernel.initramfs)
-    options = Options(target=target, force=force, regenerate_initramfs=False)
+    generate = regenerate_initramfs if regenerate_initramfs is not None else kernel.initramfs is None
+    initrd_files: list[str] | None = None
+    initrd_texts: dict[str, str] | None = None
+    if not generate:
+        assert kernel.initramfs is not None
+        initrd_files, initrd_texts = list_initramfs(kernel.initramfs), initramfs_texts(kernel.initramfs)
+    options = Options(target=target, force=force, regenerate_initramfs=generate)
     dmap = disk_map(disks)
     result = Result(plan=None, dry_run=dry_run, action="rekernel-shared")
     with disks_session(disks, result, workdir=Path(workdir) if workdir else None) as gi:
@@ -633,7 +885,9 @@ def rekernel_shared(
         apply_plan(gi, states[0].facts, loader, result.plan, progress, done=result.done)
         result.seconds["apply"] = round(time.monotonic() - t1, 2)
         t2 = time.monotonic()
-        result.verified = verify_shared(gi, states, loader, result.plan, subplans)
+        result.verified = verify_shared(
+            gi, states, loader, result.plan, subplans, kernel=kernel, target=target
+        )
         result.seconds["verify"] = round(time.monotonic() - t2, 2)
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     result.seconds["work"] = round(result.seconds["total"] - result.seconds.get("launch", 0.0), 2)
