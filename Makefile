@@ -59,7 +59,7 @@ lint: deps
 
 # pytest exits 5 when it collected no test: that is a failure here.
 test: deps lint
-	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 $(PYTEST_ARGS); rc=$$?; \
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc = 5 ]; then echo "make test: no tests were collected"; exit 1; fi; exit $$rc
 
 test-fast: deps
