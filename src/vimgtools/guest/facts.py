@@ -40,7 +40,6 @@ CONFIG_FILES = (
 TOOLS = (
     "/usr/sbin/update-initramfs",
     "/usr/sbin/mkinitramfs",
-    "/sbin/mkinitramfs",
     "/usr/bin/dracut",
     "/usr/sbin/dracut",
     "/sbin/mkinitrd",

@@ -277,9 +277,10 @@ def check_root_specs(
 GENERIC_CONF = "/boot/vimgtools/initramfs-tools"  # on SYSTEM: the configuration the generic one is made from
 GENERIC_CONF_FILES = (f"{GENERIC_CONF}/initramfs.conf", f"{GENERIC_CONF}/modules")
 GENERIC_HEADER = (
-    "# Written by vimgtools rekernel: the configuration of the generic initramfs every guest of this shared\n"
-    "# system disk boots (mkinitramfs -d {conf}): MODULES=list, the disk and filesystem drivers of every\n"
-    "# guest's / and /usr, not the drivers of the machine it is made on (MODULES=dep).\n"
+    "# Written by vimgtools rekernel: the configuration of the generic initramfs that every guest\n"
+    "# of this shared system disk boots, made by mkinitramfs -d {conf}:\n"
+    "# MODULES=list, the disk and filesystem drivers of every guest's / and /usr (not MODULES=dep:\n"
+    "# the drivers of the machine it is made on).\n"
 )
 
 
@@ -398,7 +399,7 @@ def plan_generic_initramfs(
     if mk := facts.has_tool("mkinitramfs"):
         listing = "".join(f"{m}\n" for m in modules)
         steps = (
-            Mkdir(GENERIC_CONF),
+            Mkdir(f"{GENERIC_CONF}/scripts"),  # mkinitramfs adds the scripts there (none)
             Write(
                 f"{GENERIC_CONF}/initramfs.conf",
                 generic_conf(first.inv.text("/etc/initramfs-tools/initramfs.conf")),
