@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from inproc import Background, channel_pair
 
-from vimgtools.errors import ImageError, Interrupted, TransportError
+from vimgtools.errors import ImageError, ImageRefused, Interrupted, TransportError
 from vimgtools.image import Image
 from vimgtools.journal import JOURNAL_SUFFIX
 from vimgtools.sync import rollback
@@ -195,6 +195,28 @@ def test_replica_commits_with_undo_and_rolls_back(images: tuple[Path, Path], tmp
     assert rollback(dst, undo, dry_run=True) == 2 * BS and dst.read_bytes()[:BS] == b"z" * BS
     assert rollback(dst, undo) == 2 * BS
     assert sha(dst) == before
+
+
+def test_rollback_of_a_sync_that_died_before_its_journal_commit(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Killed between the undo file's commit and the journal's: the replica is still the old content,
+    and putting it back is a no-op, not a refusal (replicate's restore after a kill -9 at that point)."""
+    src, dst = images
+    old = dst.read_bytes()
+    undo = tmp_path / "u.undo"
+    with Image(src) as img:
+        source = source_of(img)
+    with Replica(dst, source, block_size=BS) as rep, rep.receiving(undo):
+        rep.data(0, b"z" * BS)
+        rep.zero(CHUNK_SIZE + MiB, BS)
+        rep.end_chunk(SIZE)
+    dst.write_bytes(old)  # as if nothing of the journal had been written
+    assert rollback(dst, undo) == 2 * BS and dst.read_bytes() == old
+    with open(dst, "r+b") as f:  # something else wrote there: neither generation
+        f.write(b"q" * BS)
+    with pytest.raises(ImageRefused, match="changed since the sync"):
+        rollback(dst, undo)
 
 
 def test_a_new_replica_appears_only_when_complete(images: tuple[Path, Path], tmp_path: Path) -> None:

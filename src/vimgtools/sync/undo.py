@@ -58,7 +58,8 @@ def rollback(
     """Return ``dst`` to the generation before the sync that wrote ``undo``. Returns bytes written.
 
     With ``dry_run`` every check is made and nothing is written; the bytes that would be written
-    are returned. Refuses (ImageRefused) when ``dst`` no longer holds what that sync wrote, and
+    are returned. Refuses (ImageRefused) when ``dst`` holds neither what that sync wrote nor what
+    it found (a range of it that is still the old content: that sync died before writing), and
     (dry run) when an interrupted update must be completed first.
     """
     upath = Path(undo)
@@ -85,7 +86,10 @@ def rollback(
         for rec, payload in iter_records(contents):
             view = memoryview(buf)[: rec.length]
             d.read_into(view, rec.offset)
-            if checksum64(view) != rec.aux:
+            # The old content already: the sync died after committing this file, before its journal
+            # (nothing of it was written); writing it again is harmless.
+            unwritten = zero_blocks(view, 1 << 24).all() if payload is None else view == payload
+            if checksum64(view) != rec.aux and not unwritten:
                 raise ImageRefused(
                     f"{d.path}: changed since the sync that wrote {upath} "
                     f"(offset {rec.offset}); not rolled back"
