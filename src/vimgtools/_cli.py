@@ -52,6 +52,33 @@ def add_common_options(parser: argparse.ArgumentParser, *, dry_run: bool = True)
         )
 
 
+def add_remote_options(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """-e/--rsh, --remote-python, --timeout (and the hidden --server of the far end); returns the group."""
+    r = parser.add_argument_group(title)
+    r.add_argument(
+        "-e",
+        "--rsh",
+        default="ssh",
+        metavar="CMD",
+        help='command that reaches HOST, as in rsync (default: ssh), e.g. "ssh -p 2222 -i key"',
+    )
+    r.add_argument(
+        "--remote-python",
+        default="python3",
+        metavar="PY",
+        help="the Python on HOST that has vimgtools (default: python3)",
+    )
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up when the far side is silent this long (default: 300)",
+    )
+    r.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
+    return r
+
+
 def add_progress_options(parser: argparse.ArgumentParser) -> None:
     """--progress / --no-progress: a bar on stderr; by default only when stderr is a terminal."""
     bar = parser.add_mutually_exclusive_group()

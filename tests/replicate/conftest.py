@@ -41,6 +41,17 @@ def _needs_root() -> None:
 
 
 @pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A private sshd on a loopback port (the DR host, as the sync tests have it): the --rsh and
+    --remote-python arguments that reach it as root@127.0.0.1."""
+    from loopback_sshd import loopback_sshd
+
+    _needs_root()
+    with loopback_sshd(tmp_path_factory.mktemp("sshd")) as rsh:
+        yield ["--rsh", rsh, "--remote-python", sys.executable]
+
+
+@pytest.fixture(scope="session")
 def libvirtd() -> Iterator[str]:
     """libvirtd (and virtlogd) answering on qemu:///system: the URI. Started here unless already
     running; at the end this session's domains (``guests.DOMAIN_PREFIX``: ``vimg-test-PID-``, and

@@ -141,3 +141,30 @@ def test_define_the_clone(domain: Domain, tmp_path: Path, libvirtd: str) -> None
     uuid = dom.UUIDString()
     out, _ = replicate_json("--define", libvirtd, "--as", clone, domain.name, dest)  # redefined in place
     assert domain.conn.lookupByName(clone).UUIDString() == uuid and out["generation"] == 2
+
+
+def test_running_domain_over_ssh_and_its_clone_defined(
+    domain: Domain, tmp_path: Path, libvirtd: str, sshd: list[str]
+) -> None:
+    """DEST on the DR host (here: the same libvirtd, reached through it): the pull-mode backup pushed
+    over ssh, domain.xml written there, the clone defined from it."""
+    dest = tmp_path / "dr"
+    remote = f"root@127.0.0.1:{dest}"
+    clone = guests.DOMAIN_PREFIX + "clone"
+    out, err = replicate_json(*sshd, "--define", libvirtd, "--as", clone, domain.name, remote)
+    assert out["defined"] == clone and out["generation"] == 1, err
+    assert f"{dest}/vda.img" in (dest / "domain.xml").read_text()
+    xml = domain.conn.lookupByName(clone).XMLDesc(0)
+    assert f"{dest}/vda.img" in xml and f"{dest}/vdb.img" in xml and "vimg:clone" in xml
+    said = domain.qmp(  # through the running QEMU's own device: its bitmap marks the write
+        "human-monitor-command",
+        **{
+            "command-line": 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x66 12M 4k"'
+        },
+    )
+    assert not said.strip(), said  # (qemu-io prints to QEMU's stdout; errors come back here)
+    out, err = replicate_json(*sshd, domain.name, remote)
+    vda, vdb = out["disks"]
+    assert vda["mode"] == "incremental" and vda["changed"] == 1 and vda["bytes_sent"] < 64 * 1024, err
+    assert vdb["mode"] == "rescan"  # raw: no bitmap, compared in full
+    assert json.loads((dest / "manifest.json").read_text())["generation"] == 2

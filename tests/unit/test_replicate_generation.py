@@ -15,7 +15,8 @@ import pytest
 from vimgtools.errors import ImageError
 from vimgtools.image import Image
 from vimgtools.replicate import manifest as mf
-from vimgtools.replicate.generation import GuestDisk, decide, replica_identity, restore, run
+from vimgtools.replicate.dest import replica_identity, restore
+from vimgtools.replicate.generation import GuestDisk, decide, run
 
 MiB = 1 << 20
 
@@ -149,8 +150,9 @@ def test_decide_says_why(tmp_path: Path) -> None:
     ident = replica_identity(replica)
     prev = mf.Disk("vda", "vda.img", "/src", "raw", 100, "vimgtools.gen-1", ident)
     disk = GuestDisk("vda", "/src", "qcow2", 100, {"vimgtools.gen-1": True})
-    assert decide(None, disk, replica) == ("full", "first run")
-    assert decide(prev, disk, replica) == ("incremental", None)
+    assert decide(None, disk, ident) == ("full", "first run")
+    assert decide(prev, disk, ident) == ("incremental", None)
+    assert "missing" in (decide(prev, disk, None)[1] or "")
     cases = {
         "keeps no dirty bitmap": GuestDisk("vda", "/src", "raw", 100, None),
         "missing": GuestDisk("vda", "/src", "qcow2", 100, {}),
@@ -158,7 +160,7 @@ def test_decide_says_why(tmp_path: Path) -> None:
         "resized": GuestDisk("vda", "/src", "qcow2", 200, {"vimgtools.gen-1": True}),
     }
     for said, d in cases.items():
-        mode, reason = decide(prev, d, replica)
+        mode, reason = decide(prev, d, ident)
         assert mode == "rescan" and said in (reason or ""), (said, reason)
     replica.write_bytes(b"y")
-    assert "replica changed" in (decide(prev, disk, replica)[1] or "")
+    assert "replica changed" in (decide(prev, disk, replica_identity(replica))[1] or "")

@@ -17,7 +17,8 @@ from typing import Any
 from vimgtools.errors import InvalidInput
 from vimgtools.replicate.define import check_can_define
 from vimgtools.replicate.define import define as define_clone
-from vimgtools.replicate.generation import DiskResult, Progress, ReplicateResult, restore, run
+from vimgtools.replicate.dest import open_dest
+from vimgtools.replicate.generation import DiskResult, Progress, ReplicateResult, run
 from vimgtools.replicate.libvirt import (
     DEFAULT_URI,
     LibvirtGuest,
@@ -26,22 +27,31 @@ from vimgtools.replicate.libvirt import (
     libvirt_module,
     lookup,
 )
-from vimgtools.replicate.manifest import load as load_manifest
 from vimgtools.replicate.offline import Offline
 from vimgtools.replicate.qmp import QmpGuest
+from vimgtools.sync.options import SyncOptions
+from vimgtools.sync.ssh import split_remote
 
 __all__ = ["DiskResult", "ReplicateResult", "recover", "replicate"]
 
 IMAGE_SUFFIXES = {".img", ".raw", ".qcow2", ".qcow", ".vmdk", ".vdi", ".vhd", ".vhdx", ".qed"}
 
 
-def recover(dest: str | os.PathLike[str], *, dry_run: bool = False) -> list[str]:
-    """Put DEST back to the generation its manifest says after a run that died writing it
-    (every run does it first). Returns the replica files put back."""
-    path = Path(dest)
-    if not path.is_dir():
-        raise InvalidInput(f"{path}: no such replica directory")
-    return restore(path, load_manifest(path), dry_run=dry_run)
+def recover(
+    dest: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    rsh: str = "ssh",
+    remote_python: str = "python3",
+    timeout: float = 300.0,
+) -> list[str]:
+    """Put DEST (a directory or ``[USER@]HOST:DIR``) back to the generation its manifest says after a
+    run that died writing it (every run does it first). Returns the replica files put back."""
+    where = open_dest(dest, SyncOptions(rsh=rsh, remote_python=remote_python, timeout=timeout))
+    try:
+        return where.recover(dry_run)
+    finally:
+        where.close()
 
 
 def replicate(
@@ -59,8 +69,15 @@ def replicate(
     as_name: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    rsh: str = "ssh",
+    remote_python: str = "python3",
+    timeout: float = 300.0,
 ) -> ReplicateResult:
     """Copy generation N of ``guest`` into ``dest``; the same data as the CLI's ``--json``.
+
+    ``dest``: a directory, or ``[USER@]HOST:DIR`` on the DR host over ssh (``rsh``, the command that
+    reaches it; ``remote_python``, the Python there that has vimgtools; ``timeout``, seconds of its
+    silence before giving up), as sync's remote.
 
     ``define``: a libvirt URI where the clone is then defined (inactive, never started) from
     DEST/domain.xml, named ``as_name`` (default: the guest's); a libvirt guest only.
@@ -70,7 +87,16 @@ def replicate(
         ImageRefused: an image a running QEMU holds, given as a shut-off guest's.
         VimgError: failed; DEST still holds the last whole generation.
     """
-    opts = dict(fmt=fmt, dry_run=dry_run, block_size=block_size, full=full, progress=progress, stop=stop)
+    remote = SyncOptions(rsh=rsh, remote_python=remote_python, timeout=timeout)
+    opts = dict(
+        fmt=fmt,
+        dry_run=dry_run,
+        block_size=block_size,
+        full=full,
+        progress=progress,
+        stop=stop,
+        remote=remote,
+    )
     if define is not None and not (
         isinstance(guest, str) and not guest.startswith("qmp:") and not os.path.exists(guest)
     ):
@@ -117,7 +143,12 @@ def _libvirt(
             backend.uuid, backend.xml = dom.UUIDString(), dom.XMLDesc(0)
         res = run(backend, dest, **opts)
         if clones is not None and not opts["dry_run"]:
-            res.defined = define_clone(clones, libvirt_module(), Path(dest), res.generation, clone_name)
+            assert res.domain_xml is not None  # a libvirt guest's generation has its definition
+            remote = split_remote(os.fspath(dest))[0] is not None
+            mark = res.dest if remote else str(Path(dest).resolve())  # where the replicas are
+            res.defined = define_clone(
+                clones, libvirt_module(), res.domain_xml, mark, res.generation, clone_name
+            )
         return res
     finally:
         conn.close()

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 
 from vimgtools import _cli
 from vimgtools.replicate import ReplicateResult, recover, replicate
+from vimgtools.replicate.dest import serve
 
 log = logging.getLogger("vimgtools.replicate")
 
 DESCRIPTION = """\
-Replicate a guest into DEST, a directory that always holds one whole generation:
+Replicate a guest into DEST, a directory that always holds one whole generation
+(here, or [USER@]HOST:DIR on the DR host over ssh, as sync's remote: vimgtools
+installed there, nothing held open between disks):
 one replica per disk (vda.img, vdb.img, ... or .qcow2 with --format qcow2) and
 manifest.json (guest, generation, time, consistency, and each disk's target, file,
 source, format, virtual size and dirty bitmap).
@@ -44,6 +48,7 @@ examples:
   python -m vimgtools.replicate --agent /run/qemu/mail.qga qmp:/run/qemu/mail.qmp /srv/dr/mail
   python -m vimgtools.replicate /var/lib/libvirt/images/mail.qcow2 /srv/dr/mail
   python -m vimgtools.replicate --json sys.qcow2 data.qcow2 /srv/dr/files
+  python -m vimgtools.replicate -c qemu:///system mail dr-host:/srv/dr/mail
 
 """
     + _cli.EXIT_CODES_HELP
@@ -63,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GUEST",
         help="a libvirt domain, qmp:PATH, or a shut-off guest's images in its order",
     )
-    p.add_argument("dest", metavar="DEST", help="the replica directory (created if missing)")
+    p.add_argument(
+        "dest", metavar="DEST", help="the replica directory, or [USER@]HOST:DIR over ssh (created if missing)"
+    )
     p.add_argument(
         "--recover",
         action="store_true",
@@ -104,9 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare every disk in full this run, whatever the bitmaps say (a scrub); tracking goes on",
     )
+    _cli.add_remote_options(p, "remote (DEST as [USER@]HOST:DIR; see docs/remote.md)")
     _cli.add_progress_options(p)
     _cli.add_common_options(p)
     return p
+
+
+def _server(argv: list[str]) -> int:
+    """The DR host's end of an ssh DEST: one directory operation on stdin/stdout."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--server", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    args, _ = p.parse_known_args(argv)
+    _cli.setup_logging(args.verbose, quiet=True)
+    return serve(timeout=args.timeout)
 
 
 def _summary(r: ReplicateResult) -> str:
@@ -118,13 +137,16 @@ def _summary(r: ReplicateResult) -> str:
 
 @_cli.entry("vimgtools.replicate")
 def main(argv: list[str] | None = None) -> int:
+    if "--server" in (sys.argv[1:] if argv is None else argv):  # no GUEST nor DEST there
+        return _server(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # options anywhere: GUEST --full DEST too
+    remote = dict(rsh=args.rsh, remote_python=args.remote_python, timeout=args.timeout)
     if args.recover:
         if args.guest:
             parser.error("--recover takes only DEST")
         _cli.setup_logging(args.verbose, args.quiet)
-        restored = recover(args.dest, dry_run=args.dry_run)
+        restored = recover(args.dest, dry_run=args.dry_run, **remote)
         log.info(
             "%s: %s", args.dest, f"put back: {', '.join(restored)}" if restored else "nothing to put back"
         )
@@ -146,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         result = replicate(
             guest, args.dest, name=args.name, agent=args.agent, uri=args.connect, fmt=args.format, dry_run=args.dry_run,
             block_size=args.block_size, full=args.full, define=args.define, as_name=args.as_name, progress=(lambda t, done, total: bar(done, total)) if bar else None,
-            stop=stop,
+            stop=stop, **remote,
         )  # fmt: skip
     finally:
         if bar:

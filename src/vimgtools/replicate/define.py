@@ -9,18 +9,16 @@ is redefined in place (its UUID kept), so each night's run refreshes it.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 from vimgtools.errors import InvalidInput
-from vimgtools.replicate.domain import DOMAIN_XML
 from vimgtools.replicate.libvirt import LibvirtError
 
 NS = "https://vimgtools.invalid/clone"  # the namespace of our mark in a clone's <metadata>
 ET.register_namespace("vimg", NS)
 
 
-def mark(xml: str, dest: Path, generation: int, name: str) -> str:
+def mark(xml: str, dest: str, generation: int, name: str) -> str:
     """The clone's XML: named ``name``, our mark in its metadata."""
     root = ET.fromstring(xml)
     el = root.find("name")
@@ -34,7 +32,7 @@ def mark(xml: str, dest: Path, generation: int, name: str) -> str:
         meta = ET.SubElement(root, "metadata")
     for old in meta.findall(f"{{{NS}}}clone"):
         meta.remove(old)
-    ET.SubElement(meta, f"{{{NS}}}clone", dest=str(dest), generation=str(generation))
+    ET.SubElement(meta, f"{{{NS}}}clone", dest=dest, generation=str(generation))
     return ET.tostring(root, "unicode")
 
 
@@ -67,9 +65,10 @@ def check_can_define(conn: Any, lv: Any, name: str, uuid: str | None) -> None:
         )
 
 
-def define(conn: Any, lv: Any, dest: Path, generation: int, name: str) -> str:
-    """Define (or redefine) the clone; returns its name. The caller checked ``check_can_define``."""
-    xml = mark((dest / DOMAIN_XML).read_text(), dest.resolve(), generation, name)
+def define(conn: Any, lv: Any, domain_xml: str, dest: str, generation: int, name: str) -> str:
+    """Define (or redefine) the clone from DEST's ``domain.xml`` (its text); returns its name. The
+    caller checked ``check_can_define``."""
+    xml = mark(domain_xml, dest, generation, name)
     root = ET.fromstring(xml)
     try:
         existing = conn.lookupByName(name)

@@ -23,24 +23,21 @@ holds one whole generation again, never disks of two.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
-from vimgtools.errors import InvalidInput, JournalError
-from vimgtools.image import Image, fsync_dir
+from vimgtools.errors import InvalidInput
+from vimgtools.image import Image
 from vimgtools.replicate import manifest as mf
-from vimgtools.replicate.domain import DOMAIN_XML, clone_xml
-from vimgtools.sync.local import sync_from
+from vimgtools.replicate.dest import ReplicaDir, open_dest
+from vimgtools.sync.chunks import Extents
 from vimgtools.sync.options import SyncOptions
-from vimgtools.sync.undo import rollback
 
 log = logging.getLogger("vimgtools.replicate")
 
@@ -73,9 +70,10 @@ class ReplicateResult:
     disks: list[DiskResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     defined: str | None = None  # --define: the clone's name where it was defined
+    domain_xml: str | None = field(default=None, repr=False)  # DEST's domain.xml as committed
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in vars(self).items() if k != "disks"}
+        d = {k: v for k, v in vars(self).items() if k not in ("disks", "domain_xml")}
         d["seconds"] = round(self.seconds, 3)
         d["freeze_seconds"] = round(self.freeze_seconds, 3)
         d["disks"] = [vars(x) for x in self.disks]
@@ -133,12 +131,7 @@ class Backend(Protocol):
         ...
 
 
-def replica_identity(path: Path) -> dict[str, int]:
-    st = os.stat(path)
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def decide(prev: mf.Disk | None, disk: GuestDisk, replica: Path) -> tuple[str, str | None]:
+def decide(prev: mf.Disk | None, disk: GuestDisk, replica: dict[str, int] | None) -> tuple[str, str | None]:
     """Whether this disk can be incremental, and if not, why (said in one line and in --json)."""
     if prev is None:
         return "full", "first run"
@@ -152,52 +145,9 @@ def decide(prev: mf.Disk | None, disk: GuestDisk, replica: Path) -> tuple[str, s
         return "rescan", f"tracking lost: bitmap {prev.bitmap} is inconsistent (its QEMU was killed?)"
     if prev.virtual_size != disk.virtual_size:
         return "rescan", f"the disk was resized ({prev.virtual_size} -> {disk.virtual_size} bytes)"
-    if not replica.exists() or replica_identity(replica) != prev.replica:
+    if replica is None or replica != prev.replica:  # its identity now (None: missing)
         return "rescan", "the replica changed since the last generation (or is missing)"
     return "incremental", None
-
-
-UNDO_DIR = mf.UNDO_DIR
-UNDO_GENERATION = "generation"  # in UNDO_DIR: which generation they undo
-
-
-def restore(dest: Path, prev: mf.Manifest | None, *, dry_run: bool = False) -> list[str]:
-    """Put every disk of DEST back to the generation its manifest says, after a run that died
-    after writing some of them (its undo files are there and its manifest was never committed).
-    Returns the replica files put back. With ``dry_run`` nothing is written."""
-    undo = dest / UNDO_DIR
-    if not undo.is_dir():
-        return []
-    try:
-        writing = int((undo / UNDO_GENERATION).read_text())
-    except (OSError, ValueError):
-        writing = -1  # the run died before it wrote a single disk
-    restored: list[str] = []
-    if prev is None or writing > prev.generation:
-        for u in sorted(undo.glob("*.undo")):
-            replica = dest / u.stem
-            if not replica.exists():
-                continue
-            try:
-                if not dry_run:
-                    rollback(replica, u)
-            except JournalError as e:  # its sync never reached writing in place: nothing to put back
-                log.debug("%s: %s", u, e)
-                continue
-            restored.append(replica.name)
-            old = next((d for d in prev.disks if d.file == replica.name), None) if prev else None
-            if old is not None and old.replica and not dry_run:
-                # Exactly the content the manifest's generation had (rollback checks it): its identity
-                # too, so that the next run can still be incremental.
-                os.utime(replica, ns=(time.time_ns(), old.replica["mtime_ns"]))
-            log.warning(
-                "%s: back to generation %s (the run that wrote it did not finish)",
-                replica, prev.generation if prev else 0,
-            )  # fmt: skip
-    if not dry_run:
-        shutil.rmtree(undo)
-        fsync_dir(dest)
-    return restored
 
 
 def run(
@@ -210,105 +160,97 @@ def run(
     full: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    remote: SyncOptions | None = None,
 ) -> ReplicateResult:
-    """Generation N of ``backend``'s guest into the replica directory ``dest`` (made if missing).
+    """Generation N of ``backend``'s guest into the replica directory ``dest`` (made if missing):
+    a directory, or ``[USER@]HOST:DIR`` over ssh (``remote``: sync's ``rsh``, ``remote_python``,
+    ``timeout``).
 
     ``full``: compare every disk in full this time (a scrub); tracking goes on as usual."""
     t0 = time.monotonic()
     if fmt not in FORMATS:
         raise InvalidInput(f"{fmt!r}: replicas are raw or qcow2", option="format")
-    dest_path = Path(dest)
-    if not dest_path.is_dir():
-        if not dest_path.parent.is_dir():
-            raise InvalidInput(f"{dest_path}: directory {dest_path.parent} does not exist")
-        if not dry_run:
-            dest_path.mkdir()
-    prev = mf.load(dest_path) if dest_path.is_dir() else None
-    if dest_path.is_dir() and not dry_run:
-        restore(dest_path, prev)
-    with contextlib.ExitStack() as stack:
-        # A dry run into a DEST still to be made compares against replicas that do not exist yet.
-        where = dest_path if dest_path.is_dir() else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        res = _run(backend, dest_path, where, prev, fmt, dry_run, block_size, full, progress, stop)
+    where = open_dest(dest, remote or SyncOptions())
+    try:
+        prev, identities = where.prepare(dry_run)
+        res = _run(backend, where, prev, identities, fmt, dry_run, block_size, full, progress, stop, remote)
+    finally:
+        where.close()
     res.seconds = time.monotonic() - t0
     return res
 
 
 def _run(
     backend: Backend,
-    dest_path: Path,
-    where: Path,
+    where: ReplicaDir,
     prev: mf.Manifest | None,
+    identities: dict[str, dict[str, int]],
     fmt: str,
     dry_run: bool,
     block_size: int,
     full: bool,
     progress: Progress | None,
     stop: threading.Event | None,
+    remote: SyncOptions | None,
 ) -> ReplicateResult:
     disks = backend.disks()
     if not disks:
         raise InvalidInput(f"{backend.name}: the guest has no disks to replicate")
     generation = (prev.generation if prev else 0) + 1
     bitmap = f"{mf.BITMAP_PREFIX}{generation}"
-    plans: list[tuple[GuestDisk, Path, str, str | None, mf.Disk | None]] = []
+    plans: list[tuple[GuestDisk, str, str, str | None, mf.Disk | None]] = []
     for d in disks:
         old = prev.disk(d.target) if prev else None
         if old is not None and old.source != d.source:
             old = None  # another image in this slot now
-        replica = where / f"{d.target}.{FORMATS[fmt]}"
-        mode, reason = decide(old, d, replica)
+        file = f"{d.target}.{FORMATS[fmt]}"
+        mode, reason = decide(old, d, identities.get(file))
         if full and mode == "incremental":
             mode, reason = "rescan", "asked for (--full)"
-        plans.append((d, replica, mode, reason, old))
+        plans.append((d, file, mode, reason, old))
     since = {
         d.target: (old.bitmap if mode == "incremental" and old else None) for d, _, mode, _, old in plans
     }
-    undo = dest_path / UNDO_DIR
-    if prev is not None and not dry_run:  # a generation to protect: each disk's old blocks kept until commit
-        undo.mkdir(exist_ok=True)
-        mf.write_atomic(undo / UNDO_GENERATION, f"{generation}\n")
+    # A generation to protect: each disk's old blocks kept until commit.
+    undo = where.begin(generation) if prev is not None and not dry_run else None
+    base = remote or SyncOptions()
     with backend.moment(bitmap, since, dry_run) as m:
-        res = ReplicateResult(backend.name, str(dest_path), generation, m.consistency, dry_run)
+        res = ReplicateResult(backend.name, where.where, generation, m.consistency, dry_run)
         res.freeze_seconds = m.freeze_seconds
         res.warnings = backend.warnings()
         entries: list[mf.Disk] = []
-        for d, replica, mode, reason, _ in plans:
+        for d, file, mode, reason, _ in plans:
             if d.target in m.lost:
                 mode, reason = "rescan", m.lost[d.target]
             if mode == "rescan":
                 log.warning("%s: %s: %s; comparing in full", backend.name, d.target, reason)
-            keep = str(undo / f"{replica.name}.undo") if prev is not None and not dry_run else None
-            opts = SyncOptions(
-                block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True, undo=keep
-            )
+            opts = dataclasses.replace(
+                base, block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True,
+                undo=f"{undo}/{file}.undo" if undo else None,
+            )  # fmt: skip
             each = None if progress is None else (lambda done, total, t=d.target: progress(t, done, total))
             with m.open(d.target) as img:
-                regions = getattr(img, "dirty_in", None) if mode == "incremental" else None
-                r = sync_from(img, replica, opts, progress=each, stop=stop, regions=regions)
+                # The extents the last generation's bitmap marked, asked for once: both ends of an ssh
+                # DEST compare exactly those.
+                regions = Extents(img.dirty_in(0, img.size)) if mode == "incremental" else None
+                r = where.sync(img, file, opts, each, stop, regions)
                 size = img.size
-            res.disks.append(DiskResult(d.target, mode, reason, r.bytes_read, r.bytes_written, r.changed))
+            res.disks.append(
+                DiskResult(
+                    d.target, mode, reason, r.bytes_read, r.bytes_written, r.changed,
+                    r.bytes_sent if where.remote else None,
+                )
+            )  # fmt: skip
             log.info(
                 "%s: %s (%s): %s, %d blocks changed, read %d bytes",
                 backend.name, d.target, d.source, mode, r.changed, r.bytes_read,
             )  # fmt: skip
-            entries.append(
-                mf.Disk(
-                    d.target, replica.name, d.source, fmt, size, m.tracking(d.target, bitmap),
-                    {} if dry_run else replica_identity(replica),
-                )
-            )  # fmt: skip
+            entries.append(mf.Disk(d.target, file, d.source, fmt, size, m.tracking(d.target, bitmap)))
         if not dry_run:
-            xml = backend.domain_xml()
-            if xml is not None:  # before the manifest: a committed generation always has its definition
-                replicas = {e.target: (dest_path.resolve() / e.file, fmt) for e in entries}
-                mf.write_atomic(dest_path / DOMAIN_XML, clone_xml(xml, replicas))
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            mf.save(
-                dest_path, mf.Manifest(backend.name, generation, stamp, m.consistency, entries, backend.uuid)
+            res.domain_xml = where.commit(
+                mf.Manifest(backend.name, generation, stamp, m.consistency, entries, backend.uuid),
+                backend.domain_xml(),
             )
-            if undo.is_dir():  # committed: nothing to undo any more
-                shutil.rmtree(undo)
-                fsync_dir(dest_path)
             m.commit(bitmap)  # the new generation is durable: older tracking of ours can go
     return res

@@ -66,10 +66,19 @@ def load(dest: Path) -> Manifest | None:
         raise JournalError(f"{path}: cannot read: {describe_os_error(e)}") from e
     try:
         obj = json.loads(raw)
+    except ValueError as e:
+        raise JournalError(f"{path}: not a vimgtools manifest ({e}); move it away to start over") from e
+    return from_json(obj, str(path))
+
+
+def from_json(obj: Any, where: str) -> Manifest:
+    """A manifest read from ``where`` (a file, or the DR host's answer)."""
+    try:
+        obj = dict(obj)
         disks = [Disk(**d) for d in obj.pop("disks")]
         return Manifest(disks=disks, **obj)
     except (ValueError, TypeError, KeyError) as e:
-        raise JournalError(f"{path}: not a vimgtools manifest ({e}); move it away to start over") from e
+        raise JournalError(f"{where}: not a vimgtools manifest ({e}); move it away to start over") from e
 
 
 def save(dest: Path, manifest: Manifest) -> None:

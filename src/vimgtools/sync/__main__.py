@@ -110,20 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--src-format", metavar="FMT", help="SRC's format (raw, qcow2, vmdk, ...): never probed")
     p.add_argument("--dst-format", metavar="FMT", help="DST's format, also of a DST to create: never probed")
-    r = p.add_argument_group("remote (SRC or DST as [USER@]HOST:PATH; see docs/remote.md)")
-    r.add_argument(
-        "-e",
-        "--rsh",
-        default="ssh",
-        metavar="CMD",
-        help='command that reaches HOST, as in rsync (default: ssh), e.g. "ssh -p 2222 -i key"',
-    )
-    r.add_argument(
-        "--remote-python",
-        default="python3",
-        metavar="PY",
-        help="the Python on HOST that has vimgtools (default: python3)",
-    )
+    r = _cli.add_remote_options(p, "remote (SRC or DST as [USER@]HOST:PATH; see docs/remote.md)")
     r.add_argument(
         "--checksum",
         choices=("xxh128", "blake2b"),
@@ -131,14 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="block digest: xxh128 with a random per-run seed (default), or keyed BLAKE2b "
         "for replicas of guests whose owners are not trusted",
     )
-    r.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="give up when the far side is silent this long (default: 300)",
-    )
-    r.add_argument("--server", action="store_true", help=argparse.SUPPRESS)
     f = p.add_argument_group(
         "signatures and deltas (for another channel: a disk in the post, a one-way link)"
     )

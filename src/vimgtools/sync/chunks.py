@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,6 +119,65 @@ def block_segments(
         else:
             merged.append([lo, hi])
     return [(lo, hi - lo) for lo, hi in merged]
+
+
+Regions = Callable[[int, int], list[tuple[int, int]]]  # (offset, length) -> the extents inside it
+
+
+class Extents:
+    """Sorted extents as ``Regions``: called with (offset, length), those inside it, clipped.
+
+    The only extents a pass may read and compare (a dirty bitmap's): elsewhere both images are
+    known to be equal. Both ends of a remote sync use the same ones (HELLO carries them).
+    """
+
+    def __init__(self, extents: Iterable[tuple[int, int]]) -> None:
+        merged: list[tuple[int, int]] = []
+        for o, n in sorted(e for e in extents if e[1] > 0):
+            if merged and o <= merged[-1][0] + merged[-1][1]:
+                last = merged[-1]
+                merged[-1] = (last[0], max(last[0] + last[1], o + n) - last[0])
+            else:
+                merged.append((o, n))
+        self.extents = merged
+        self._starts = [o for o, _ in merged]
+
+    def __call__(self, offset: int, length: int) -> list[tuple[int, int]]:
+        end, out = offset + length, []
+        for o, n in self.extents[max(0, bisect_right(self._starts, offset) - 1) :]:
+            if o >= end:
+                break
+            lo, hi = max(o, offset), min(o + n, end)
+            if lo < hi:
+                out.append((lo, hi - lo))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.extents)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.extents)
+
+    def coarsened(self, limit: int) -> Extents:
+        """At most ``limit`` extents, the closest ones merged (what lies between is compared too)."""
+        ext, gap = self.extents, 1
+        while len(ext) > limit:
+            gap *= 2
+            ext = Extents((o, n + gap) for o, n in ext).extents
+        return self if ext is self.extents else Extents(ext)
+
+    def to_json(self) -> list[list[int]]:
+        return [[o, n] for o, n in self.extents]
+
+    @classmethod
+    def from_json(cls, obj: object) -> Extents:
+        """From a peer: a list of [offset, length] pairs of non-negative integers."""
+        if not isinstance(obj, list) or not all(
+            isinstance(e, list) and len(e) == 2 and all(type(x) is int and x >= 0 for x in e) for e in obj
+        ):
+            raise ValueError("regions: not a list of [offset, length] pairs")
+        return cls((o, n) for o, n in obj)
 
 
 class NotCached(Exception):
@@ -253,6 +313,7 @@ def pieces(
     size: int | None,
     cached_only: bool = False,
     guard: CacheGuard | None = None,
+    regions: Regions | None = None,
 ) -> Iterator[tuple[int, memoryview, int]]:
     """(chunk-relative position, bytes, bytes read) of the allocated blocks of a chunk, a piece at a time.
 
@@ -260,7 +321,8 @@ def pieces(
     caller hashes it: reading a whole chunk into RAM first costs a second trip through memory.
     Holes are skipped (their blocks are zeros); bytes at or past ``size`` (default: the image's
     size) read as zeros. The buffer is reused for the next piece. Reads go through ``guard``
-    when given (``keep_cache`` is then its business), else through ``read_piece``.
+    when given (``keep_cache`` is then its business), else through ``read_piece``. With
+    ``regions`` only those extents are read (the rest counts as holes).
     """
     limit = img.size if size is None else min(size, img.size)
     inside = max(0, min(length, limit - offset))
@@ -270,7 +332,8 @@ def pieces(
     buf: memoryview | None = getattr(_local, "buf", None)
     if buf is None or len(buf) < piece:
         buf = _local.buf = memoryview(bytearray(piece))
-    for rel, n in block_segments(img.data_in(offset, inside), [], offset, bs, length):
+    found = img.data_in(offset, inside) if regions is None else regions(offset, inside)
+    for rel, n in block_segments(found, [], offset, bs, length):
         for p in range(rel, rel + n, piece):
             m = min(piece, rel + n - p)
             view = buf[:m]

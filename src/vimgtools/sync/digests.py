@@ -18,7 +18,16 @@ import numpy.typing as npt
 
 from vimgtools.blocks import coalesce_runs, digest_blocks, hash_blocks, zero_blocks
 from vimgtools.image import Image
-from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS, CacheGuard, NotCached, in_order, pieces, read_piece
+from vimgtools.sync.chunks import (
+    CHUNK_SIZE,
+    ZEROS,
+    CacheGuard,
+    NotCached,
+    Regions,
+    in_order,
+    pieces,
+    read_piece,
+)
 
 CHECKSUMS = ("xxh128", "blake2b")
 DIGEST_BYTES = 16
@@ -80,10 +89,13 @@ def hash_chunk(
     size: int | None = None,
     cached_only: bool = False,
     guard: CacheGuard | None = None,
+    regions: Regions | None = None,
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
-    """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read."""
+    """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read.
+
+    With ``regions`` only their blocks are read; the others get a hole's digests on both ends."""
     digests, zero, read = hole_digests(length, bs, checksum, key), None, 0
-    for p, view, n in pieces(img, offset, length, bs, keep_cache, size, cached_only, guard):
+    for p, view, n in pieces(img, offset, length, bs, keep_cache, size, cached_only, guard, regions):
         if zero is None:
             zero = np.ones(len(digests), dtype=np.bool_)
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
@@ -124,6 +136,7 @@ def chunk_changes(
     out: memoryview,
     keep_cache: bool = False,
     guard: CacheGuard | None = None,
+    regions: Regions | None = None,
 ) -> Changes:
     """Hash a chunk of ``img`` and compare with ``theirs`` (None: the other side is a hole there).
 
@@ -134,7 +147,7 @@ def chunk_changes(
     other = hole_digests(length, bs, checksum, key) if theirs is None else theirs
     zero = np.ones(len(mine), dtype=np.bool_)
     read, hole = 0, True
-    for p, view, n in pieces(img, offset, length, bs, keep_cache, None, guard=guard):
+    for p, view, n in pieces(img, offset, length, bs, keep_cache, None, guard=guard, regions=regions):
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
         read, hole = read + n, False
         found = _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1])
@@ -212,6 +225,7 @@ def hash_ahead(
     limit: int,
     keep_cache: bool = False,
     workers: int = 2,
+    regions: Regions | None = None,
 ) -> list[Hashed]:
     """Hash the chunks from ``start`` on until ``stop_when()``, while they come from the page cache.
 
@@ -227,7 +241,7 @@ def hash_ahead(
             return Hashed(
                 offset,
                 length,
-                *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, None, True, guard),
+                *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, None, True, guard, regions),
             )
         except NotCached:
             return None
@@ -281,9 +295,13 @@ def digest_stream(
     keep_cache: bool = False,
     size: int | None = None,
     workers: int = 2,
+    regions: Regions | None = None,
 ) -> Generator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int], None, None]:
-    """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order."""
-    guard = CacheGuard(img, end if size is None else min(end, size), keep_cache)
+    """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order.
+
+    With ``regions`` only their blocks are read (whole chunks are not asked for ahead: for a few
+    dirty 64 KiB that would read 8 MiB each)."""
+    guard = CacheGuard(img, end if size is None else min(end, size), keep_cache, fetch=regions is None)
 
     def work(
         offset: int, _: memoryview
@@ -292,7 +310,9 @@ def digest_stream(
         return (
             offset,
             length,
-            *hash_chunk(img, offset, length, bs, checksum, key, keep_cache, size, guard=guard),
+            *hash_chunk(
+                img, offset, length, bs, checksum, key, keep_cache, size, guard=guard, regions=regions
+            ),
         )
 
     return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=False, guards=[guard])
@@ -309,14 +329,15 @@ def change_stream(
     *,
     keep_cache: bool = False,
     workers: int = 2,
+    regions: Regions | None = None,
 ) -> Generator[Changes, None, None]:
     """``chunk_changes`` of each chunk of [start, end), in order; ``theirs`` is asked chunk by chunk, in order."""
-    guard = CacheGuard(img, end, keep_cache)
+    guard = CacheGuard(img, end, keep_cache, fetch=regions is None)
     other = InOrder(theirs, start, end)
 
     def work(offset: int, out: memoryview) -> Changes:
         length = min(CHUNK_SIZE, end - offset)
         theirs = other(offset, length)
-        return chunk_changes(img, offset, length, bs, checksum, key, theirs, out, keep_cache, guard)
+        return chunk_changes(img, offset, length, bs, checksum, key, theirs, out, keep_cache, guard, regions)
 
     return in_order(work, range(start, end, CHUNK_SIZE), workers, 2 * workers, buffers=True, guards=[guard])

@@ -49,7 +49,7 @@ def stream_digests(
         return
     for offset, length, mine, zero, read in digest_stream(
         img, sess.start, sess.end, sess.block_size, sess.checksum, sess.key,
-        keep_cache=keep_cache, size=size, workers=sess.workers,
+        keep_cache=keep_cache, size=size, workers=sess.workers, regions=sess.regions,
     ):  # fmt: skip
         if figures is not None:
             figures.bytes_read += read

@@ -24,7 +24,7 @@ import numpy as np
 from vimgtools.errors import ImageError, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
 from vimgtools.images import open_image
-from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.chunks import CHUNK_SIZE, Extents
 from vimgtools.sync.digests import Changes, Hashed, Theirs, digest_stream, hash_ahead, hole_digests
 from vimgtools.sync.options import SyncOptions, check_block_size
 from vimgtools.sync.receiver import run_receiver, stream_digests
@@ -63,6 +63,8 @@ def hello(role: str, path: str, sess: Session, opts: SyncOptions, source: Source
     }
     if source is not None:
         msg["source"] = source_to_json(source)
+    if sess.regions is not None:
+        msg["regions"] = sess.regions.to_json()
     return msg
 
 
@@ -125,76 +127,118 @@ def _push(
     stop: threading.Event | None,
 ) -> None:
     """We send SRC; the far side receives into its replica."""
-    keep_cache = opts.keep_cache
     with open_image(src, fmt=opts.src_format, option="src_format") as img:
-        take_source(res, img)
-        sess = new_session(opts, 0, img.size)
-        st = StateRun(opts.state, opts.block_size, opts.checksum, img.size) if opts.state else None
-        if st is not None:
-            sess.checksum, sess.key = st.checksum, st.key
-        msg = hello("receiver", path, sess, opts, source_of(img))
-        msg["state_expect"] = st.old.expect.to_json() if st and st.old else None
-        t_connect = time.monotonic()
-        peer = Peer.start(host, opts.rsh, opts.remote_python, opts.timeout)
-        early: tuple[list[Changes], Generator[Changes, None, None]] | None = None
-        ahead: list[Hashed] = []
-        try:
-            ch = peer.channel
-            ch.send_json(HELLO, msg)
+        _push_from(img, host, path, opts, res, progress, stop, None)
 
-            def waiting() -> bool:  # for the far side's first answer
-                return ch.readable() or (stop is not None and stop.is_set())
 
-            if st is not None and st.old is not None:  # changes known without the far side
-                early = scan_while_connecting(img, sess, st.old, waiting, keep_cache)
-            else:  # our digests, at least
-                ahead = hash_ahead(
-                    img, 0, sess.end, sess.block_size, sess.checksum, sess.key,
-                    stop_when=waiting, limit=EARLY_LIMIT, keep_cache=keep_cache, workers=sess.workers,
-                )  # fmt: skip
-            _, ready = ch.recv_json(READY)
-            res.seconds_connect = time.monotonic() - t_connect
-            sess.start = _resume_point(ready, sess, host)
-            stored = st.trusted(ready.get("state_ok") is True) if st is not None else None
-            theirs: Theirs = stored or (lambda o, n: recv_digests(ch, o, n, sess.block_size))
-            changes: Iterable[Changes] | None = None
-            if early is not None and stored is not None and sess.start == 0:
-                changes = itertools.chain(*early)
-            elif early is not None and st is not None and st.old is not None:  # a replica changed since,
-                early[1].close()  # or a resumed run: the early scan is of no use
-                st.old.rewind()
-            elif ahead and sess.start == 0:
-                changes = changes_after(img, sess, ahead, theirs, keep_cache)
-            pre = st.prepass(img, sess, keep_cache, stored is not None) if st else 0
-            fig = run_sender(
-                img, sess, theirs, ChannelSink(ch),
-                progress=progress, stop=stop, keep_cache=keep_cache, dry_run=opts.dry_run,
-                record=st.writer.add if st else None, changes=changes,
+# At most this many regions travel in HELLO (16 bytes of JSON or so each); more are merged.
+MAX_REGIONS = 200_000
+
+
+def push_from(
+    img: Image,
+    dst: str,
+    opts: SyncOptions,
+    *,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    regions: Extents | None = None,
+) -> SyncResult:
+    """Push an open source image into ``[USER@]HOST:PATH`` (replicate's disks over ssh); with
+    ``regions`` (a dirty bitmap's) only those extents are compared and sent, at both ends."""
+    t0 = time.monotonic()
+    host, path = split_remote(dst)
+    if host is None:
+        raise InvalidInput(f"{dst}: not [USER@]HOST:PATH")
+    res = SyncResult(str(img.path), dst, opts.block_size, dry_run=opts.dry_run)
+    if regions is not None and len(regions) > MAX_REGIONS:
+        regions = regions.coarsened(MAX_REGIONS)
+    _push_from(img, host, path, opts, res, progress, stop, regions)
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _push_from(
+    img: Image,
+    host: str,
+    path: str,
+    opts: SyncOptions,
+    res: SyncResult,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    regions: Extents | None,
+) -> None:
+    keep_cache = opts.keep_cache
+    take_source(res, img)
+    sess = new_session(opts, 0, img.size)
+    sess.regions = regions
+    st = StateRun(opts.state, opts.block_size, opts.checksum, img.size) if opts.state else None
+    if st is not None:
+        sess.checksum, sess.key = st.checksum, st.key
+    msg = hello("receiver", path, sess, opts, source_of(img))
+    msg["state_expect"] = st.old.expect.to_json() if st and st.old else None
+    t_connect = time.monotonic()
+    peer = Peer.start(host, opts.rsh, opts.remote_python, opts.timeout)
+    early: tuple[list[Changes], Generator[Changes, None, None]] | None = None
+    ahead: list[Hashed] = []
+    try:
+        ch = peer.channel
+        ch.send_json(HELLO, msg)
+
+        def waiting() -> bool:  # for the far side's first answer
+            return ch.readable() or (stop is not None and stop.is_set())
+
+        if st is not None and st.old is not None:  # changes known without the far side
+            early = scan_while_connecting(img, sess, st.old, waiting, keep_cache)
+        else:  # our digests, at least
+            ahead = hash_ahead(
+                img, 0, sess.end, sess.block_size, sess.checksum, sess.key,
+                stop_when=waiting, limit=EARLY_LIMIT, keep_cache=keep_cache, workers=sess.workers,
+                regions=regions,
             )  # fmt: skip
-            fig.bytes_read += pre
-            ch.send_json(DONE, {"bytes_read": fig.bytes_read})
-            _, result = ch.recv_json(RESULT)
-            if st is not None:
-                after = Expect.from_json(result.get("dst_after"))
-                if after is None or opts.dry_run:
-                    st.writer.abort()
-                else:
-                    st.writer.finish(after)
-                res.state = st.note
-            if opts.verify and not opts.dry_run:
-                res.verified = _compare_with_far_side(ch, img, sess, keep_cache)
-        except BaseException as e:
-            if st is not None:
+        _, ready = ch.recv_json(READY)
+        res.seconds_connect = time.monotonic() - t_connect
+        sess.start = _resume_point(ready, sess, host)
+        stored = st.trusted(ready.get("state_ok") is True) if st is not None else None
+        theirs: Theirs = stored or (lambda o, n: recv_digests(ch, o, n, sess.block_size))
+        changes: Iterable[Changes] | None = None
+        if early is not None and stored is not None and sess.start == 0:
+            changes = itertools.chain(*early)
+        elif early is not None and st is not None and st.old is not None:  # a replica changed since,
+            early[1].close()  # or a resumed run: the early scan is of no use
+            st.old.rewind()
+        elif ahead and sess.start == 0:
+            changes = changes_after(img, sess, ahead, theirs, keep_cache)
+        pre = st.prepass(img, sess, keep_cache, stored is not None) if st else 0
+        fig = run_sender(
+            img, sess, theirs, ChannelSink(ch),
+            progress=progress, stop=stop, keep_cache=keep_cache, dry_run=opts.dry_run,
+            record=st.writer.add if st else None, changes=changes,
+        )  # fmt: skip
+        fig.bytes_read += pre
+        ch.send_json(DONE, {"bytes_read": fig.bytes_read})
+        _, result = ch.recv_json(RESULT)
+        if st is not None:
+            after = Expect.from_json(result.get("dst_after"))
+            if after is None or opts.dry_run:
                 st.writer.abort()
-            if isinstance(e, TransportError):
-                raise peer.explain(e) from e
-            raise
-        finally:
-            if early is not None:
-                early[1].close()  # its threads end before SRC is closed
-            peer.close()
-            if st is not None:
-                st.close()
+            else:
+                st.writer.finish(after)
+            res.state = st.note
+        if opts.verify and not opts.dry_run:
+            res.verified = _compare_with_far_side(ch, img, sess, keep_cache)
+    except BaseException as e:
+        if st is not None:
+            st.writer.abort()
+        if isinstance(e, TransportError):
+            raise peer.explain(e) from e
+        raise
+    finally:
+        if early is not None:
+            early[1].close()  # its threads end before SRC is closed
+        peer.close()
+        if st is not None:
+            st.close()
     res.changed, res.zero = fig.changed, fig.zero
     res.bytes_read = fig.bytes_read + _int(result, "bytes_read")
     res.take_replica(result)
@@ -247,7 +291,7 @@ def _pull(
 
 def _compare_with_far_side(ch: Channel, img: Image, sess: Session, keep_cache: bool) -> bool:
     """--verify: our digests of ``img`` against the ones the far side sends of its image, chunk by chunk."""
-    whole = replace(sess, start=0)  # the whole image
+    whole = replace(sess, start=0, regions=None)  # the whole image
     img.drop_cache(0, 0)  # read back what reached the disk, not cached writes
     same = True
     for offset, length, mine, _, _ in digest_stream(
@@ -349,7 +393,7 @@ def _serve_sender(ch: Channel, sess: Session, opts: SyncOptions, path: Path) -> 
 
 def _send_for_verify(ch: Channel, path: Path, fmt: str | None, sess: Session, keep_cache: bool) -> None:
     """--verify: read our image again (from the disk, not our cached writes) and send its digests."""
-    whole = replace(sess, start=0)  # the whole image
+    whole = replace(sess, start=0, regions=None)  # the whole image
     with open_image(path, fmt=fmt) as img:
         img.drop_cache(0, 0)
         stream_digests(ch, img, whole, keep_cache=keep_cache, size=min(img.size, whole.end))
@@ -375,4 +419,8 @@ def _session_from(msg: dict[str, Any]) -> tuple[Session, SyncOptions]:
         opts = SyncOptions.from_peer(msg.get("options"), block_size=bs, checksum=checksum)
     except (InvalidInput, TypeError) as e:
         raise TransportError(f"options refused: {e}") from e
-    return Session(bs, checksum, key, 0, 0, opts.workers), opts
+    try:
+        regions = None if msg.get("regions") is None else Extents.from_json(msg["regions"])
+    except ValueError as e:
+        raise TransportError(str(e)) from e
+    return Session(bs, checksum, key, 0, 0, opts.workers, regions), opts

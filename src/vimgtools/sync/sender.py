@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from vimgtools.errors import Interrupted, TransportError
 from vimgtools.image import Image
-from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.chunks import CHUNK_SIZE, Extents
 from vimgtools.sync.digests import DIGEST_BYTES, Changes, Hashed, Theirs, change_stream, changes_of
 from vimgtools.sync.wire import CHUNK_END, DATA, DIGESTS, HOLES, OFFSET, RANGE, ZERO, Channel
 
@@ -38,6 +38,7 @@ class Session:
     start: int
     end: int
     workers: int = 2  # reader threads on this end
+    regions: Extents | None = None  # the only extents compared (a dirty bitmap's); None: all
 
 
 @dataclass
@@ -98,7 +99,7 @@ def run_sender(
     if changes is None:
         changes = change_stream(
             img, sess.start, sess.end, sess.block_size, sess.checksum, sess.key, theirs,
-            keep_cache=keep_cache, workers=sess.workers,
+            keep_cache=keep_cache, workers=sess.workers, regions=sess.regions,
         )  # fmt: skip
     for c in changes:
         offset, length = c.offset, c.length
@@ -172,5 +173,5 @@ def changes_after(
     start = ahead[-1].offset + ahead[-1].length
     yield from change_stream(
         img, start, sess.end, sess.block_size, sess.checksum, sess.key, theirs,
-        keep_cache=keep_cache, workers=sess.workers,
+        keep_cache=keep_cache, workers=sess.workers, regions=sess.regions,
     )  # fmt: skip

@@ -52,8 +52,11 @@ class Peer:
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
 
     @classmethod
-    def start(cls, host: str, rsh: str, remote_python: str, timeout: float) -> Peer:
-        argv = [*shlex.split(rsh), host, f"{shlex.quote(remote_python)} -m vimgtools.sync --server"]
+    def start(
+        cls, host: str, rsh: str, remote_python: str, timeout: float, module: str = "vimgtools.sync"
+    ) -> Peer:
+        """``module``'s ``--server`` on ``host`` (``vimgtools.replicate``'s for a replica directory)."""
+        argv = [*shlex.split(rsh), host, f"{shlex.quote(remote_python)} -m {module} --server"]
         log.debug("starting %s", argv)
         try:
             # Its own session: Ctrl-C is ours to handle, and close() can end all it started.
