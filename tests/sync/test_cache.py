@@ -17,7 +17,8 @@ import pytest
 from synchelp import MiB, cli, digest, write_image
 
 from vimgtools.image import CACHE_PROBES, Image
-from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
+from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard, Extents
+from vimgtools.sync.compare import scan
 
 SIZE = 24 * MiB
 HOST = [(0, 8 * MiB), (12 * MiB, 256 << 10), (20 * MiB, 1 * MiB)]  # what "the host" had cached
@@ -163,6 +164,30 @@ def test_guard_reads_ahead_and_gives_back_what_it_did_not_read(
         g.prepare(0)
         g.close()  # at once: the read ahead is still in flight
         assert img.residency(0, CHUNK_SIZE) is False
+
+
+def test_a_pass_with_regions_reads_ahead_only_them(pair: tuple[Path, Path], residency_probe: str) -> None:
+    """A compare with regions (a dirty bitmap's) asks the disk for those extents only, all of a
+    chunk's at once; what it read is given back, and the host's cached pages stay."""
+    src, dst = pair
+    regions = Extents([(64 << 10, 64 << 10), (3 * MiB, 64 << 10), (CHUNK_SIZE + MiB, 128 << 10)])
+    _cold(dst)
+    with Image(dst) as img:
+        g = CacheGuard(img, img.size, keep_cache=False, regions=regions)
+        g.prepare(0)
+        deadline = time.monotonic() + 10
+        while _cached(dst) != regions(0, CHUNK_SIZE) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _cached(dst) == regions(0, CHUNK_SIZE)  # those two extents, nothing around them
+        g.close()
+        assert _cached(dst) == []
+    for p in (src, dst):
+        _cold(p)
+        _warm(p, HOST)
+    with Image(src) as s, Image(dst) as d:
+        for _ in scan(s, d, start=0, end=SIZE, block_size=4096, dst_size=SIZE, regions=regions):
+            pass
+    assert _cached(src) == HOST and _cached(dst) == HOST
 
 
 def test_unknown_probe_name_is_ignored(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -217,10 +217,15 @@ class CacheGuard:
         end: where this pass stops reading (chunks past it are not prepared).
         keep_cache: leave what is read in the page cache.
         fetch: read ahead (off for a pass that reads only what is cached already).
+        regions: the pass reads only these extents (a dirty bitmap's): only they are read ahead,
+            all of a chunk's at once, so that a cold disk has them all asked of it together.
     """
 
-    def __init__(self, img: Image, end: int, keep_cache: bool, *, fetch: bool = True) -> None:
+    def __init__(
+        self, img: Image, end: int, keep_cache: bool, *, fetch: bool = True, regions: Regions | None = None
+    ) -> None:
         self.img, self.end, self.keep, self.fetch = img, min(end, img.size), keep_cache, fetch
+        self.regions = regions
         self.nowait = not keep_cache and img.cache_probe() == "nowait"
         if not keep_cache:
             img.no_readahead()
@@ -239,8 +244,11 @@ class CacheGuard:
             r = self.img.residency(offset, length) if asked else None
             self._seen[offset] = r
             if self.fetch and (r is False or isinstance(r, bytes) or not asked):
-                for o, n in self.img.data_in(offset, length):
+                for o, n in self._ranges(offset, length):
                     self.img.prefetch(o, n)
+
+    def _ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return self.img.data_in(offset, length) if self.regions is None else self.regions(offset, length)
 
     def read(self, view: memoryview, offset: int, cached_only: bool = False) -> int:
         """``read_piece`` within a prepared chunk: raises NotCached (before reading) with ``cached_only``."""
@@ -295,7 +303,7 @@ class CacheGuard:
             # Pages still being read in are locked, and POSIX_FADV_DONTNEED passes them by: wait
             # for them first (a read of what is, by now, mostly in memory).
             with contextlib.suppress(VimgError):
-                for o, n in self.img.data_in(chunk, length):
+                for o, n in self._ranges(chunk, length):
                     for p in range(o, o + n, len(scratch)):
                         self.img.read_into(scratch[: min(len(scratch), o + n - p)], p, probe=False)
             self._give_back(chunk, r, chunk, length)

@@ -51,12 +51,11 @@ def scan(
     (``regions(offset, length)``: extents, e.g. a dirty bitmap's) only those are read and
     compared: elsewhere SRC and DST are known to be equal, and chunks without any are skipped.
     """
-    # With regions, asking for whole chunks ahead would read 8 MiB of each image for every dirty
-    # 64 KiB (4 GiB of a replica for 1% of scattered writes, cold): only what is read is read.
-    fetch = regions is None
-    guards = [CacheGuard(src, end, keep_cache, fetch=fetch)]
+    # With regions only they are read ahead: whole chunks would read 8 MiB of each image for every
+    # dirty 64 KiB (4 GiB of a replica for 1% of scattered writes, cold).
+    guards = [CacheGuard(src, end, keep_cache, regions=regions)]
     if dst is not None:
-        guards.append(CacheGuard(dst, min(end, dst_size), keep_cache, fetch=fetch))
+        guards.append(CacheGuard(dst, min(end, dst_size), keep_cache, regions=regions))
     read_src, read_dst = guards[0].read, guards[-1].read
     piece = max(PIECE, block_size, src.request_size, dst.request_size if dst is not None else 0)
     local = threading.local()

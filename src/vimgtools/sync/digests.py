@@ -299,9 +299,8 @@ def digest_stream(
 ) -> Generator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int], None, None]:
     """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order.
 
-    With ``regions`` only their blocks are read (whole chunks are not asked for ahead: for a few
-    dirty 64 KiB that would read 8 MiB each)."""
-    guard = CacheGuard(img, end if size is None else min(end, size), keep_cache, fetch=regions is None)
+    With ``regions`` only their blocks are read, and read ahead."""
+    guard = CacheGuard(img, end if size is None else min(end, size), keep_cache, regions=regions)
 
     def work(
         offset: int, _: memoryview
@@ -332,7 +331,7 @@ def change_stream(
     regions: Regions | None = None,
 ) -> Generator[Changes, None, None]:
     """``chunk_changes`` of each chunk of [start, end), in order; ``theirs`` is asked chunk by chunk, in order."""
-    guard = CacheGuard(img, end, keep_cache, fetch=regions is None)
+    guard = CacheGuard(img, end, keep_cache, regions=regions)
     other = InOrder(theirs, start, end)
 
     def work(offset: int, out: memoryview) -> Changes:
