@@ -111,3 +111,14 @@ def test_bad_remote_dest_is_one_line(sshd: list[str], guest: tuple[Path, Path], 
     p = replicate(*args, sysdisk, f"root@127.0.0.1:{tmp_path}/dr", check=1)
     assert "127.0.0.1" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert bitmaps(sysdisk) == {} and not (tmp_path / "dr").exists()
+
+
+def test_qcow2_replicas_over_ssh(sshd: list[str], guest: tuple[Path, Path], tmp_path: Path) -> None:
+    sysdisk, data = guest
+    remote = f"root@127.0.0.1:{tmp_path / 'dr'}"
+    run_json(*sshd, "--format", "qcow2", sysdisk, data, remote)
+    qemu_io(data, "write -P 0x77 33M 8k")
+    out = run_json(*sshd, "--format", "qcow2", sysdisk, data, remote)
+    assert [d["mode"] for d in out["disks"]] == ["incremental", "incremental"]
+    assert out["disks"][1]["changed"] == 2
+    assert same(sysdisk, tmp_path / "dr" / "vda.qcow2") and same(data, tmp_path / "dr" / "vdb.qcow2")
