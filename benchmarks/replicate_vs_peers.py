@@ -11,6 +11,8 @@ cold (``drop_caches`` before each cold run):
                                                                 and  the same run with --full
                                                                      (every byte compared, the
                                                                      same snapshot path)
+  over ssh           the same first and incremental runs into root@127.0.0.1:DIR (a private sshd
+                     on a loopback port, both ends on this host), with the bytes sent
 
 Reported for the incremental run: the source bytes QEMU read (``rchar`` of its /proc/PID/io: what
 the export pulled from the image, plus the small NBD requests), the bytes vimgtools read (source and
@@ -23,6 +25,7 @@ stand-in agent that answers at once: the window a real guest is frozen for, less
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -38,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "sync"))
+
+from loopback_sshd import loopback_sshd
 
 PY = sys.executable
 MiB, GiB = 1 << 20, 1 << 30
@@ -139,6 +146,8 @@ def main() -> None:
     subprocess.run([*argv, str(disk)],
                    check=True, capture_output=True)  # fmt: skip
     vm = Vm(disk, args.dir)
+    daemons = contextlib.ExitStack()
+    rsh = daemons.enter_context(loopback_sshd(args.dir / "sshd"))
     agent_sock = args.dir / "qga.sock"
     Agent(agent_sock)
     rep = [PY, "-m", "vimgtools.replicate", "--json", "-q", "--agent", str(agent_sock), f"qmp:{vm.qmp}"]
@@ -202,8 +211,26 @@ def main() -> None:
                 dt, out = timed([*rep, "--full", str(dest)])
                 add(f"{tag} incremental: the same with --full (every byte compared)", dt)
                 shutil.rmtree(dest)
+                # The same over ssh (one replica directory per guest: its bitmaps are that DEST's).
+                remote = [*rep, "-e", rsh, "--remote-python", PY, f"root@127.0.0.1:{dest}"]
+                if cold:
+                    drop_caches()
+                dt, out = timed(remote)
+                add(f"{tag} first run over ssh: vimgtools.replicate", dt)
+                dirty = set(rng.randrange(clusters) for _ in range(640))
+                for c in dirty:
+                    vm.io(f"write -P {rng.randrange(1, 255)} {c * 65536} 64k")
+                if cold:
+                    drop_caches()
+                dt, out = timed(remote)
+                assert out["disks"][0]["mode"] == "incremental", out
+                add(f"{tag} incremental over ssh: vimgtools.replicate", dt)
+                add(f"{tag} incremental over ssh: bytes sent / dirty bytes",
+                    out["disks"][0]["bytes_sent"] / (len(dirty) * 65536), extra)  # fmt: skip
+                shutil.rmtree(dest)
     finally:
         vm.stop()
+        daemons.close()
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(
         f"\n{args.size_gib} GiB qcow2 disk of a running QEMU, ~1% changed between runs; medians of {args.repeat}\n"
@@ -216,7 +243,7 @@ def main() -> None:
         for k, v in med.items():
             if not k.startswith(tag):
                 continue
-            base = base_first if "first run" in k else base_cat
+            base = base_first if "first run" in k else base_cat  # over ssh too: the same references
             print(f"| {k} | {v:.3f} | {v / base:.2f}x |")
     print()
     for k, v in extra.items():
