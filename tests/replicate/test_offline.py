@@ -169,3 +169,18 @@ def test_qcow2_replicas_and_a_raw_source(tmp_path: Path) -> None:
     assert (dest / "vda.qcow2").exists() and same(raw, dest / "vda.qcow2")
     out = run_json("--format", "qcow2", raw, dest)
     assert out["disks"][0]["mode"] == "rescan" and "raw" in out["disks"][0]["reason"]  # type: ignore[index]
+
+
+def test_two_dests_of_one_guest_never_miss_a_change(guest: tuple[Path, Path], tmp_path: Path) -> None:
+    """A at generation 1, then B's first run (generation 1 too): B must not restart the bitmap A reads
+    from next, or A's next incremental run would miss what changed before B's run."""
+    sysdisk, data = guest
+    a, b = tmp_path / "dr-a", tmp_path / "dr-b"
+    run_json(sysdisk, data, a)
+    qemu_io(sysdisk, "write -P 0x61 5M 4k")  # after A's moment, before B's
+    out = run_json(sysdisk, data, b)
+    assert out["generation"] == 1 and same(sysdisk, b / "vda.img")
+    qemu_io(sysdisk, "write -P 0x62 6M 4k")
+    out = run_json(sysdisk, data, a)
+    assert out["disks"][0]["mode"] == "rescan" and "missing" in out["disks"][0]["reason"]
+    assert same(sysdisk, a / "vda.img") and same(data, a / "vdb.img")

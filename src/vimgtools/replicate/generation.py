@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -198,6 +199,11 @@ def _run(
         raise InvalidInput(f"{backend.name}: the guest has no disks to replicate")
     generation = (prev.generation if prev else 0) + 1
     bitmap = f"{mf.BITMAP_PREFIX}{generation}"
+    if any(d.bitmaps and bitmap in d.bitmaps for d in disks):
+        # Taken: by a run that failed, or by another DEST of this guest at the same generation,
+        # whose next run reads from it. Never cleared under it: a name of our own instead (that
+        # DEST loses its tracking when this one commits, and its next run says so and rescans).
+        bitmap = f"{bitmap}.{secrets.token_hex(3)}"
     plans: list[tuple[GuestDisk, str, str, str | None, mf.Disk | None]] = []
     for d in disks:
         old = prev.disk(d.target) if prev else None
