@@ -1,13 +1,17 @@
 """A shared read-only system disk and two guest root disks (sharedbuild.py), rekernelled in ONE run.
 
-``rekernel SYSTEM --from CLOUD-BOOTDIR --guest ROOT1 --guest ROOT2`` (Debian's cloud kernel with
-an initramfs made on the host, xenbuild.kvm_cloud_bootdir): one appliance, one group commit. The
-module fixture's run serves every assertion on the plan and the result; beside it, at the same time,
-the same run with ``-n`` on a second set of copies (every image hashed before and after). A guest
+``rekernel SYSTEM --from CLOUD-BOOTDIR --guest ROOT1 --guest ROOT2`` with Debian's cloud kernel and
+no initramfs in BOOTDIR (guestbuild.cloud_bootdir): the generic initramfs is generated in the first
+guest's view (mkinitramfs, MODULES=list of every guest's drivers) and checked on the host; one
+appliance, one group commit. The module fixture's run serves every assertion on the plan and the
+result; beside it, at the same time, the same command with ``-n`` on a second set of copies and
+BOOTDIR's initramfs *supplied* (xenbuild.kvm_cloud_bootdir, made on the host): that path is
+rehearsed and verified in its appliance, not booted (every image hashed before and after). A guest
 image a running QEMU holds is refused before any launch. Then both guests boot at once under TCG
 (each with its own ROOT as vda and the shared SYSTEM as vdb, read-only, booted from) and report on
-ttyS0: the new kernel, ``dummy`` loaded from ``/boot/modules``; beside them the negative control,
-the untouched first guest (Xen names, a Xen-only initramfs), which never reports.
+ttyS0: the new kernel (whose disk drivers are modules: only the generated initramfs carries them),
+``dummy`` loaded from ``/boot/modules``; beside them the negative control, the untouched first guest
+(Xen names, a Xen-only initramfs), which never reports.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import guestbuild
 import pytest
 import sharedbuild
 import xenbuild
@@ -112,22 +117,25 @@ def boot_all(
     return out[:n], out[n:]
 
 
-def shared_args(disks: tuple[Path, Path, Path]) -> list[str]:
+def shared_args(disks: tuple[Path, Path, Path], *, supplied: bool) -> list[str]:
+    """The command line; BOOTDIR with the initramfs made on the host (``supplied``) or without one."""
     system, root1, root2 = disks
-    bootdir = xenbuild.kvm_cloud_bootdir()
+    bootdir = xenbuild.kvm_cloud_bootdir() if supplied else guestbuild.cloud_bootdir(initramfs=False)
     return [str(system), "--from", str(bootdir), "--guest", str(root1), "--guest", str(root2)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """ONE ``rekernel SYSTEM --from BOOTDIR --guest ROOT1 --guest ROOT2`` on fresh copies and, at the
-    same time (two appliances, to save wall time), the same run with ``-n`` on a second set of copies,
+    """ONE ``rekernel SYSTEM --from BOOTDIR --guest ROOT1 --guest ROOT2`` on fresh copies, BOOTDIR
+    without an initramfs (one is generated), and, at the same time (two appliances, to save wall
+    time), the same command with ``-n`` and BOOTDIR's initramfs supplied on a second set of copies,
     every image of which is hashed before and after."""
     real = sharedbuild.copy_all(tmp_path_factory.mktemp("shared"))
     dry = sharedbuild.copy_all(tmp_path_factory.mktemp("dry"))
     sums = [image_digest(d) for d in dry]
     t0 = time.monotonic()
-    p_real, p_dry = cli("--json", *shared_args(real)), cli("-n", *shared_args(dry))
+    p_real = cli("--json", *shared_args(real, supplied=False))
+    p_dry = cli("-n", *shared_args(dry, supplied=True))
     rc, out, err = finish(p_real)
     seconds = time.monotonic() - t0
     assert rc == 0, err[-4000:]
@@ -153,7 +161,22 @@ def test_plan_names_the_disk_of_every_change(runs: dict[str, Any]) -> None:
     assert sum("vmlinuz-" in d and d.startswith("copy") for d in on[system]) == 1
     assert any(d == "ln -s /boot/modules /usr/lib/modules" for d in on[system])
     assert any("copy modules" in d and "/boot/modules/" in d for d in on[system])
-    assert any("initrd.img-" in d for d in on[system]) and "edit /boot/extlinux/extlinux.conf" in on[system]
+    assert "edit /boot/extlinux/extlinux.conf" in on[system]
+    # The generic initramfs: generated on SYSTEM in the first guest's view, checked on the host.
+    v = plan["version"]
+    assert plan["initramfs"] == "regenerate:mkinitramfs"
+    gen = [d for d in on[system] if "initramfs-tools" in d]
+    assert gen[-1].startswith(
+        f"run /usr/sbin/mkinitramfs -d /boot/vimgtools/initramfs-tools -o /boot/initrd.img-{v} {v}  # "
+    ), gen
+    views = [i for i, s in enumerate(steps) if s["op"] == "MountView"]
+    assert views[0] < [s["describe"] for s in steps].index(gen[-1]) < views[1]  # in the first guest's view
+    assert not any(s["op"] == "Upload" and "initrd" in s["describe"] for s in steps)
+    assert plan["initramfs_modules"] == ["virtio_pci", "virtio_blk", "virtio_scsi"]  # ext4 is built in
+    ini = obj["verified"]["initramfs"]
+    assert ini["source"] == "generated" and ini["path"] == f"/boot/initrd.img-{v}" and ini["files"] > 100
+    made = next(d for d in obj["done"] if d["step"] == gen[-1])
+    print(f"generic initramfs made in {made['seconds']:.0f} s; its host check in verify")
     # Each guest's own files: on its own disk.
     for root in (root1, root2):
         assert "edit /etc/fstab" in on[root]
@@ -187,6 +210,12 @@ def test_dry_run_writes_nothing(runs: dict[str, Any]) -> None:
     out = d["out"]
     assert f"[on {system}]" in out and f"[on {root1}]" in out and f"[on {root2}]" in out
     assert "+    APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in out
+    # BOOTDIR's initramfs, checked on the host as the generated one is (not booted here).
+    assert "initramfs supplied" in out and "(supplied, checked on the host)" in out
+    for check in ("initramfs-generic", "initramfs-version", "initramfs-config"):
+        assert f"[ok  ] {check}:" in out, check
+    assert "[ok  ] initramfs-drivers:root1.raw" in out and "[ok  ] initramfs-drivers:root2.raw" in out
+    assert "run /usr/sbin/mkinitramfs" not in out
     assert "rehearsed (dry run, DISK unchanged)" in out
     assert [image_digest(p) for p in d["disks"]] == d["sums"], "a dry run wrote an image"
     assert not list(system.parent.glob(".vimg-rekernel*")) and not list(
@@ -215,7 +244,7 @@ def test_a_guest_image_a_running_qemu_holds_is_refused(runs: dict[str, Any]) -> 
                 assert vm.poll() is None and time.monotonic() < deadline, "qemu never locked its disk"
                 time.sleep(0.1)
         t0 = time.monotonic()
-        rc, out, err = finish(cli("--json", *shared_args(d["disks"])))
+        rc, out, err = finish(cli("--json", *shared_args(d["disks"], supplied=True)))
         seconds = time.monotonic() - t0
     finally:
         vm.kill()
