@@ -42,11 +42,6 @@ def sepboot_image() -> Path:
 
 
 @pytest.fixture(scope="session")
-def extlinux_image() -> Path:
-    return guestbuild.guest_image("extlinux")
-
-
-@pytest.fixture(scope="session")
 def nord_image() -> Path:
     return guestbuild.guest_image("nord")
 

@@ -119,26 +119,6 @@ def test_separate_boot_no_driver_left_unloaded(
     print("missed without the unit:", names, file=sys.stderr)
 
 
-@pytest.mark.timeout(1200)
-def test_extlinux_without_an_initramfs_plans_its_regeneration(
-    extlinux_image: Path, cloud_bootdir: Path, tmp_path: Path
-) -> None:
-    """No initramfs in BOOTDIR: the plan has the guest's update-initramfs make one, rehearsed (--dry-run).
-
-    Applied and booted, that regeneration costs ~8 min under TCG here: the booted proof of an
-    initramfs the guest's update-initramfs made is test_xen.py's two-disk case; extlinux is booted
-    by test_partitionless_nord_disk_extlinux."""
-    disk = copy_image(extlinux_image, tmp_path / "extlinux.raw")
-    before = sha256(disk)
-    p = run_cli("--json", "--dry-run", str(disk), "--from", str(cloud_bootdir), timeout=1000)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
-    assert out["plan"]["loader"] == "extlinux"
-    assert out["plan"]["initramfs"] == "regenerate:update-initramfs"
-    assert any("update-initramfs" in s["describe"] for s in out["plan"]["steps"]), out["plan"]["steps"]
-    assert not out["committed"] and sha256(disk) == before
-
-
 @pytest.mark.boot
 @pytest.mark.timeout(1200)
 def test_partitionless_nord_disk_extlinux(
