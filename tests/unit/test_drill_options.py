@@ -18,7 +18,7 @@ from vimgtools.drill import boot
 from vimgtools.drill.__main__ import main
 from vimgtools.drill.monitor import Agent
 from vimgtools.drill.qemu import Drive, Machine, argv
-from vimgtools.drill.workdir import replica_disks
+from vimgtools.drill.workdir import WorkDir, replica_disks
 from vimgtools.errors import DrillError, InvalidInput
 from vimgtools.replicate.manifest import Disk, Manifest, save
 
@@ -261,3 +261,23 @@ def test_a_replica_directory_gives_its_disks_in_the_manifests_order(tmp_path: Pa
     save(dest, Manifest(guest="mail", generation=3, time="t", consistency="offline", disks=disks))
     with pytest.raises(InvalidInput, match=f"^{dest / 'vda.img'}: no such file"):
         boot([dest], accel="tcg")
+
+
+def test_sockets_of_a_deep_workdir_fit_a_unix_socket_path(tmp_path: Path) -> None:
+    """A --workdir deep down (pytest-xdist's temporary directories were): QEMU's sockets go to a short
+    private directory instead of failing with "Path must be less than 108 bytes"."""
+    import socket
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    shallow = WorkDir(tmp_path)
+    assert shallow.socket("qmp.sock").parent == shallow.path
+    shallow.close(keep_logs=False)
+    work = WorkDir(deep)
+    path = work.socket("qmp.sock")
+    assert len(os.fsencode(path)) <= 107 and path.parent != work.path
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # really a socket's path
+    assert work.socket("qga.sock").parent == path.parent
+    work.close(keep_logs=False)
+    assert not path.parent.exists() and not work.path.exists()

@@ -157,8 +157,8 @@ async def _drill(
         bus=opts.bus,
         serial_log=serial,
         firmware_log=firmware,
-        qmp_socket=work.path / "qmp.sock",
-        agent_socket=work.path / "qga.sock" if opts.agent else None,
+        qmp_socket=work.socket("qmp.sock"),
+        agent_socket=work.socket("qga.sock") if opts.agent else None,
     )
     args = argv(machine, opts.qemu)
     log.debug("$ %s", " ".join(args))

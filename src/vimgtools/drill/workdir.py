@@ -123,6 +123,9 @@ def probe_format(path: Path) -> str:
     return fmt
 
 
+SUN_PATH_MAX = 107  # bytes of a unix socket's path (sockaddr_un.sun_path less its NUL)
+
+
 class WorkDir:
     """The run's private directory (a context manager): overlays in, logs kept, the rest removed."""
 
@@ -132,6 +135,17 @@ class WorkDir:
         self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=base))
         self._lock = os.open(self.path / LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._sockets: Path | None = None
+
+    def socket(self, name: str) -> Path:
+        """Where QEMU makes a unix socket: here, or where the path would be too long for one
+        (``--workdir`` deep down), in a short private directory under /tmp, removed with this one."""
+        p = self.path / name
+        if len(os.fsencode(p)) <= SUN_PATH_MAX:
+            return p
+        if self._sockets is None:
+            self._sockets = Path(tempfile.mkdtemp(prefix=PREFIX + "sock-", dir="/tmp"))
+        return self._sockets / name
 
     def overlay(self, index: int, disk: Disk) -> Drive:
         ov = self.path / f"disk{index}.qcow2"
@@ -161,6 +175,8 @@ class WorkDir:
         clean(self.path, keep=KEEP if keep_logs else ())
         if not keep_logs:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
         os.close(self._lock)
 
     def __enter__(self) -> WorkDir:
