@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare every disk in full this run, whatever the bitmaps say (a scrub); tracking goes on",
     )
-    _cli.add_remote_options(p, "remote (DEST as [USER@]HOST:DIR; see docs/remote.md)")
+    _cli.add_remote_options(p, "remote (DEST as [USER@]HOST:DIR; see docs/replicate.md)")
     _cli.add_progress_options(p)
     _cli.add_common_options(p)
     return p
