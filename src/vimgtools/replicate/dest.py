@@ -38,7 +38,7 @@ from vimgtools.sync.remote import push_from
 from vimgtools.sync.result import SyncResult
 from vimgtools.sync.ssh import Peer, split_remote
 from vimgtools.sync.undo import rollback
-from vimgtools.sync.wire import HELLO, RESULT, WIRE_MAGIC, WIRE_VERSION, Channel, send_error
+from vimgtools.sync.wire import HELLO, RESULT, WIRE_MAGIC, WIRE_VERSION, Channel, recv_hello, send_error
 
 log = logging.getLogger("vimgtools.replicate")
 
@@ -261,12 +261,7 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
     """The DR host's end of ``RemoteDir``: one operation on stdin/stdout. Returns the exit code."""
     ch = Channel(rfd, wfd, peer="client", timeout=timeout)
     try:
-        _, msg = ch.recv_json(HELLO)
-        if msg.get("magic") != WIRE_MAGIC.decode() or msg.get("version") != WIRE_VERSION:
-            raise TransportError(
-                f"speaks wire version {msg.get('version')!r}, this vimgtools speaks {WIRE_VERSION}: "
-                "install the same vimgtools version on both hosts"
-            )
+        msg = recv_hello(ch)
         ch.send_json(RESULT, _serve(msg))
         return 0
     except VimgError as e:

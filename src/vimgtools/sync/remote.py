@@ -41,7 +41,17 @@ from vimgtools.sync.sender import (
 )
 from vimgtools.sync.ssh import Peer, split_remote
 from vimgtools.sync.state import StateRun
-from vimgtools.sync.wire import DONE, HELLO, READY, RESULT, WIRE_MAGIC, WIRE_VERSION, Channel, send_error
+from vimgtools.sync.wire import (
+    DONE,
+    HELLO,
+    READY,
+    RESULT,
+    WIRE_MAGIC,
+    WIRE_VERSION,
+    Channel,
+    recv_hello,
+    send_error,
+)
 
 log = logging.getLogger("vimgtools.sync")
 
@@ -329,12 +339,7 @@ def serve(rfd: int = 0, wfd: int = 1, timeout: float = 300.0) -> int:
     """The far side: speak the protocol on stdin/stdout. Returns the exit code."""
     ch = Channel(rfd, wfd, peer="client", timeout=timeout)
     try:
-        _, msg = ch.recv_json(HELLO)
-        if msg.get("magic") != WIRE_MAGIC.decode() or msg.get("version") != WIRE_VERSION:
-            raise TransportError(
-                f"speaks wire version {msg.get('version')!r}, this vimgtools speaks {WIRE_VERSION}: "
-                "install the same vimgtools version on both hosts"
-            )
+        msg = recv_hello(ch)
         sess, opts = _session_from(msg)
         path = Path(str(msg.get("path", "")))
         if msg.get("role") == "receiver":

@@ -190,6 +190,17 @@ class Channel:
         return ftype, obj
 
 
+def recv_hello(ch: Channel) -> dict[str, Any]:
+    """The client's HELLO, refused unless it speaks our magic and wire version."""
+    _, msg = ch.recv_json(HELLO)
+    if msg.get("magic") != WIRE_MAGIC.decode() or msg.get("version") != WIRE_VERSION:
+        raise TransportError(
+            f"speaks wire version {msg.get('version')!r}, this vimgtools speaks {WIRE_VERSION}: "
+            "install the same vimgtools version on both hosts"
+        )
+    return msg
+
+
 def remote_error(peer: str, payload: Buffer) -> Exception:
     """An ERROR frame becomes the same exception class on this side, named after the peer."""
     try:
