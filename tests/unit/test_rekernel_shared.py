@@ -29,6 +29,7 @@ from vimgtools.rekernel.shared import (
     guest_maps,
     plan_shared,
     resolve_spec,
+    shared_maps,
     verify_initramfs,
 )
 
@@ -51,11 +52,19 @@ SYSLINUX_MBR = b"\x33\xc0\xfa" + bytes(507) + b"\x55\xaa"
 HVC0 = "/etc/systemd/system/getty.target.wants/serial-getty@hvc0.service"
 
 
-def state(disk: str, guest: str, *, root_spec: str = "/dev/xvda1", **facts_kw: object) -> GuestState:
+def state(
+    disk: str,
+    guest: str,
+    *,
+    root_spec: str = "/dev/xvda1",
+    fstab: str = FSTAB,
+    maps: tuple[tuple[str, str], ...] = (),
+    **facts_kw: object,
+) -> GuestState:
     root = disk + "1"
     mps = {"/": root, "/boot": "/dev/sda1", "/usr": "/dev/sda2"}
     files = {
-        "/etc/fstab": FSTAB,
+        "/etc/fstab": fstab,
         "/boot/extlinux/extlinux.conf": CONF.format(old=OLD, root=root_spec),
         "/etc/network/interfaces": "auto enX0\niface enX0 inet dhcp\n",
         "/etc/initramfs-tools/initramfs.conf": "MODULES=most\n",
@@ -89,7 +98,7 @@ def state(disk: str, guest: str, *, root_spec: str = "/dev/xvda1", **facts_kw: o
         kernels={},
         boot_sectors={d: SYSLINUX_MBR for d in DISKS},
     )
-    return GuestState(View(guest, disk, root, dict(facts.mountpoints), guest_maps(disk)), facts, inv)
+    return GuestState(View(guest, disk, root, dict(facts.mountpoints), guest_maps(disk, maps)), facts, inv)
 
 
 @pytest.fixture
@@ -117,6 +126,7 @@ def plan(
     conf: str = "MODULES=most\n",
     texts: dict[str, str] | None = None,
     generate: bool = False,
+    maps: tuple[tuple[str, str], ...] = (),
 ) -> Plan:
     p, subplans = plan_shared(
         states,
@@ -128,6 +138,7 @@ def plan(
         options=Options(regenerate_initramfs=generate),
         initrd_files=None if generate else initrd,
         initrd_texts=None if generate else {"conf/initramfs.conf": conf, **(texts or {})},
+        maps=maps,
     )
     assert len(subplans) == len(states)
     assert {sp.initramfs for sp in subplans} == {"shared"}  # checked once, on the host (verify_initramfs)
@@ -236,6 +247,59 @@ def test_grub2_on_the_shared_boot_and_a_guest_with_its_own_modules_are_refused(k
     assert "the guest's own" in str(p.refusal())
 
 
+HD_FSTAB = (
+    "/dev/hda1 / ext4 errors=remount-ro 0 1\n/dev/hdb1 /boot ext4 ro,noload 0 0\n/dev/hdb2 /usr ext4 ro 0 0\n"
+)
+
+
+def test_map_names_each_guests_disks_as_it_sees_them(kernel: Kernel) -> None:
+    """Guests whose fstab and shared command line say hda/hdb: --map /dev/hda=/dev/sda (its ROOT)
+    /dev/hdb=/dev/sdb (the system disk); without it they are refused, pointing at --map."""
+    maps = shared_maps(["/dev/hda=/dev/sda", "/dev/hdb=/dev/xvdb"])
+    assert maps == (("/dev/hda", "/dev/vda"), ("/dev/hdb", "/dev/vdb"))
+    states = [
+        state(d, g, root_spec="/dev/hda1", fstab=HD_FSTAB, maps=maps)
+        for d, g in (("/dev/sdb", R1), ("/dev/sdc", R2))
+    ]
+    p = plan(states, kernel, maps=maps)
+    assert p.refusal() is None, p.describe()
+    fstabs = {
+        p.where(i, s): s.text
+        for i, s in enumerate(p.steps)
+        if isinstance(s, Write) and s.path == "/etc/fstab"
+    }
+    for guest, dev in ((R1, "/dev/sdb1"), (R2, "/dev/sdc1")):
+        assert [ln.split()[:2] for ln in fstabs[guest].splitlines()] == [
+            [f"UUID={FS[dev].uuid}", "/"],
+            [f"UUID={FS['/dev/sda1'].uuid}", "/boot"],
+            [f"UUID={FS['/dev/sda2'].uuid}", "/usr"],
+        ]
+    conf = next(s for s in p.steps if isinstance(s, Write) and s.path.endswith("extlinux.conf"))
+    assert "APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in conf.text
+    checks = {c.name: c for c in p.checks}
+    assert checks["root:root1.img"].ok and checks["root:root2.img"].ok
+    assert "  --map /dev/hda -> /dev/vda (each guest's ROOT)" in p.describe()
+    assert p.shared["maps"] == {
+        "/dev/hda": "/dev/vda (each guest's ROOT)",
+        "/dev/hdb": "/dev/vdb (each guest's system disk)",
+    }
+    # Without --map: hda names nothing a guest has.
+    bare = [
+        state(d, g, root_spec="/dev/hda1", fstab=HD_FSTAB) for d, g in (("/dev/sdb", R1), ("/dev/sdc", R2))
+    ]
+    p = plan(bare, kernel)
+    assert refusal_names(p) == {"root:root1.img", "root:root2.img", "devices:root1.img", "devices:root2.img"}
+    assert "root=/dev/hda1 names nothing there" in str(p.refusal()) and "--map OLD=/dev/sda" in str(
+        p.refusal()
+    )
+    with pytest.raises(
+        InvalidInput, match=r"--map /dev/hda=/dev/sdc: with --guest NEW is one of the two disks"
+    ):
+        shared_maps(["/dev/hda=/dev/sdc"])
+    with pytest.raises(InvalidInput, match="OLD=NEW"):
+        shared_maps(["hda"])
+
+
 def test_resolve_spec_in_one_guests_view() -> None:
     maps, mine = guest_maps("/dev/sdc"), {"/dev/sdc", "/dev/sda"}
     assert resolve_spec("/dev/xvda1", maps, FS, mine) == "/dev/sdc1"
@@ -265,6 +329,11 @@ def test_find_view_mounts_what_the_fstab_names() -> None:
         find_view(g, g.roots(), R2, "/dev/sdc", FS)
     with pytest.raises(InvalidInput, match=r"root3\.img: no operating system found"):
         find_view(g, g.roots(), "root3.img", "/dev/sdd", FS)
+    g.put("/etc/fstab", HD_FSTAB)
+    with pytest.raises(InvalidInput, match=r"/dev/hdb1 \(/boot\) names no filesystem"):
+        find_view(g, g.roots(), R2, "/dev/sdc", FS)
+    v = find_view(g, g.roots(), R2, "/dev/sdc", FS, shared_maps(["/dev/hda=/dev/sda", "/dev/hdb=/dev/sdb"]))
+    assert v.mountpoints == {"/": "/dev/sdc1", "/boot": "/dev/sda1", "/usr": "/dev/sda2"}
 
 
 def test_cli_usage_errors_exit_2_before_any_change(
@@ -286,6 +355,9 @@ def test_cli_usage_errors_exit_2_before_any_change(
             *(s, "--from", str(boot), "--guest", r1, "--no-regenerate-initramfs"),
         ],
         "a DISK is given twice": [s, "--from", str(boot), "--guest", r1, "--guest", r1],
+        "--map /dev/hda=/dev/sdc: with --guest NEW is one of the two disks each guest sees": [
+            *(s, "--from", str(boot), "--guest", r1, "--map", "/dev/hda=/dev/sdc"),
+        ],
     }
     for message, argv in cases.items():
         assert main(argv) == 2, message

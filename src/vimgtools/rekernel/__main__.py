@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OLD=NEW",
         help="--target kvm: also rewrite guest device names under OLD (/dev/hda, /dev/sdb) as the disk NEW "
-        "(/dev/sda = the first DISK); /dev/xvdX is always /dev/sdX",
+        "(/dev/sda = the first DISK); /dev/xvdX is always /dev/sdX. With --guest NEW is one of the two "
+        "disks each guest sees: /dev/sda its own ROOT, /dev/sdb the system disk",
     )
     p.add_argument(
         "--initramfs",
@@ -228,7 +229,6 @@ def _run_shared(args: argparse.Namespace) -> Result:
             ("--boot-check", args.boot_check),
             ("--initramfs", args.initramfs),
             ("--root", args.root),
-            ("--map", args.maps),
         )
         if given
     ]
@@ -246,6 +246,7 @@ def _run_shared(args: argparse.Namespace) -> Result:
         dry_run=args.dry_run,
         regenerate_initramfs=args.regen,
         workdir=args.workdir,
+        maps=args.maps,
     )
 
 

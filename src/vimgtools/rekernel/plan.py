@@ -205,6 +205,8 @@ class Plan:
         ]
         if self.shared.get("initramfs"):
             lines.append(f"  initramfs for every guest: {self.shared['initramfs']['describe']}")
+        for old, new in self.shared.get("maps", {}).items():
+            lines.append(f"  --map {old} -> {new}")
         if self.retarget.get("xen"):
             lines.append(f"  retarget to KVM: {'; '.join(self.retarget.get('markers', []))}")
             for old, new in self.retarget.get("rewrites", {}).items():

@@ -19,6 +19,10 @@ What goes where:
   getty, the initramfs module lists, the NIC's ``.link``), and the unit that loads the drivers udev
   missed while ``/boot`` (which holds ``/lib/modules``) was not mounted.
 
+``--map OLD=NEW`` (``shared_maps``): NEW is one of the two disks each guest sees (``/dev/sda`` its
+ROOT, ``/dev/sdb`` SYSTEM); in a guest's view OLD names that guest's disk, in SYSTEM's command lines
+it becomes positional like a Xen name.
+
 The modules link. With usrmerge ``/lib`` is ``usr/lib`` on each guest's root, so ``/lib/modules`` is
 ``/usr/lib/modules`` on the shared ``/usr``: the link lives there, once, for every guest. It is
 absolute (``/boot/modules``), so each guest resolves it in its own mount namespace: ``/usr`` is
@@ -89,10 +93,10 @@ from vimgtools.rekernel.retargeting import as_disks, disk_map, verify_retarget
 from vimgtools.rekernel.session import Result, disks_session
 from vimgtools.rekernel.xen import (
     CMDLINE_FILES,
-    XVD,
     Resolver,
     RetargetOptions,
     edit_cmdline_file,
+    parse_maps,
     plan_xen,
 )
 
@@ -129,9 +133,41 @@ class GuestState:
     inv: Inventory
 
 
-def guest_maps(disk: str) -> tuple[tuple[str, str], ...]:
-    """A guest's own disk names: its ROOT first (xvda, vda), SYSTEM second (xvdb, vdb)."""
-    return (("/dev/xvda", disk), ("/dev/xvdb", SYSTEM_DEV), ("/dev/vda", disk), ("/dev/vdb", SYSTEM_DEV))
+Maps = tuple[tuple[str, str], ...]
+MAP_NEW = re.compile(r"/dev/(?:xvd|vd|sd|hd)([ab])")
+
+
+def shared_maps(items: Iterable[str]) -> Maps:
+    """``--map OLD=NEW`` with ``--guest``: NEW is one of the guest's two disks *as it sees them*, its
+    ROOT first (``/dev/vda``; ``/dev/sda`` and ``/dev/xvda`` say the same) and SYSTEM second
+    (``/dev/vdb``); returned as ``(OLD, /dev/vdX)``, the KVM name (pure).
+
+    Raises:
+        InvalidInput: not ``OLD=NEW``, or NEW is not one of those two disks (exit 2, before any change).
+    """
+    out = []
+    for old, new in parse_maps(items):
+        m = MAP_NEW.fullmatch(new)
+        if m is None:
+            raise InvalidInput(
+                f"--map {old}={new}: with --guest NEW is one of the two disks each guest sees: "
+                "/dev/sda (its own ROOT) or /dev/sdb (the shared system disk)"
+            )
+        out.append((old, f"/dev/vd{m.group(1)}"))
+    return tuple(out)
+
+
+def guest_maps(disk: str, user: Maps = ()) -> Maps:
+    """A guest's own disk names -> the appliance's disks: its ROOT first (xvda, vda), SYSTEM second
+    (xvdb, vdb); ``user`` (``shared_maps``) before them."""
+    own = {"/dev/vda": disk, "/dev/vdb": SYSTEM_DEV}
+    return (
+        *((old, own[new]) for old, new in user),
+        ("/dev/xvda", disk),
+        ("/dev/xvdb", SYSTEM_DEV),
+        ("/dev/vda", disk),
+        ("/dev/vdb", SYSTEM_DEV),
+    )
 
 
 def whole_disk(dev: str) -> str:
@@ -160,8 +196,17 @@ def resolve_spec(
     return None
 
 
-def find_view(gi: Guest, roots: list[str], guest: str, disk: str, filesystems: dict[str, Filesystem]) -> View:
+def find_view(
+    gi: Guest,
+    roots: list[str],
+    guest: str,
+    disk: str,
+    filesystems: dict[str, Filesystem],
+    user_maps: Maps = (),
+) -> View:
     """Find the guest's root on its disk and what its fstab mounts (the guest is left mounted at /).
+
+    ``user_maps``: ``--map`` (``shared_maps``), device names of the guest's besides xvd and vd.
 
     Raises:
         InvalidInput: no root or several on the guest's disk, no fstab, or an fstab entry that names
@@ -173,7 +218,7 @@ def find_view(gi: Guest, roots: list[str], guest: str, disk: str, filesystems: d
     if len(mine) > 1:
         raise InvalidInput(f"{guest}: several systems on it ({', '.join(mine)}): one root per guest disk")
     root = mine[0]
-    maps = guest_maps(disk)
+    maps = guest_maps(disk, user_maps)
     gi.mount_view({"/": root})
     fstab = gi.text("/etc/fstab")
     if fstab is None:
@@ -199,14 +244,13 @@ def find_view(gi: Guest, roots: list[str], guest: str, disk: str, filesystems: d
 
 
 class PositionalResolver(Resolver):
-    """Xen disk names in a command line every guest shares: ``/dev/xvdXN`` -> ``/dev/vdXN``.
+    """Xen disk names in a command line every guest shares: ``/dev/xvdXN`` -> ``/dev/vdXN``, and the
+    names under ``--map`` (``shared_maps``: OLD -> ``/dev/vda`` or ``/dev/vdb``) the same way.
 
     A ``UUID=`` names one guest's root only; the guest's own first disk is ``vda`` in each of them.
     """
 
-    def device(self, name: str) -> str | None:
-        m = XVD.match(name)
-        return f"/dev/vd{m.group(1)}{m.group(2).lstrip('p')}" if m else None
+    xvd_as = "/dev/vd"
 
     def resolve(self, spec: str) -> tuple[str | None, str]:
         dev = self.device(spec)
@@ -267,7 +311,8 @@ def check_root_specs(
             f"root:{v.name}",
             False,
             f"{v.guest}: " + "; ".join(bad) + " (a command line every guest shares needs root=/dev/vdaN, "
-            "each guest's own first disk, or a LABEL= that every guest's root carries)",
+            "each guest's own first disk, a LABEL= that every guest's root carries, or --map OLD=/dev/sda for the "
+            "name it uses)",
             refuses_as=InvalidInput,
         )
     specs = sorted({s for _p, s in roots})
@@ -458,6 +503,7 @@ def plan_shared(
     options: Options,
     initrd_files: list[str] | None,
     initrd_texts: dict[str, str] | None,
+    maps: Maps = (),
 ) -> tuple[Plan, list[Plan]]:
     """The checks and steps of a shared-system-disk run, and one plan per guest for its verify (pure).
 
@@ -468,6 +514,8 @@ def plan_shared(
             guest's view (``plan_generic_initramfs``); else the supplied one is taken.
         initrd_files, initrd_texts: the supplied initramfs, listed and unpacked on the host
             (unused when generating).
+        maps: ``--map`` (``shared_maps``): in each guest's own files as its view's maps say (the
+            views were found with them), in the shared command lines by position.
     """
     first = states[0]
     filesystems = first.inv.filesystems
@@ -572,7 +620,7 @@ def plan_shared(
         if CMDLINE_FILES.match(p) and _step_disk(Write(p, ""), first.view, disks) == system
     }
     if options.target == "kvm":
-        r = PositionalResolver(first.inv)
+        r = PositionalResolver(first.inv, maps)
         for path, old in sorted(shared_files.items()):
             new = edit_cmdline_file(path, old, r, problems)
             if new != old:
@@ -678,6 +726,9 @@ def plan_shared(
             f"systemd from the guest's fstab, {BOOT_MODULES_UNIT_NAME} loading what udev missed before"
         },
         "cmdline_roots": [{"file": f, "root": r} for f, r in roots],
+        "maps": {
+            old: f"{new} (each guest's {'ROOT' if new.endswith('a') else 'system disk'})" for old, new in maps
+        },
         "initramfs": initramfs_info,
         "loader_files": sorted(shared_files),
     }
@@ -707,14 +758,15 @@ def plan_shared(
     return plan, subplans
 
 
-def read_guests(gi: Guest, guests: Sequence[Path]) -> list[GuestState]:
-    """Every guest's view, facts and inventory (each view mounted in turn; the first is left mounted)."""
+def read_guests(gi: Guest, guests: Sequence[Path], maps: Maps = ()) -> list[GuestState]:
+    """Every guest's view, facts and inventory (each view mounted in turn; the first is left mounted);
+    ``maps``: ``--map`` (``shared_maps``)."""
     roots = gi.roots()
     filesystems = read_filesystems(gi)
     states = []
     for i, g in enumerate(guests):
         disk = f"/dev/sd{chr(ord('b') + i)}"
-        view = find_view(gi, roots, str(g), disk, filesystems)
+        view = find_view(gi, roots, str(g), disk, filesystems, maps)
         gi.mount_view(view.mountpoints)
         facts = collect_facts(
             gi, view.root, mountpoints=view.mountpoints, extra_files=(STATE_FILE, *GENERIC_CONF_FILES)
@@ -813,6 +865,7 @@ def rekernel_shared(
     regenerate_initramfs: bool | None = None,
     workdir: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    maps: Iterable[str] = (),
 ) -> Result:
     """Put the kernel from ``from_dir`` on the shared ``system`` disk for every guest; all or nothing.
 
@@ -824,10 +877,13 @@ def rekernel_shared(
         regenerate_initramfs: as ``rekernel()``: True generates a generic initramfs in the first
             guest's view even when ``from_dir`` has one (then not used), False never generates one
             (``from_dir`` must have it); default: generate only when ``from_dir`` has none.
+        maps: ``OLD=NEW`` device prefixes of the guests' (``/dev/hda=/dev/sda``) rewritten besides
+            ``/dev/xvd*``; NEW is one of the two disks each guest sees, ``/dev/sda`` its own ROOT,
+            ``/dev/sdb`` the system disk (``shared_maps``).
         Others as ``rekernel()``.
 
     Raises:
-        InvalidInput: no guest, a disk given twice, no initramfs in BOOTDIR with
+        InvalidInput: no guest, a disk given twice, a ``maps`` NEW that is neither disk, no initramfs in BOOTDIR with
             ``regenerate_initramfs=False``, a guest that does not take /boot and /usr from
             ``system``, a root= that does not name every guest's root (exit 2).
         KernelError, BootloaderError, ImageRefused: refused before any change (exit 2), e.g. an image
@@ -837,6 +893,7 @@ def rekernel_shared(
     if target not in ("kvm", "xen"):
         raise InvalidInput(f"--target {target}: use kvm or xen")
     t_start = time.monotonic()
+    pairs = shared_maps(maps)
     roots = [Path(g) for g in guests]
     if not roots:
         raise InvalidInput("a shared system disk needs at least one --guest ROOT")
@@ -859,7 +916,7 @@ def rekernel_shared(
     result = Result(plan=None, dry_run=dry_run, action="rekernel-shared")
     with disks_session(disks, result, workdir=Path(workdir) if workdir else None) as gi:
         t0 = time.monotonic()
-        states = read_guests(gi, disks[1:])
+        states = read_guests(gi, disks[1:], pairs)
         loader = detect(states[0].facts)
         try:
             previous = version_of(loader.default_entry(gi, states[0].facts).kernel)
@@ -877,6 +934,7 @@ def rekernel_shared(
             options=options,
             initrd_files=initrd_files,
             initrd_texts=initrd_texts,
+            maps=pairs,
         )
         log.info("%s", result.plan.describe(diffs=dry_run))
         refusal = result.plan.refusal(force=force)

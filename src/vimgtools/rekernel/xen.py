@@ -99,6 +99,8 @@ def parse_maps(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
 class Resolver:
     """Old guest device names -> ``UUID=`` of the filesystem found on the disk they now name."""
 
+    xvd_as = "/dev/sd"  # what /dev/xvdXN becomes: the appliance's name of the Xth disk
+
     def __init__(self, inv: Inventory, maps: tuple[tuple[str, str], ...] = ()) -> None:
         self.inv = inv
         self.maps = sorted(maps, key=lambda m: -len(m[0]))
@@ -110,7 +112,7 @@ class Resolver:
                 return new + name[len(old) :].lstrip("p")
         m = XVD.match(name)
         if m:
-            return f"/dev/sd{m.group(1)}{m.group(2).lstrip('p')}"
+            return f"{self.xvd_as}{m.group(1)}{m.group(2).lstrip('p')}"
         return None
 
     def needs(self, spec: str) -> bool:
