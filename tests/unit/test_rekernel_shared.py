@@ -241,10 +241,11 @@ def test_grub2_on_the_shared_boot_and_a_guest_with_its_own_modules_are_refused(k
     p = plan(states, kernel)
     assert "loader" in refusal_names(p)
     assert any(c.refuses_as is BootloaderError and "update-grub" in c.message for c in p.checks if not c.ok)
-    g2 = state("/dev/sdc", R2, modules_path="/lib/modules", lib_is_link=False)
+    # /lib/modules a link of the guest's own into the shared /usr: neither place a link can go.
+    g2 = state("/dev/sdc", R2, modules_path="/usr/lib/modules", lib_is_link=False)
     p = plan([state("/dev/sdb", R1), g2], kernel)
     assert refusal_names(p) == {"modules-link:root2.img"}
-    assert "the guest's own" in str(p.refusal())
+    assert "/lib/modules on the guest's own root" in str(p.refusal())
 
 
 HD_FSTAB = (
@@ -525,3 +526,94 @@ def test_the_generated_initramfs_is_checked_on_the_host(
     g.rm_f(f"/boot/initrd.img-{NEW}")
     with pytest.raises(GuestError, match=f"initrd.img-{NEW} is missing on {SYSTEM}"):
         verify_initramfs(g, states, kernel, "kvm", p)
+
+
+# -- guests without usrmerge: the modules link on each guest's own root ----------------------------
+def own_lib(disk: str, guest: str, versions: dict[str, int] | None = None) -> GuestState:
+    return state(
+        disk,
+        guest,
+        modules_path="/lib/modules",
+        lib_is_link=False,
+        module_versions=versions if versions is not None else {OLD: 200 << 20},
+    )
+
+
+def landed(p: Plan) -> list[tuple[str | None, str]]:
+    return [(p.where(i, s), s.describe()) for i, s in enumerate(p.steps)]
+
+
+def test_without_usrmerge_each_guest_gets_the_link_on_its_own_root(kernel: Kernel) -> None:
+    p = plan([own_lib("/dev/sdb", R1), own_lib("/dev/sdc", R2)], kernel)
+    assert p.refusal() is None, p.describe()
+    steps = landed(p)
+    view2 = steps.index((None, next(d for w, d in steps if w is None and R2 in d)))
+    first, second = steps[:view2], steps[view2:]
+    # The first guest's tree goes to the shared /boot; the link is on its own root.
+    assert (SYSTEM, f"move /lib/modules/{OLD} -> /boot/modules/{OLD}") in first
+    assert (R1, "rmdir /lib/modules") in first and (R1, "ln -s /boot/modules /lib/modules") in first
+    # The second guest's tree of the same version is kept on its own disk, never removed.
+    kept = f"/lib/vimgtools-modules-kept/{OLD}"
+    assert (R2, f"move /lib/modules/{OLD} -> {kept}") in second
+    assert (R2, "rmdir /lib/modules") in second and (R2, "ln -s /boot/modules /lib/modules") in second
+    assert not any(w == SYSTEM and d.startswith("move") for w, d in second)
+    assert not any("/usr/lib/modules" in d for _w, d in steps), "the shared /usr is left alone"
+    checks = {c.name: c for c in p.checks}
+    assert checks["modules-link:root1.img"].ok and "the link /lib/modules -> /boot/modules goes there" in (
+        checks["modules-link:root1.img"].message
+    )
+    assert checks[f"modules-kept:root2.img:{OLD}"].ok
+    assert p.shared["modules_link"]["kept"] == [{"guest": R2, "version": OLD, "path": kept, "uses": R1}]
+    assert p.shared["modules_link"]["guests"][R2]["link"] == f"/lib/modules on {R2}"
+    assert "guest's module trees moved 200" in checks["space"].message  # the first one's only
+
+
+def test_a_kept_tree_of_another_size_warns_and_a_guests_own_version_is_moved(kernel: Kernel) -> None:
+    other = "6.1.0-40-amd64"
+    g2 = own_lib("/dev/sdc", R2, {OLD: 150 << 20, other: 300 << 20})
+    p = plan([own_lib("/dev/sdb", R1), g2], kernel)
+    assert refusal_names(p) == {f"modules-kept:root2.img:{OLD}"}
+    assert "its old kernel 6.1.0-50-amd64 would load root1.img's modules" in str(p.refusal())
+    assert p.refusal(force=True) is None
+    # A version only the second guest has goes to the shared /boot, in its view, and is counted.
+    steps = landed(p)
+    view2 = [i for i, (w, _d) in enumerate(steps) if w is None][1]
+    assert (SYSTEM, f"move /lib/modules/{other} -> /boot/modules/{other}") in steps[view2:]
+    space = next(c for c in p.checks if c.name == "space")
+    assert "module trees moved 500," in space.message
+    small = [
+        dataclasses.replace(g, facts=dataclasses.replace(g.facts, boot_free=450 << 20))
+        for g in (own_lib("/dev/sdb", R1), g2)
+    ]
+    assert "space" in refusal_names(plan(small, kernel))
+
+
+@pytest.mark.parametrize("usrmerged_first", [True, False])
+def test_usrmerged_and_not_side_by_side(kernel: Kernel, usrmerged_first: bool) -> None:
+    """One guest takes /lib/modules from the shared /usr, the other has its own: two links; the
+    shared one is made in the view of the usrmerged guest, whichever comes first."""
+    merged, own = state("/dev/sdb", R1), own_lib("/dev/sdc", R2)
+    if not usrmerged_first:
+        merged, own = state("/dev/sdc", R2), own_lib("/dev/sdb", R1)
+    states = [merged, own] if usrmerged_first else [own, merged]
+    p = plan(states, kernel)
+    assert p.refusal() is None, p.describe()
+    steps = landed(p)
+    views = [i for i, (w, _d) in enumerate(steps) if w is None]
+    in_view = {
+        states[k].view.guest: steps[views[k] : (views[k + 1] if k + 1 < len(views) else None)]
+        for k in range(2)
+    }
+    m, o = merged.view.guest, own.view.guest
+    assert (SYSTEM, "ln -s /boot/modules /usr/lib/modules") in in_view[m]
+    assert (o, "ln -s /boot/modules /lib/modules") in in_view[o]
+    moves = [(w, d) for w, d in steps if d.startswith("move ")]
+    first_guest = states[0].view
+    src = "/usr/lib/modules" if usrmerged_first else "/lib/modules"
+    assert moves[0] == (SYSTEM, f"move {src}/{OLD} -> /boot/modules/{OLD}")
+    later = "/lib/modules" if usrmerged_first else "/usr/lib/modules"
+    assert moves[1] == (
+        states[1].view.guest if usrmerged_first else SYSTEM,
+        f"move {later}/{OLD} -> /lib/vimgtools-modules-kept/{OLD}",
+    )
+    assert first_guest.guest in {k["uses"] for k in p.shared["modules_link"]["kept"]}

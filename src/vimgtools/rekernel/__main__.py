@@ -44,9 +44,10 @@ modules and one generic initramfs, carrying the disk and filesystem drivers of e
 /usr, go on DISK once: BOOTDIR's (checked on the host: not MODULES=dep, every guest's drivers, no
 /dev/xvd baked in) or, when BOOTDIR has none or with --regenerate-initramfs, one generated in the
 first guest's view (mkinitramfs with MODULES=list of those drivers; checked the same way after).
-/usr/lib/modules on the shared /usr becomes the link to /boot/modules, resolved in each guest at
-boot (/usr mounted by the initramfs, /boot by its fstab, vimgtools-boot-modules.service loading
-what udev missed before), and checked in each guest's view. Each guest's own files (fstab, console,
+/usr/lib/modules on the shared /usr becomes the link to /boot/modules (a guest without usrmerge: its
+own /lib/modules on its ROOT), resolved in each guest at boot (/usr mounted by the initramfs, /boot
+by its fstab, vimgtools-boot-modules.service loading what udev missed before), and checked in each
+guest's view. Each guest's own files (fstab, console,
 NIC) change on its ROOT; the shared command line names the root by position (root=/dev/vda1). One
 appliance, every disk committed all or none.
 """

@@ -283,6 +283,26 @@ def initramfs_tool(facts: GuestFacts, version: str) -> tuple[str, ...] | None:
     return None
 
 
+def space_check(facts: GuestFacts, kernel: Kernel, *, regenerate: bool, more_moved: int = 0) -> Check:
+    """Room on the filesystem holding /boot: kernel files, new modules, initramfs, the module trees
+    moved there (the guest's own, plus ``more_moved`` bytes of other guests' on a shared /boot)."""
+    files = kernel.files_bytes
+    mods = kernel.modules_bytes
+    initrd = 0 if kernel.initramfs and not regenerate else INITRAMFS_ESTIMATE
+    moved = more_moved
+    if facts.boot_separate and not facts.modules_on_boot:
+        moved += sum(size for v, size in facts.module_versions.items() if v != kernel.version)
+    need = files + mods + initrd + moved + SPACE_MARGIN
+    whose = "module trees moved" if more_moved else "guest's module trees moved"
+    msg = (
+        f"/boot has {facts.boot_free // MiB} MiB free, needs {need // MiB} MiB (kernel files {files // MiB}, "
+        f"modules {mods // MiB}, initramfs {initrd // MiB}, {whose} {moved // MiB}, "
+        f"margin {SPACE_MARGIN // MiB})"
+    )
+    fix = "" if need <= facts.boot_free else "; grow /boot or remove old kernels from it"
+    return Check("space", need <= facts.boot_free, msg + fix, refuses_as=ImageRefused)
+
+
 def preflight(
     facts: GuestFacts,
     kernel: Kernel,
@@ -304,21 +324,7 @@ def preflight(
             "arch", same, f"kernel {kernel.arch}, guest {guest_arch}" + ("" if same else ": they must match")
         )
     )
-    # Space on the filesystem holding /boot: kernel files, new modules, initramfs, moved module trees.
-    files = kernel.files_bytes
-    mods = kernel.modules_bytes
-    initrd = 0 if kernel.initramfs and not regenerate else INITRAMFS_ESTIMATE
-    moved = 0
-    if facts.boot_separate and not facts.modules_on_boot:
-        moved = sum(size for v, size in facts.module_versions.items() if v != kernel.version)
-    need = files + mods + initrd + moved + SPACE_MARGIN
-    msg = (
-        f"/boot has {facts.boot_free // MiB} MiB free, needs {need // MiB} MiB (kernel files {files // MiB}, "
-        f"modules {mods // MiB}, initramfs {initrd // MiB}, guest's module trees moved {moved // MiB}, "
-        f"margin {SPACE_MARGIN // MiB})"
-    )
-    fix = "" if need <= facts.boot_free else "; grow /boot or remove old kernels from it"
-    checks.append(Check("space", need <= facts.boot_free, msg + fix, refuses_as=ImageRefused))
+    checks.append(space_check(facts, kernel, regenerate=regenerate))
     # Drivers to mount the root on the target hypervisor.
     root_fs = facts.fs_types.get("/", "unknown")
     wanted = wanted_drivers(facts, options.target)

@@ -24,15 +24,19 @@ ROOT, ``/dev/sdb`` SYSTEM); in a guest's view OLD names that guest's disk, in SY
 it becomes positional like a Xen name.
 
 The modules link. With usrmerge ``/lib`` is ``usr/lib`` on each guest's root, so ``/lib/modules`` is
-``/usr/lib/modules`` on the shared ``/usr``: the link lives there, once, for every guest. It is
+``/usr/lib/modules`` on the shared ``/usr``: the link lives there, once, for every such guest. It is
 absolute (``/boot/modules``), so each guest resolves it in its own mount namespace: ``/usr`` is
 mounted by the initramfs (initramfs-tools mounts ``/usr`` from the root's fstab before switching
 root), ``/boot`` by systemd from the guest's fstab; the drivers needed before that (disk and
 filesystem drivers of ``/`` and ``/usr``) are in the initramfs under its own ``/lib/modules``, and
 ``vimgtools-boot-modules.service`` on each guest's root loads what udev coldplug wanted before
-``/boot`` was mounted. Checked per guest before any change (``/boot`` and ``/usr`` in its fstab are
-SYSTEM's filesystems, ``/lib/modules`` resolves to the shared ``/usr/lib/modules`` or already to
-``/boot/modules``; a guest with a ``/lib/modules`` of its own is refused) and after, re-reading each
+``/boot`` was mounted. Without usrmerge a guest has a ``/lib`` of its own: its link is
+``/lib/modules`` on its ROOT, one per such guest, resolved the same way. Each place a link goes
+gives up its module trees: the first holding a version moves it to ``/boot/modules``, a later
+guest's tree of that version is kept on its own disk (``KEPT_MODULES``; a warning when the sizes
+differ). Checked per guest before any change (``/boot`` and ``/usr`` in its fstab are
+SYSTEM's filesystems, ``/lib/modules`` resolves to the shared ``/usr/lib/modules``, to its own
+``/lib/modules`` without usrmerge, or already to ``/boot/modules``) and after, re-reading each
 guest's view (``/lib/modules/VER`` resolves to ``/boot/modules/VER`` with ``modules.dep``, the unit
 is there, the default entry boots VER with a ``root=`` that names that guest's root).
 
@@ -61,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import posixpath
 import re
 import tempfile
 import time
@@ -74,7 +79,7 @@ from vimgtools.errors import BootloaderError, GuestError, InvalidInput
 from vimgtools.guest.facts import GuestFacts, collect_facts
 from vimgtools.guest.inventory import Filesystem, Inventory, collect_inventory, read_filesystems
 from vimgtools.guest.protocol import Guest
-from vimgtools.guest.steps import Mkdir, MountView, RunCommand, Step, Write
+from vimgtools.guest.steps import Mkdir, MountView, Move, RemoveDir, RunCommand, Step, Symlink, Write
 from vimgtools.kernel import Kernel, find_kernel, initramfs_has, initramfs_texts, list_initramfs
 from vimgtools.rekernel.apply import apply_plan, verify
 from vimgtools.rekernel.plan import (
@@ -84,9 +89,11 @@ from vimgtools.rekernel.plan import (
     MODULES_HOME,
     STATE_FILE,
     Check,
+    MiB,
     Options,
     Plan,
     plan_rekernel,
+    space_check,
     version_of,
 )
 from vimgtools.rekernel.retargeting import as_disks, disk_map, verify_retarget
@@ -538,25 +545,40 @@ def plan_shared(
                     refuses_as=InvalidInput,
                 )
             )
-    # Where /lib/modules resolves in each guest: the shared /usr (one link for all), or /boot/modules.
+    # Where /lib/modules resolves in each guest, so where its link lives: with usrmerge (/lib -> usr/lib on
+    # the guest's root) /lib/modules is the shared /usr's /usr/lib/modules, one link for every such
+    # guest; without it the guest has a /lib of its own, and the link is /lib/modules on its ROOT.
+    # Either may already be the link (a second run).
     link: dict[str, Any] = {"link": MODULES_LINK, "target": MODULES_HOME, "on": system, "guests": {}}
     for s in states:
         path = s.facts.modules_path
         on = _step_disk(Write(path, ""), s.view, disks)
-        # usrmerge (/lib -> usr/lib on the guest's root): /lib/modules is the shared /usr's, either still
-        # the directory or already the link (a second run). Without it the guest has a /lib of its own.
-        ok = s.facts.lib_is_link and (s.facts.modules_on_boot or (path == MODULES_LINK and on == system))
-        link["guests"][s.view.guest] = {"lib_modules": path, "on": on, "usrmerge": s.facts.lib_is_link}
+        shared_usr = s.facts.lib_is_link and path == MODULES_LINK and on == system
+        own_root = not s.facts.lib_is_link and path == "/lib/modules" and on == s.view.guest
+        ok = s.facts.modules_on_boot or shared_usr or own_root
+        link["guests"][s.view.guest] = {
+            "lib_modules": path,
+            "on": on,
+            "usrmerge": s.facts.lib_is_link,
+            "link": f"{link_path(s.facts)} on {system if s.facts.lib_is_link else s.view.guest}",
+        }
         checks.append(
             Check(
                 f"modules-link:{s.view.name}",
                 ok,
                 f"{s.view.guest}: /lib/modules is "
                 + (
-                    f"{path} on {on}: the link {MODULES_LINK} -> {MODULES_HOME} there serves every guest"
-                    if ok
-                    else f"{path} on {on}, the guest's own: with a shared system disk /lib/modules must be "
-                    f"{MODULES_LINK} on the shared /usr (usrmerge) or a link to {MODULES_HOME}"
+                    f"already {MODULES_HOME} (the link is there)"
+                    if s.facts.modules_on_boot
+                    else f"{path} on {on}: the link {MODULES_LINK} -> {MODULES_HOME} there serves every "
+                    "usrmerged guest"
+                    if shared_usr
+                    else f"{path} on {on}, the guest's own (no usrmerge): the link {path} -> {MODULES_HOME} "
+                    "goes there, for this guest"
+                    if own_root
+                    else f"{path} on {on}: with a shared system disk /lib/modules must be {MODULES_LINK} on "
+                    f"the shared /usr (usrmerge), /lib/modules on the guest's own root, or a link to "
+                    f"{MODULES_HOME}"
                 ),
                 refuses_as=InvalidInput,
             )
@@ -637,6 +659,20 @@ def plan_shared(
         steps.append(step)
         where.append(disk)
 
+    # The module trees of each place a link goes (the shared /usr once, each guest's own /lib): the first
+    # place holding a version moves it to /boot/modules; a later one's tree of that version is kept
+    # aside on its own disk (KEPT_MODULES), never removed, and the guest's old kernel then loads the
+    # first one's (a warning when their sizes differ).
+    on_boot = {
+        v: (st.view.guest, n)
+        for st in states
+        if st.facts.modules_on_boot
+        for v, n in st.facts.module_versions.items()
+    }
+    moved: dict[str, tuple[str, int]] = {}
+    places: set[tuple[str | None, str]] = set()
+    more_moved = 0
+    kept: list[dict[str, Any]] = []
     for i, s in enumerate(states):
         facts = dataclasses.replace(s.facts, files={**s.facts.files, **edited})
         own_edits: list[Step] = []
@@ -693,8 +729,47 @@ def plan_shared(
                 add(e, system)
         for e in own_edits:
             add(e, s.view.guest)
+        place = (_step_disk(Write(s.facts.modules_path, ""), s.view, disks), s.facts.modules_path)
+        first_here = place not in places
+        places.add(place)
         for step in p.steps:
             d = _step_disk(step, s.view, disks)
+            if is_link_step(step, s.facts):
+                if not first_here:
+                    continue  # this place's trees and link were done in an earlier guest's view
+                if isinstance(step, Move):
+                    ver = posixpath.basename(step.src)
+                    size = s.facts.module_versions.get(ver, 0)
+                    there = on_boot.get(ver) or moved.get(ver)
+                    if there is not None:
+                        aside = f"{KEPT_MODULES}/{ver}"
+                        if not any(k["guest"] == s.view.guest for k in kept):
+                            add(Mkdir(KEPT_MODULES), place[0])
+                        add(Move(step.src, aside), place[0])
+                        kept.append({"guest": s.view.guest, "version": ver, "path": aside, "uses": there[0]})
+                        same = there[1] == size
+                        checks.append(
+                            Check(
+                                f"modules-kept:{s.view.name}:{ver}",
+                                same,
+                                f"{s.view.guest}: its {s.facts.modules_path}/{ver} is kept at {aside}; "
+                                f"{MODULES_HOME}/{ver} is {there[0]}'s, "
+                                + (
+                                    f"the same size ({size // MiB} MiB)"
+                                    if same
+                                    else f"{there[1] // MiB} MiB against its own {size // MiB} MiB: its old "
+                                    f"kernel {ver} would load {there[0]}'s modules (--force to go on)"
+                                ),
+                                "warning",
+                                refuses_as=InvalidInput,
+                            )
+                        )
+                        continue
+                    moved[ver] = (s.view.guest, size)
+                    if i > 0:
+                        more_moved += size
+                add(step, d)  # in this guest's view, also when it lands on SYSTEM
+                continue
             if d == system and i > 0:
                 continue  # SYSTEM's part is done once, in the first guest's view
             add(step, d)
@@ -708,6 +783,10 @@ def plan_shared(
         )
     if problems:
         checks.append(Check("cmdline", False, "; ".join(problems), refuses_as=InvalidInput))
+    if more_moved:  # other guests' trees go to the shared /boot too
+        space = space_check(first.facts, kernel, regenerate=generate, more_moved=more_moved)
+        checks = [space if c.name == "space" else c for c in checks]
+    link["kept"] = kept
     shared_info = {
         "system": system,
         "guests": [
@@ -756,6 +835,31 @@ def plan_shared(
         shared=shared_info,
     )
     return plan, subplans
+
+
+KEPT_MODULES = "/lib/vimgtools-modules-kept"  # a guest's own module trees /boot/modules has from another
+
+
+def link_path(facts: GuestFacts) -> str:
+    """Where a guest's modules link lives: the shared ``/usr/lib/modules`` with usrmerge, else its own
+    ``/lib/modules``."""
+    return MODULES_LINK if facts.lib_is_link else "/lib/modules"
+
+
+def is_link_step(step: Step, facts: GuestFacts) -> bool:
+    """A step of the modules convention on the guest's ``/lib/modules`` (``plan_rekernel``'s): a tree
+    moved out, the directory removed, the link made, the new version's old tree removed."""
+    here = facts.modules_path
+    match step:
+        case Move(src, _dst):
+            return src.startswith(here + "/")
+        case RemoveDir(path):
+            return path == here
+        case Symlink(target, path):
+            return target == MODULES_HOME and path == here
+        case RunCommand(argv):
+            return argv[:2] == ("rm", "-rf") and len(argv) == 3 and argv[2].startswith(here + "/")
+    return False
 
 
 def read_guests(gi: Guest, guests: Sequence[Path], maps: Maps = ()) -> list[GuestState]:
@@ -836,18 +940,20 @@ def verify_shared(
         real = gi.realpath(f"/lib/modules/{v}")
         if real != f"{MODULES_HOME}/{v}":
             raise GuestError(f"{s.view.guest}: verify: /lib/modules/{v} resolves to {real}")
-        link = gi.readlink(MODULES_LINK)
+        where = link_path(s.facts)
+        link = gi.readlink(where)
         if link != MODULES_HOME:
-            raise GuestError(
-                f"{s.view.guest}: verify: {MODULES_LINK} is {link!r}, not a link to {MODULES_HOME}"
-            )
+            raise GuestError(f"{s.view.guest}: verify: {where} is {link!r}, not a link to {MODULES_HOME}")
+        for k in plan.shared.get("modules_link", {}).get("kept", []):
+            if k["guest"] == s.view.guest and not gi.is_dir(k["path"]):
+                raise GuestError(f"{s.view.guest}: verify: its module tree kept at {k['path']} is missing")
         if s.facts.boot_separate and not (gi.is_file(UNIT) and gi.is_symlink(UNIT_WANTS)):
             raise GuestError(f"{s.view.guest}: verify: {UNIT} is not installed and enabled")
         files = {p: t for p in plan.shared.get("loader_files", []) if (t := gi.text(p)) is not None}
         check = check_root_specs(cmdline_roots(files), s, s.inv.filesystems, plan.disk)
         if not check.ok:
             raise GuestError(f"verify: {check.message}")
-        got["modules_link"] = f"{MODULES_LINK} -> {link}; /lib/modules/{v} -> {real}"
+        got["modules_link"] = f"{where} -> {link}; /lib/modules/{v} -> {real}"
         got["root"] = check.message
         out[s.view.guest] = got
     return {"guests": out, "initramfs": verify_initramfs(gi, states, kernel, target, plan)}
