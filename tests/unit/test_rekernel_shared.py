@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 from kernelhelp import bzimage
 
+import vimgtools.rekernel.session as session_mod
 from vimgtools.boot import detect
 from vimgtools.errors import BootloaderError, GuestError, InvalidInput, KernelError
 from vimgtools.guest.facts import GuestFacts
@@ -18,7 +20,7 @@ from vimgtools.guest.steps import Mkdir, MountView, RunCommand, Upload, Write
 from vimgtools.kernel import Kernel, find_kernel
 from vimgtools.rekernel.__main__ import main
 from vimgtools.rekernel.apply import run_step
-from vimgtools.rekernel.plan import Options, Plan
+from vimgtools.rekernel.plan import STATE_FILE, Options, Plan
 from vimgtools.rekernel.shared import (
     GENERIC_CONF,
     GuestState,
@@ -29,6 +31,7 @@ from vimgtools.rekernel.shared import (
     guest_maps,
     plan_shared,
     resolve_spec,
+    rollback_shared,
     shared_maps,
     verify_initramfs,
 )
@@ -351,7 +354,10 @@ def test_cli_usage_errors_exit_2_before_any_change(
     cases = {
         "--guest takes one DISK": [s, r1, "--from", str(boot), "--guest", r2],
         "--guest needs --from": [s, "--guest", r1],
-        "--rollback not supported": [s, "--from", str(boot), "--guest", r1, "--rollback"],
+        "--rollback takes no --from": [s, "--from", str(boot), "--guest", r1, "--rollback"],
+        "--boot-check not supported with a shared system disk": [
+            *(s, "--from", str(boot), "--guest", r1, "--boot-check"),
+        ],
         "no initramfs, and --no-regenerate-initramfs": [
             *(s, "--from", str(boot), "--guest", r1, "--no-regenerate-initramfs"),
         ],
@@ -617,3 +623,99 @@ def test_usrmerged_and_not_side_by_side(kernel: Kernel, usrmerged_first: bool) -
         f"move {later}/{OLD} -> /lib/vimgtools-modules-kept/{OLD}",
     )
     assert first_guest.guest in {k["uses"] for k in p.shared["modules_link"]["kept"]}
+
+
+# -- --rollback of a shared run, on the fake (one namespace serves both views: the guests' files match)
+def shared_fake() -> FakeGuest:
+    """SYSTEM and two ROOTs after a shared rekernel OLD -> NEW (extlinux, the state file on SYSTEM)."""
+    g = FakeGuest(
+        image="appliance",
+        roots=["/dev/sdb1", "/dev/sdc1"],
+        filesystems={d: "ext4" for d in FS},
+        uuids={d: f.uuid for d, f in FS.items()},
+        labels={d: f.label for d, f in FS.items()},
+        disks=list(DISKS),
+        devices={"/dev/sda": SYSLINUX_MBR},
+    )
+    g.put("/etc/fstab", FSTAB)
+    g.put_link("/lib", "usr/lib")
+    g.put_link("/usr/lib/modules", "/boot/modules")
+    for v in (OLD, NEW):
+        g.put(f"/boot/modules/{v}/modules.dep", "")
+        g.put(f"/boot/vmlinuz-{v}", bzimage(v))
+        g.put(f"/boot/initrd.img-{v}", b"initrd")
+    append = "    APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet\n"
+    g.put(
+        "/boot/extlinux/extlinux.conf",
+        f"DEFAULT vimg-{NEW}\nLABEL vimg-{NEW}\n    KERNEL /vmlinuz-{NEW}\n    INITRD /initrd.img-{NEW}\n{append}"
+        f"LABEL debian\n    KERNEL /vmlinuz-{OLD}\n    INITRD /initrd.img-{OLD}\n{append}",
+    )
+    g.put("/usr/bin/extlinux", "#!/bin/sh\n")
+    g.put(
+        STATE_FILE,
+        json.dumps({"version": NEW, "previous": OLD, "loader": "extlinux", "tool": "vimgtools.rekernel"}),
+    )
+    return g
+
+
+@pytest.fixture
+def shared_disks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[FakeGuest, list[Path], list[list[Path]]]:
+    d = tmp_path / "vm"
+    d.mkdir()
+    paths = [d / n for n in (SYSTEM, R1, R2)]
+    for p in paths:
+        p.write_bytes(bytes(1 << 20))
+    g = shared_fake()
+    committed: list[list[Path]] = []
+    monkeypatch.setattr(session_mod, "open_image", lambda overlays: g)
+    monkeypatch.setattr(
+        session_mod, "commit_group", lambda members: committed.append([p for p, _ in members]) or [1, 0, 0]
+    )
+    return g, paths, committed
+
+
+def test_rollback_of_a_shared_run_changes_system_only_verified_in_every_view(
+    shared_disks: tuple[FakeGuest, list[Path], list[list[Path]]],
+) -> None:
+    g, (system, r1, r2), committed = shared_disks
+    result = rollback_shared(system, [r1, r2])
+    assert result.action == "rollback-shared" and result.committed
+    assert committed == [[system, r1, r2]], "every disk in one group commit"
+    assert result.plan is not None and (result.plan.previous, result.plan.version) == (NEW, OLD)
+    assert [type(s).__name__ for s in result.plan.steps] == ["SetDefault", "Write"]
+    assert set(result.plan.step_disks) == {str(system)}
+    assert (g.text("/boot/extlinux/extlinux.conf") or "").startswith("DEFAULT debian\n")
+    assert json.loads(g.text(STATE_FILE) or "")["version"] == OLD
+    for root in (r1, r2):
+        v = result.verified["guests"][str(root)]
+        assert v["default_entry"]["kernel"] == f"/boot/vmlinuz-{OLD}" and "is /dev/sd" in v["root"]
+    assert [c.name for c in result.plan.checks if c.name.startswith("root:")] == [
+        "root:root1.img",
+        "root:root2.img",
+    ]
+    # And forward again: the state file names the other kernel now.
+    g.closed = None
+    assert (
+        rollback_shared(system, [r1, r2]).verified["guests"][str(r1)]["default_entry"]["kernel"].endswith(NEW)
+    )
+
+
+def test_rollback_of_a_shared_run_refusals_and_dry_run(
+    shared_disks: tuple[FakeGuest, list[Path], list[list[Path]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    g, (system, r1, r2), committed = shared_disks
+    argv = ["--rollback", str(system), "--guest", str(r1), "--guest", str(r2)]
+    assert main(["-n", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "rollback-shared rehearsed (dry run, DISK unchanged)" in out and f"[on {system}]" in out
+    assert committed == [], "a dry run commits nothing (its writes went to the overlays, thrown away)"
+    g.closed = None
+    g.rm_f(STATE_FILE)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"vimgtools.rekernel: error: {system}: preflight: state: no "), err
+    assert committed == []
+    assert main([*argv, "--from", "/nowhere"]) == 2
+    assert "--rollback takes no --from" in capsys.readouterr().err

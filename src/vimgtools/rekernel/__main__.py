@@ -62,6 +62,7 @@ examples:
   python -m vimgtools.rekernel --target kvm --dry-run xen-guest.img      # moved off Xen: retarget only
   python -m vimgtools.rekernel xen-root.img xen-srv.img --from ./boot    # two disks, kernel + retarget
   python -m vimgtools.rekernel -n system.img --from ./boot --guest web.img --guest db.img  # shared disk
+  python -m vimgtools.rekernel --rollback system.img --guest web.img --guest db.img
 
 """
     + _cli.EXIT_CODES_HELP
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rollback",
         action="store_true",
-        help="make the kernel booted before the last rekernel the default again",
+        help="make the kernel booted before the last rekernel the default again (with --guest: on the "
+        "shared system disk, verified in every guest's view)",
     )
     bc = p.add_argument_group("boot check")
     bc.add_argument(
@@ -217,16 +219,17 @@ def _run(args: argparse.Namespace) -> Result:
 
 
 def _run_shared(args: argparse.Namespace) -> Result:
-    from vimgtools.rekernel.shared import rekernel_shared
+    from vimgtools.rekernel.shared import rekernel_shared, rollback_shared
 
     if len(args.disk) != 1:
         raise InvalidInput("--guest takes one DISK, the shared system disk")
-    if not args.source:
+    if args.rollback and args.source:
+        raise InvalidInput("--rollback takes no --from")
+    if not args.source and not args.rollback:
         raise InvalidInput("--guest needs --from BOOTDIR (the kernel for every guest)")
     bad = [
         opt
         for opt, given in (
-            ("--rollback", args.rollback),
             ("--boot-check", args.boot_check),
             ("--initramfs", args.initramfs),
             ("--root", args.root),
@@ -237,6 +240,10 @@ def _run_shared(args: argparse.Namespace) -> Result:
         raise InvalidInput(f"--guest: {', '.join(bad)} not supported with a shared system disk")
     if args.fmt not in (None, "raw"):
         raise InvalidInput("--guest: the disks are committed together only when raw")
+    if args.rollback:
+        return rollback_shared(
+            args.disk[0], args.guests, dry_run=args.dry_run, workdir=args.workdir, maps=args.maps
+        )
     return rekernel_shared(
         args.disk[0],
         args.source,

@@ -81,7 +81,7 @@ from vimgtools.guest.inventory import Filesystem, Inventory, collect_inventory, 
 from vimgtools.guest.protocol import Guest
 from vimgtools.guest.steps import Mkdir, MountView, Move, RemoveDir, RunCommand, Step, Symlink, Write
 from vimgtools.kernel import Kernel, find_kernel, initramfs_has, initramfs_texts, list_initramfs
-from vimgtools.rekernel.apply import apply_plan, verify
+from vimgtools.rekernel.apply import apply_plan, verify, verify_rollback
 from vimgtools.rekernel.plan import (
     BOOT_MODULES_UNIT_NAME,
     DISK_DRIVERS,
@@ -93,6 +93,7 @@ from vimgtools.rekernel.plan import (
     Options,
     Plan,
     plan_rekernel,
+    plan_rollback,
     space_check,
     version_of,
 )
@@ -1056,4 +1057,89 @@ def rekernel_shared(
         result.seconds["verify"] = round(time.monotonic() - t2, 2)
     result.seconds["total"] = round(time.monotonic() - t_start, 2)
     result.seconds["work"] = round(result.seconds["total"] - result.seconds.get("launch", 0.0), 2)
+    return result
+
+
+def rollback_shared(
+    system: str | os.PathLike[str],
+    guests: Iterable[str | os.PathLike[str]],
+    *,
+    dry_run: bool = False,
+    workdir: str | os.PathLike[str] | None = None,
+    maps: Iterable[str] = (),
+) -> Result:
+    """Make the kernel the guests of the shared ``system`` disk booted before the last shared rekernel
+    their default again (``rekernel --rollback SYSTEM --guest ROOT ...``).
+
+    As ``rollback()`` on one disk, from the state file on SYSTEM (``plan.plan_rollback``): the loader's
+    default and the state file change, both on SYSTEM; the kernels, their modules, the links and each
+    guest's own files stay. Every disk is locked and refused when a running QEMU holds it (no guest
+    may run while its ``/boot`` changes), one appliance, the plan made in the first guest's view and
+    verified in every guest's (its default entry boots the previous kernel with a ``root=`` naming
+    its root), committed all or none like the rekernel (only SYSTEM has changes).
+
+    Raises:
+        InvalidInput: no guest, a disk given twice, bad ``maps``; SYSTEM has no state file or its
+            previous kernel is gone (exit 2, nothing changed).
+        GuestError, ImageError: failed; every disk is as it was. ``error.result`` as ``rekernel()``.
+    """
+    t_start = time.monotonic()
+    pairs = shared_maps(maps)
+    roots = [Path(g) for g in guests]
+    if not roots:
+        raise InvalidInput("a shared system disk needs at least one --guest ROOT")
+    disks = as_disks([system, *roots])
+    dmap = disk_map(disks)
+    result = Result(plan=None, dry_run=dry_run, action="rollback-shared")
+    with disks_session(disks, result, workdir=Path(workdir) if workdir else None) as gi:
+        t0 = time.monotonic()
+        states = read_guests(gi, disks[1:], pairs)
+        loader = detect(states[0].facts)
+        result.seconds["inspect"] = round(time.monotonic() - t0, 2)
+        plan = plan_rollback(states[0].facts, loader, disk=str(disks[0]))
+        first = states[0]
+        loader_files = sorted(
+            p
+            for p in first.inv.files
+            if CMDLINE_FILES.match(p) and _step_disk(Write(p, ""), first.view, dmap) == str(disks[0])
+        )
+        roots_in = cmdline_roots({p: first.inv.files[p] for p in loader_files})
+        checks = [check_root_specs(roots_in, st, st.inv.filesystems, str(disks[0])) for st in states]
+        result.plan = dataclasses.replace(
+            plan,
+            checks=plan.checks + tuple(checks),
+            action="rollback-shared",
+            disks=dmap,
+            step_disks=tuple(str(disks[0]) for _ in plan.steps),  # the loader's file and the state file
+            shared={
+                "system": str(disks[0]),
+                "guests": [{"disk": s.view.guest, "root": s.view.root} for s in states],
+                "maps": {old: new for old, new in pairs},
+                "loader_files": loader_files,
+            },
+        )
+        log.info("%s", result.plan.describe(diffs=dry_run))
+        refusal = result.plan.refusal()
+        if refusal is not None:
+            raise refusal
+        t1 = time.monotonic()
+        apply_plan(gi, states[0].facts, loader, result.plan, done=result.done)
+        result.seconds["apply"] = round(time.monotonic() - t1, 2)
+        t2 = time.monotonic()
+        verified: dict[str, Any] = {}
+        for s in states:
+            gi.mount_view(s.view.mountpoints)
+            try:
+                got = verify_rollback(gi, s.facts, loader, result.plan)
+            except GuestError as e:
+                raise GuestError(f"{s.view.guest}: {e}") from e
+            files = {p: t for p in loader_files if (t := gi.text(p)) is not None}
+            check = check_root_specs(cmdline_roots(files), s, s.inv.filesystems, str(disks[0]))
+            if not check.ok:
+                raise GuestError(f"verify: {check.message}")
+            got["root"] = check.message
+            verified[s.view.guest] = got
+        result.verified = {"guests": verified}
+        result.seconds["verify"] = round(time.monotonic() - t2, 2)
+    result.seconds["total"] = round(time.monotonic() - t_start, 2)
     return result
