@@ -189,6 +189,56 @@ def test_undo_and_rollback(pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert digest(dst) == generation1
 
 
+def test_undo_kept_while_comparing_puts_back_every_kind_of_change(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The compare keeps the replica's old bytes for the undo file as it reads them (no second read):
+    runs across a 256 KiB piece and an 8 MiB chunk boundary, data next to zeros, a hole punched, and
+    a grown source (the replica's old end reads as zeros) all come back byte for byte."""
+    src, dst = pair
+    generation1, size1 = digest(dst), dst.stat().st_size
+    poke(src, 200 * 1024, os.urandom(300 * 1024))  # across the first piece boundary
+    poke(src, 8 * MiB - 12 * 1024, os.urandom(40 * 1024))  # across the first chunk boundary
+    poke(src, 20 * MiB, os.urandom(8192) + bytes(16384) + os.urandom(4096))  # data, zeros, data
+    poke(src, 60 * MiB + 4096, bytes(4096))
+    with open(src, "r+b") as f:  # the guest's disk grew: the replica grows with it
+        f.truncate(SIZE + 3 * MiB)
+    poke(src, SIZE + MiB, os.urandom(5000))
+    undo = tmp_path / "gen1.undo"
+    r = cli_json("--undo", undo, src, dst)
+    assert digest(dst) == digest(src) and r["undo_bytes"] > 0
+    r = cli_json("--rollback", dst, "--undo", undo)
+    assert r["rolled_back"] is True
+    assert digest(dst) == generation1 and dst.stat().st_size == size1
+
+
+def test_undo_from_the_compare_equals_the_undo_read_afterwards(tmp_path: Path) -> None:
+    """The same change taken two ways: its old content given as it comes (a compare's) and read from
+    the replica at the end: the undo files hold the same records."""
+    from vimgtools.image import Image
+    from vimgtools.journal import UNDO_MAGIC, iter_records, read_journal
+    from vimgtools.sync.replica import Replica, source_of
+
+    src = write_image(tmp_path / "src.img", SIZE, [(0, 4 * MiB)], seed=3)
+    with Image(src) as img:
+        source = source_of(img)
+    records = []
+    for with_old in (False, True):
+        dst = write_image(tmp_path / f"dst-{with_old}.img", SIZE, [(0, 4 * MiB)], seed=4)
+        old = dst.read_bytes()
+        undo = tmp_path / f"{with_old}.undo"
+        with Replica(dst, source, block_size=4096) as rep, rep.receiving(undo, with_old=with_old):
+            assert rep.wants_old == with_old
+            rep.data(4096, b"n" * 20000 + bytes(480), old[4096 : 4096 + 20480])
+            rep.zero(MiB, 8192, old[MiB : MiB + 8192])
+            rep.zero(40 * MiB, 4096, old[40 * MiB : 40 * MiB + 4096])  # a hole already: a ZERO record
+            rep.end_chunk(SIZE)
+        records.append(
+            [(r.kind, r.offset, r.length, r.aux, p) for r, p in iter_records(read_journal(undo, UNDO_MAGIC))]
+        )
+    assert records[0] == records[1] and len(records[0]) == 3
+
+
 def test_rollback_refuses_a_changed_replica(pair: tuple[Path, Path], tmp_path: Path) -> None:
     src, dst = pair
     poke(src, 0, b"new generation")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from vimgtools.blocks import Run, coalesce_runs, diff_blocks, zero_blocks
+from vimgtools.blocks import Run, diff_runs
 from vimgtools.image import Image
 from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, CacheGuard, block_segments, in_order
 
@@ -29,6 +29,7 @@ class Chunk:
     runs: list[Run]  # block indices relative to the chunk
     src: memoryview
     bytes_read: int
+    old: list[bytearray] = field(default_factory=list)  # with keep_old: DST's bytes of each run
 
 
 def scan(
@@ -43,6 +44,7 @@ def scan(
     keep_cache: bool = False,
     stop: threading.Event | None = None,
     regions: Callable[[int, int], list[tuple[int, int]]] | None = None,
+    keep_old: bool = False,
 ) -> Iterator[Chunk]:
     """Yield the chunks of [start, end) with the runs of blocks where ``src`` differs from ``dst``.
 
@@ -50,6 +52,8 @@ def scan(
     A chunk's ``src`` bytes stay valid until the next chunk is asked for. With ``regions``
     (``regions(offset, length)``: extents, e.g. a dirty bitmap's) only those are read and
     compared: elsewhere SRC and DST are known to be equal, and chunks without any are skipped.
+    With ``keep_old`` each chunk also holds DST's bytes of each of its runs (``old``, beside
+    ``runs``): what an undo file keeps, without reading DST a second time.
     """
     # With regions only they are read ahead: whole chunks would read 8 MiB of each image for every
     # dirty 64 KiB (4 GiB of a replica for 1% of scattered writes, cold).
@@ -79,6 +83,7 @@ def scan(
         out = buf[:length]  # receives SRC's bytes of the changed blocks only
         read = 0
         runs: list[Run] = []
+        old: list[bytearray] = []
         for rel, n in segments:
             for p in range(rel, rel + n, piece):
                 m = min(piece, rel + n - p)
@@ -90,19 +95,23 @@ def scan(
                     read += read_dst(b[:inside], offset + p)
                 if inside < m:
                     b[inside:] = ZEROS[: m - inside]
-                idx = diff_blocks(a, b, block_size)
-                if not len(idx):
+                found = diff_runs(a, b, block_size)  # memcmp, zero test and coalescing in one call
+                if not found:
                     continue
                 base = p // block_size
-                for b0, b1, z in coalesce_runs(idx, zero_blocks(a, block_size)[idx]):
+                for b0, b1, z in found:
+                    lo, hi = b0 * block_size, min(b1 * block_size, m)
                     if not z:
-                        lo, hi = b0 * block_size, min(b1 * block_size, m)
                         out[p + lo : p + hi] = a[lo:hi]
                     if runs and runs[-1][1] == b0 + base and runs[-1][2] == z:
                         runs[-1] = (runs[-1][0], b1 + base, z)  # continues the last run
+                        if keep_old:
+                            old[-1] += b[lo:hi]
                     else:
                         runs.append((b0 + base, b1 + base, z))
-        return Chunk(offset, length, runs, out, read)
+                        if keep_old:
+                            old.append(bytearray(b[lo:hi]))
+        return Chunk(offset, length, runs, out, read, old)
 
     def offsets() -> Iterator[int]:
         offset = start

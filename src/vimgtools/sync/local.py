@@ -10,15 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-
 from vimgtools.errors import ImageError, Interrupted
 from vimgtools.image import Image
 from vimgtools.images import open_image
 from vimgtools.sync.chunks import CHUNK_SIZE, CacheGuard
 from vimgtools.sync.compare import scan
-from vimgtools.sync.digests import hash_chunk
+from vimgtools.sync.digests import Digests, hash_chunk
 from vimgtools.sync.options import SyncOptions
 from vimgtools.sync.replica import Replica, source_of
 from vimgtools.sync.result import SyncResult, take_source
@@ -63,7 +60,7 @@ def sync_from(
     with Replica.for_sync(dst, source_of(s), opts) as rep:
         st = StateRun(opts.state, opts.block_size, opts.checksum, s.size) if opts.state else None
         try:
-            with rep.receiving(opts.undo):
+            with rep.receiving(opts.undo, with_old=st is None):  # the compare reads the old content
                 if st is None:
                     _compare_into(s, rep, res, opts, progress, stop, regions)
                 else:
@@ -109,7 +106,7 @@ def _compare_with_state(
     # The replica is hashed chunk by chunk, in order, as the sender asks: read one chunk ahead.
     guard = CacheGuard(rep.image, rep.dst_size, keep_cache) if rep.image is not None else None
 
-    def replica_digests(offset: int, length: int) -> npt.NDArray[np.uint64] | None:
+    def replica_digests(offset: int, length: int) -> Digests | None:
         img = rep.image
         if img is None or guard is None or offset >= rep.dst_size:
             return None
@@ -146,18 +143,20 @@ def _compare_into(
     """Both images here, compared byte for byte (only ``regions``, when given), changes handed to the replica."""
     bs = res.block_size
     end = s.size
+    keep_old = rep.wants_old
     for chunk in scan(
         s, rep.image, start=rep.resume_from, end=end, block_size=bs, dst_size=rep.dst_size,
-        workers=opts.workers, keep_cache=opts.keep_cache, stop=stop, regions=regions,
+        workers=opts.workers, keep_cache=opts.keep_cache, stop=stop, regions=regions, keep_old=keep_old,
     ):  # fmt: skip
         if not rep.dry_run:
-            for b0, b1, zero in chunk.runs:
+            for i, (b0, b1, zero) in enumerate(chunk.runs):
                 start = b0 * bs
                 off, n = chunk.offset + start, min(b1 * bs, chunk.length) - start
+                old = chunk.old[i] if keep_old else None
                 if zero:
-                    rep.zero(off, n)
+                    rep.zero(off, n, old)
                 else:
-                    rep.data(off, chunk.src[start : start + n])
+                    rep.data(off, chunk.src[start : start + n], old)
             rep.end_chunk(chunk.offset + chunk.length)
         res.count(chunk.runs)
         res.bytes_read += chunk.bytes_read

@@ -39,7 +39,7 @@ from vimgtools.journal import (
 )
 from vimgtools.sync.chunks import CHUNK_SIZE
 from vimgtools.sync.options import SyncOptions
-from vimgtools.sync.undo import write_undo
+from vimgtools.sync.undo import UndoWriter, write_undo
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -143,6 +143,7 @@ class Replica:
         self.image: Image | None = None
         self.opened: Expect | None = None  # the replica as found, before anything (recovery included)
         self._writer: JournalWriter | None = None
+        self._undo: UndoWriter | None = None  # kept as the changes come, from the old content given
         self._checkpointed = False  # a resume point was written (this run, or the run resumed)
         self._tmp: Path | None = None
         self.jpath: Path | None = None
@@ -282,15 +283,27 @@ class Replica:
             )
 
     # -- receiving changes ----------------------------------------------
-    def data(self, offset: int, payload: Buffer) -> None:
+    @property
+    def wants_old(self) -> bool:
+        """Whether each change must bring the replica's old content (the undo file is kept from it)."""
+        return self._undo is not None
+
+    def data(self, offset: int, payload: Buffer, old: Buffer | None = None) -> None:
+        """``old``: the replica's bytes there now, when ``receiving(with_old=True)`` was promised."""
         if self._writer is not None:
             self._writer.data(offset, payload)
+            if self._undo is not None:
+                assert old is not None, "receiving(with_old=True): every change brings the old content"
+                self._undo.add(offset, old, payload)
         elif self._tmp is not None and self.image is not None:
             self.bytes_written += self.image.pwrite_all(payload, offset)
 
-    def zero(self, offset: int, length: int) -> None:
+    def zero(self, offset: int, length: int, old: Buffer | None = None) -> None:
         if self._writer is not None:
             self._writer.zero(offset, length)
+            if self._undo is not None:
+                assert old is not None, "receiving(with_old=True): every change brings the old content"
+                self._undo.add(offset, old, None)
         elif self._tmp is not None and self.image is not None:
             self.bytes_written += self.image.zero_range(offset, length)
 
@@ -324,7 +337,9 @@ class Replica:
         self.journal_bytes = writer.data_bytes
         if not img.still_at_path():
             raise ImageError(f"{img.path}: vanished or was replaced during the sync; nothing written")
-        if undo is not None:
+        if self._undo is not None:
+            self.undo_bytes = self._undo.commit()
+        elif undo is not None:  # the old content was not given as it came: read it now
             self.undo_bytes = write_undo(Path(undo), img, read_journal(jpath), writer.header)
         writer.commit()
         writer.close()
@@ -357,17 +372,29 @@ class Replica:
                 remove_journal(self.jpath)  # do not leave a big file on a full disk
 
     @contextlib.contextmanager
-    def receiving(self, undo: str | os.PathLike[str] | None = None) -> Iterator[Replica]:
+    def receiving(
+        self, undo: str | os.PathLike[str] | None = None, *, with_old: bool = False
+    ) -> Iterator[Replica]:
         """Take changes inside this block; it ends with ``finish(undo)``, or ``abort`` on a failure.
 
         The journal is kept for a resume only when a ``RESUMABLE`` failure came after a resume point.
+        ``with_old``: every ``data``/``zero`` brings the replica's old content of its range (a compare
+        read it anyway), and the undo file is written from it as the changes come, instead of
+        reading the replica again at the end (cold, those reads were most of an incremental run).
         """
+        img, writer = self.image, self._writer
+        if undo is not None and with_old and writer is not None and img is not None and not self.resume_from:
+            self._undo = UndoWriter(Path(undo), img.size, writer.header)  # a resumed run's began before
         try:
             yield self
             self.finish(undo)
         except BaseException as e:
             self.abort(keep_for_resume=isinstance(e, RESUMABLE) and self._checkpointed)
             raise
+        finally:
+            if self._undo is not None:
+                self._undo.close()
+                self._undo = None
 
     def figures(self) -> dict[str, object]:
         """What this run did to the replica, by the names of ``REPLICA_FIGURES``."""

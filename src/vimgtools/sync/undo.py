@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vimgtools.blocks import checksum64, zero_blocks
 from vimgtools.errors import ImageRefused, JournalError
 from vimgtools.image import Image
 from vimgtools.images import open_image
 from vimgtools.journal import (
+    MAX_RECORD,
     UNDO_MAGIC,
     Header,
     JournalContents,
@@ -27,23 +29,51 @@ from vimgtools.journal import (
 )
 from vimgtools.sync.chunks import CHUNK_SIZE
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+
+class UndoWriter:
+    """An undo file being written: for each range a sync will overwrite, its old content and the
+    checksum of the new (what ``rollback`` checks the replica still holds). Durable at ``commit``,
+    which must come before the journal's."""
+
+    def __init__(self, path: Path, old_size: int, header: Header) -> None:
+        uheader = Header(UNDO_MAGIC, header.block_size, old_size, header.new_size, 0, dst_id=header.dst_id)
+        self._writer = JournalWriter(path, uheader)
+
+    def add(self, offset: int, old: Buffer, new: Buffer | None) -> None:
+        """``old``: the replica's bytes at ``offset`` now; ``new``: what will be written (None: zeros)."""
+        oldv = memoryview(old).cast("B")
+        newv = memoryview(new).cast("B") if new is not None else None
+        for start in range(0, len(oldv), MAX_RECORD):  # one checksum per record: at most MAX_RECORD
+            o = oldv[start : start + MAX_RECORD]
+            new_sum = checksum64(newv[start : start + len(o)] if newv is not None else bytes(len(o)))
+            if zero_blocks(o, 1 << 24).all():
+                self._writer.zero(offset + start, len(o), aux=new_sum)
+            else:
+                self._writer.data(offset + start, o, aux=new_sum)
+
+    def commit(self) -> int:
+        """Durable; returns the bytes of old content kept."""
+        self._writer.commit()
+        return self._writer.data_bytes
+
+    def close(self) -> None:
+        self._writer.close()
+
 
 def write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -> int:
-    """Keep the old content of everything the journal will overwrite (durable before any write)."""
-    uheader = Header(UNDO_MAGIC, header.block_size, d.size, header.new_size, 0, dst_id=header.dst_id)
-    undo = JournalWriter(path, uheader)
+    """Keep the old content of everything the journal will overwrite, read from ``d`` (durable
+    before any write). A sync that compared the replica keeps it as it reads instead (``UndoWriter``)."""
+    undo = UndoWriter(path, d.size, header)
     try:
         buf = bytearray(CHUNK_SIZE)
         for rec, payload in iter_records(journal):
-            new_sum = checksum64(payload if payload is not None else bytes(rec.length))
             view = memoryview(buf)[: rec.length]
             d.read_into(view, rec.offset)
-            if not zero_blocks(view, 1 << 24).all():
-                undo.data(rec.offset, view, aux=new_sum)
-            else:
-                undo.zero(rec.offset, rec.length, aux=new_sum)
-        undo.commit()
-        return undo.data_bytes
+            undo.add(rec.offset, view, payload)
+        return undo.commit()
     finally:
         undo.close()
 
