@@ -24,6 +24,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from rephelp import replicate, run_json
 from synchelp import MiB, digest
 
+import vimgtools.replicate
 from vimgtools.children import die_with_parent
 
 SIZE = 64 * MiB
@@ -347,6 +348,25 @@ def _watchdog_case(vm: Qemu, agent: FakeAgent, tmp_path: Path) -> None:
         time.sleep(0.05)
     out = run_json("--agent", tmp_path / "qga.sock", f"qmp:{vm.qmp}", dest)  # and the next run is whole
     assert out["generation"] == 2 and vm.leftovers() == []
+    # In-process (a library user): the watchdog is told "thawed" without waiting for it, and reaped
+    # by the end of the run: nothing of it left running, no zombie.
+    r = vimgtools.replicate.replicate(f"qmp:{vm.qmp}", dest, agent=str(tmp_path / "qga.sock"))
+    assert r.consistency == "application" and r.generation == 3
+    assert _children_running("watchdog.py") == []
+
+
+def _children_running(name: str) -> list[str]:
+    """Our child processes (zombies too) whose command line names ``name``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and (name.encode() in cmd or fields[0] == "Z"):
+            found.append(f"{stat.parent.name} {fields[0]} {cmd!r}")
+    return found
 
 
 def test_the_guest_shutting_down_mid_run(vm: Qemu, tmp_path: Path) -> None:

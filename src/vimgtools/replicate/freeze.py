@@ -102,13 +102,25 @@ def _watchdog(freezer: Freezer) -> subprocess.Popen[bytes]:
     )
 
 
+_dismissed: list[subprocess.Popen[bytes]] = []  # told "thawed", not reaped yet (reap_watchdogs)
+
+
 def _dismiss(dog: subprocess.Popen[bytes]) -> None:
+    """Tell the watchdog we thawed. Not waited for here: it may still be starting (~50 ms of a
+    Python start-up, inside the run's time); ``reap_watchdogs`` waits when the run is done."""
     assert dog.stdin is not None
     with contextlib.suppress(OSError):
         dog.stdin.write(b"thawed\n")
         dog.stdin.close()
-    try:
-        dog.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        dog.kill()
-        dog.wait()
+    _dismissed.append(dog)
+
+
+def reap_watchdogs() -> None:
+    """Wait for the watchdogs told "thawed" (long gone by the end of a run: no zombie left behind)."""
+    while _dismissed:
+        dog = _dismissed.pop()
+        try:
+            dog.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            dog.kill()
+            dog.wait()

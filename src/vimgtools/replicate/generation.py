@@ -37,6 +37,7 @@ from vimgtools.errors import InvalidInput
 from vimgtools.image import Image
 from vimgtools.replicate import manifest as mf
 from vimgtools.replicate.dest import ReplicaDir, open_dest
+from vimgtools.replicate.freeze import reap_watchdogs
 from vimgtools.sync.chunks import Extents
 from vimgtools.sync.options import SyncOptions
 
@@ -177,6 +178,7 @@ def run(
         res = _run(backend, where, prev, identities, fmt, dry_run, block_size, full, progress, stop, remote)
     finally:
         where.close()
+        reap_watchdogs()
     res.seconds = time.monotonic() - t0
     return res
 
