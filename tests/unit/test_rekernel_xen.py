@@ -409,6 +409,26 @@ def test_suse_tree_edits() -> None:
     assert plan.refusal() is None  # type: ignore[attr-defined]
 
 
+def test_grub_legacy_without_boot_code_and_several_nics_are_said_plainly() -> None:
+    """GRUB legacy boot code is not written (#13 names grub-install for i386-pc and syslinux's mbr.bin):
+    a warning naming the disk, refusing as BootloaderError unless --force. Several NICs: reported, no
+    name kept (which virtio NIC is which is not known), nothing refused."""
+    g = suse_guest()
+    g.devices["/dev/sda"] = bytes(510) + b"\x55\xaa"  # pygrub never needed boot code
+    g.put("/etc/sysconfig/network/ifcfg-eth1", "BOOTPROTO='dhcp'\n")
+    plan = suse_plan(g)
+    checks = {c.name: c for c in plan.checks}  # type: ignore[attr-defined]
+    code = checks["boot-code"]
+    assert not code.ok and code.severity == "warning" and code.refuses_as is BootloaderError
+    assert code.message.startswith("no boot code on /dev/sda, and no way to write grub-legacy's here")
+    err = plan.refusal()  # type: ignore[attr-defined]
+    assert isinstance(err, BootloaderError) and str(err).startswith("sles.img: preflight: boot-code: ")
+    assert "--force" in str(err) and plan.refusal(force=True) is None  # type: ignore[attr-defined]
+    nic = checks["nic"]
+    assert not nic.ok and nic.refuses_as is None and "several NICs configured (eth0, eth1)" in nic.message
+    assert not any("70-vimgtools-" in getattr(s, "path", "") for s in plan.steps)  # type: ignore[attr-defined]
+
+
 def test_suse_kernel_xen_is_refused() -> None:
     plan = suse_plan(suse_guest(kernel_flavour="xen", config=None))
     err = plan.refusal()  # type: ignore[attr-defined]
