@@ -2,12 +2,12 @@
 
 A run asks the same of both: ``prepare`` (made if missing, put back to the generation its
 manifest says after a run that died writing it, and what it holds: the manifest and each
-replica file's identity), ``begin`` (the undo area of the generation being written), ``sync``
+replica file's identity, and the undo area of the generation to be written made), ``sync``
 (one disk, through sync's engine: ``sync_from`` here, ``push_from`` over ssh with the dirty
 bitmap's extents compared at both ends), ``commit`` (``domain.xml``, then the manifest with the
 replicas' identities, atomically, then the undo area dropped) and ``recover``.
 
-Over ssh each of ``prepare``, ``begin``, ``commit`` and ``recover`` is one short session with
+Over ssh each of ``prepare``, ``commit`` and ``recover`` is one short session with
 ``python3 -m vimgtools.replicate --server`` on the DR host (sync's wire frames: HELLO with the
 operation, RESULT or ERROR), doing there exactly what ``LocalDir`` does here; each disk is one
 sync session (``python3 -m vimgtools.sync --server``). No session is held open while a disk is
@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from vimgtools.errors import InvalidInput, JournalError, TransportError, VimgError
 from vimgtools.image import Image, fsync_dir
@@ -53,17 +53,20 @@ def replica_identity(path: Path) -> Identity:
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+class Prepared(NamedTuple):
+    prev: mf.Manifest | None  # the manifest DEST holds (None: a new DEST)
+    identities: dict[str, Identity]  # of each replica file there now
+    undo: str | None  # where the next generation's undo files go (their names appended); None: nothing
+    # to protect (a new DEST) or a dry run
+
+
 class ReplicaDir(Protocol):
     where: str  # DEST as given
     remote: bool
 
-    def prepare(self, dry_run: bool) -> tuple[mf.Manifest | None, dict[str, Identity]]:
-        """Made if missing (not in a dry run) and put back to its manifest's generation; returns that
-        manifest (None: a new DEST) and the identity of each replica file there now."""
-        ...
-
-    def begin(self, generation: int) -> str:
-        """The undo area of ``generation`` made; returns where a disk's undo file goes (its name appended)."""
+    def prepare(self, dry_run: bool) -> Prepared:
+        """Made if missing (not in a dry run), put back to its manifest's generation, and the undo area
+        of the next generation made (one session over ssh)."""
         ...
 
     def sync(
@@ -97,13 +100,13 @@ class LocalDir:
         self.path, self.where = path, str(path)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
-    def prepare(self, dry_run: bool) -> tuple[mf.Manifest | None, dict[str, Identity]]:
+    def prepare(self, dry_run: bool) -> Prepared:
         if not self.path.is_dir():
             if not self.path.parent.is_dir():
                 raise InvalidInput(f"{self.path}: directory {self.path.parent} does not exist")
             if dry_run:  # compared against replicas that do not exist yet, written nowhere
                 self._scratch = tempfile.TemporaryDirectory(prefix="vimg-replicate-")
-                return None, {}
+                return Prepared(None, {}, None)
             self.path.mkdir()
         prev = mf.load(self.path)
         if not dry_run:
@@ -112,9 +115,10 @@ class LocalDir:
         for d in prev.disks if prev else []:
             with contextlib.suppress(FileNotFoundError):
                 found[d.file] = replica_identity(self.path / d.file)
-        return prev, found
+        return Prepared(prev, found, self._begin(prev.generation + 1) if prev and not dry_run else None)
 
-    def begin(self, generation: int) -> str:
+    def _begin(self, generation: int) -> str:
+        """A generation to protect: each disk's old blocks kept until commit (restore uses them)."""
         undo = self.path / UNDO_DIR
         undo.mkdir(exist_ok=True)
         mf.write_atomic(undo / UNDO_GENERATION, f"{generation}\n")
@@ -223,16 +227,18 @@ class RemoteDir:
         finally:
             peer.close()
 
-    def prepare(self, dry_run: bool) -> tuple[mf.Manifest | None, dict[str, Identity]]:
+    def prepare(self, dry_run: bool) -> Prepared:
         r = self._call("prepare", dry_run=dry_run)
         if r.get("missing"):
             self._scratch = tempfile.TemporaryDirectory(prefix="vimg-replicate-")
-            return None, {}
+            return Prepared(None, {}, None)
         prev = None if r.get("manifest") is None else mf.from_json(r["manifest"], self.where)
-        return prev, {str(k): v for k, v in (r.get("identities") or {}).items()}
-
-    def begin(self, generation: int) -> str:
-        return str(self._call("begin", generation=generation)["undo"])
+        undo = r.get("undo")
+        if prev is not None and not dry_run and not isinstance(undo, str):
+            raise TransportError(
+                f"{self.host}: its vimgtools made no undo area (an older version? update it)"
+            )
+        return Prepared(prev, {str(k): v for k, v in (r.get("identities") or {}).items()}, undo)
 
     def sync(
         self, img: Image, file: str, opts: SyncOptions, progress: Progress | None,
@@ -283,13 +289,8 @@ def _serve(msg: dict[str, Any]) -> dict[str, Any]:
             if not path.parent.is_dir():
                 raise InvalidInput(f"{path}: directory {path.parent} does not exist")
             return {"missing": True}
-        prev, identities = here.prepare(dry_run)
-        return {"manifest": prev.to_json() if prev else None, "identities": identities}
-    if op == "begin":
-        generation = msg.get("generation")
-        if type(generation) is not int:
-            raise TransportError("begin without a generation")
-        return {"undo": here.begin(generation)}
+        prev, identities, undo = here.prepare(dry_run)
+        return {"manifest": prev.to_json() if prev else None, "identities": identities, "undo": undo}
     if op == "commit":
         manifest = mf.from_json(msg.get("manifest"), "client")
         xml = msg.get("domain_xml")

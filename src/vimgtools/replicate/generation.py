@@ -174,8 +174,10 @@ def run(
         raise InvalidInput(f"{fmt!r}: replicas are raw or qcow2", option="format")
     where = open_dest(dest, remote or SyncOptions())
     try:
-        prev, identities = where.prepare(dry_run)
-        res = _run(backend, where, prev, identities, fmt, dry_run, block_size, full, progress, stop, remote)
+        prev, identities, undo = where.prepare(dry_run)
+        res = _run(
+            backend, where, prev, identities, undo, fmt, dry_run, block_size, full, progress, stop, remote
+        )
     finally:
         where.close()
         reap_watchdogs()
@@ -188,6 +190,7 @@ def _run(
     where: ReplicaDir,
     prev: mf.Manifest | None,
     identities: dict[str, dict[str, int]],
+    undo: str | None,
     fmt: str,
     dry_run: bool,
     block_size: int,
@@ -219,8 +222,6 @@ def _run(
     since = {
         d.target: (old.bitmap if mode == "incremental" and old else None) for d, _, mode, _, old in plans
     }
-    # A generation to protect: each disk's old blocks kept until commit.
-    undo = where.begin(generation) if prev is not None and not dry_run else None
     base = remote or SyncOptions()
     with backend.moment(bitmap, since, dry_run) as m:
         res = ReplicateResult(backend.name, where.where, generation, m.consistency, dry_run)
