@@ -4,7 +4,8 @@
 no initramfs in BOOTDIR (guestbuild.cloud_bootdir): the generic initramfs is generated in the first
 guest's view (mkinitramfs, MODULES=list of every guest's drivers) and checked on the host; one
 appliance, one group commit. The module fixture's run serves every assertion on the plan and the
-result; beside it, at the same time, the same command with ``-n`` on a second set of copies and
+result; beside it, at the same time, the same command with ``-n`` (and ``--map /dev/xvdb=/dev/sdb``, the
+name each guest already gives SYSTEM) on a second set of copies and
 BOOTDIR's initramfs *supplied* (xenbuild.kvm_cloud_bootdir, made on the host): that path is
 rehearsed and verified in its appliance, not booted (every image hashed before and after). A guest
 image a running QEMU holds is refused before any launch. Then both guests boot at once under TCG
@@ -135,7 +136,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sums = [image_digest(d) for d in dry]
     t0 = time.monotonic()
     p_real = cli("--json", *shared_args(real, supplied=False))
-    p_dry = cli("-n", *shared_args(dry, supplied=True))
+    # --map with the name each guest already gives SYSTEM: the -n twin goes through the --map path.
+    p_dry = cli("-n", "--map", "/dev/xvdb=/dev/sdb", *shared_args(dry, supplied=True))
     rc, out, err = finish(p_real)
     seconds = time.monotonic() - t0
     assert rc == 0, err[-4000:]
@@ -216,6 +218,7 @@ def test_dry_run_writes_nothing(runs: dict[str, Any]) -> None:
         assert f"[ok  ] {check}:" in out, check
     assert "[ok  ] initramfs-drivers:root1.raw" in out and "[ok  ] initramfs-drivers:root2.raw" in out
     assert "run /usr/sbin/mkinitramfs" not in out
+    assert "  --map /dev/xvdb -> /dev/vdb (each guest's system disk)" in out
     assert "rehearsed (dry run, DISK unchanged)" in out
     assert [image_digest(p) for p in d["disks"]] == d["sums"], "a dry run wrote an image"
     assert not list(system.parent.glob(".vimg-rekernel*")) and not list(
