@@ -29,3 +29,18 @@ def digest_blocks(
     zero: npt.NDArray[np.bool_],
     against: npt.NDArray[np.uint64] | None = None,
 ) -> npt.NDArray[np.int64]: ...
+
+# The sync layer's functions: plain buffers and lists of runs, no numpy.
+def checksum64(buf: Buffer | npt.NDArray[Any]) -> int: ...
+def digest_into(
+    buf: Buffer | npt.NDArray[Any],
+    block_size: int,
+    seed: int,
+    digests: Buffer,
+    zero: Buffer,
+    against: Buffer | None = None,
+) -> list[tuple[int, int]]: ...
+def diff_runs(
+    a: Buffer | npt.NDArray[Any], b: Buffer | npt.NDArray[Any], block_size: int
+) -> list[tuple[int, int, bool]]: ...
+def digest_runs(mine: Buffer, theirs: Buffer, zero: Buffer) -> list[tuple[int, int, bool]]: ...

@@ -1,16 +1,20 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """Native block engine: per-block hashing, exact comparison and zero detection.
 
-Buffers and ints in, numpy arrays out. The per-byte work runs without the GIL
+Buffers and ints in; numpy arrays out of the public array API (``hash_blocks``,
+``diff_blocks``, ``zero_blocks``, ``digest_blocks``), plain buffers and lists of runs out of
+the functions the sync layer runs on (``digest_into``, ``diff_runs``, ``digest_runs``,
+``checksum64``). numpy is imported on the first call of an array-returning function, not
+with this module: a command that only syncs never loads it (its import alone is 0.1-0.2 s of
+every run). The per-byte work runs without the GIL
 over memory that only this call touches, so threads working on different
 buffers use different cores. No Python object is created per block.
 Only ValueError, TypeError and MemoryError leave this module.
 """
 
 from libc.stdint cimport uint64_t, int64_t
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcmp
-
-import numpy as np
 
 cdef extern from "xxhash.h":          # the system's libxxhash, found through pkg-config
     ctypedef struct XXH128_hash_t:
@@ -63,6 +67,18 @@ cdef extern from *:
     XXH128_hash_t vimg_xxh128(const void* data, size_t length, uint64_t seed) nogil
     uint64_t vimg_xxh64(const void* data, size_t length, uint64_t seed) nogil
     int vimg_dispatch()
+
+cdef object _np_module = None
+
+
+cdef object _numpy():
+    # The array API's numpy, loaded on its first use (see the module docstring).
+    global _np_module
+    if _np_module is None:
+        import numpy
+        _np_module = numpy
+    return _np_module
+
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 16 * 1024 * 1024
@@ -125,6 +141,7 @@ def hash_blocks(buf, block_size, algorithm="xxh128", seed=0):
     Raises:
         ValueError: bad block size or unknown algorithm.
     """
+    np = _numpy()
     cdef uint64_t s = _check_seed(seed)
     cdef Py_ssize_t bs = _check_block_size(block_size)
     if algorithm not in ALGORITHMS:
@@ -167,6 +184,7 @@ def diff_blocks(a, b, block_size):
     Raises:
         ValueError: bad block size or buffers of different lengths.
     """
+    np = _numpy()
     cdef Py_ssize_t bs = _check_block_size(block_size)
     cdef const unsigned char[::1] x = _bytes_view(a)
     cdef const unsigned char[::1] y = _bytes_view(b)
@@ -197,6 +215,7 @@ def zero_blocks(buf, block_size):
     Raises:
         ValueError: bad block size.
     """
+    np = _numpy()
     cdef Py_ssize_t bs = _check_block_size(block_size)
     cdef const unsigned char[::1] data = _bytes_view(buf)
     cdef Py_ssize_t n = data.shape[0]
@@ -233,6 +252,7 @@ def digest_blocks(buf, block_size, seed, digests, zero, against=None):
     Raises:
         ValueError, TypeError: bad block size, seed, dtype or shape.
     """
+    np = _numpy()
     cdef uint64_t s = _check_seed(seed)
     cdef Py_ssize_t bs = _check_block_size(block_size)
     cdef const unsigned char[::1] data = _bytes_view(buf)
@@ -267,3 +287,207 @@ def digest_blocks(buf, block_size, seed, digests, zero, against=None):
                 idx[found] = i
                 found += 1
     return result[:found]
+
+
+# ---- The sync layer's functions: buffers in and out, lists of runs; no numpy. ----
+# A digest is 16 bytes: XXH3-128's low64 then high64, little-endian (what hash_blocks' rows
+# hold in memory on a little-endian host, and what signatures and the wire carry).
+
+cdef unsigned char[::1] _out_view(buf, Py_ssize_t need, str name):
+    # A writable C-contiguous buffer of at least ``need`` bytes.
+    cdef memoryview m = memoryview(buf)
+    if m.readonly:
+        raise TypeError(f"{name} must be a writable buffer")
+    if not m.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if m.nbytes < need:
+        raise ValueError(f"{name} holds {m.nbytes} bytes, {need} needed")
+    if m.nbytes == 0:
+        return bytearray(1)
+    if m.format != "B" or m.ndim != 1:
+        m = m.cast("B")
+    return m
+
+
+cdef const unsigned char[::1] _in_view(buf, Py_ssize_t need, str name):
+    cdef const unsigned char[::1] v = _bytes_view(buf)
+    if v.shape[0] < need:
+        raise ValueError(f"{name} holds {v.shape[0]} bytes, {need} needed")
+    return v
+
+
+cdef list _runs_of(const unsigned char* marks, Py_ssize_t count, bint kinds):
+    # Runs of equal non-zero marks: (first, end) or, with ``kinds``, (first, end, mark == 2).
+    cdef list out = []
+    cdef Py_ssize_t i = 0, j
+    cdef unsigned char m
+    while i < count:
+        m = marks[i]
+        if not m:
+            i += 1
+            continue
+        j = i + 1
+        while j < count and marks[j] == m:
+            j += 1
+        if kinds:
+            out.append((i, j, m == 2))
+        else:
+            out.append((i, j))
+        i = j
+    return out
+
+
+def checksum64(buf):
+    """XXH3-64 (seed 0) of a whole buffer, as an int: the checksum of the records and headers
+    of vimgtools' files. The GIL is released over buffers of 64 KiB and more."""
+    cdef const unsigned char[::1] data = _bytes_view(buf)
+    cdef Py_ssize_t n = data.shape[0]
+    cdef uint64_t h
+    if n == 0:
+        return vimg_xxh64(NULL, 0, 0)
+    if n < 65536:
+        return vimg_xxh64(&data[0], <size_t>n, 0)
+    with nogil:
+        h = vimg_xxh64(&data[0], <size_t>n, 0)
+    return h
+
+
+def digest_into(buf, block_size, seed, digests, zero, against=None):
+    """XXH3-128 digest and zero flag of each block of ``buf``, written into the caller's buffers.
+
+    Args:
+        buf: any C-contiguous buffer; the last block may be short.
+        block_size: power of two from 4 KiB to 16 MiB.
+        seed: XXH3 seed, 0 <= seed < 2**64.
+        digests: writable buffer of at least 16 bytes per block (low64, high64 little-endian).
+        zero: writable buffer of at least 1 byte per block: 1 where the block is all zeros, else 0.
+        against: None, or a buffer of the other side's digests, 16 bytes per block.
+
+    Returns:
+        The runs (first, end) of blocks, relative to ``buf``, that are not all zeros and whose
+        digest differs from ``against``'s (empty without ``against``). One tuple per run.
+
+    Raises:
+        ValueError, TypeError: bad block size or seed, buffers too small or not writable.
+    """
+    cdef uint64_t s = _check_seed(seed)
+    cdef Py_ssize_t bs = _check_block_size(block_size)
+    cdef const unsigned char[::1] data = _bytes_view(buf)
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t count = (n + bs - 1) // bs
+    cdef unsigned char[::1] out = _out_view(digests, 16 * count, "digests")
+    cdef unsigned char[::1] flags = _out_view(zero, count, "zero")
+    cdef const unsigned char[::1] other
+    cdef bint compare = against is not None
+    if compare:
+        other = _in_view(against, 16 * count, "against")
+    if count == 0:
+        return []
+    cdef unsigned char* marks = <unsigned char*>malloc(count) if compare else NULL
+    if compare and marks == NULL:
+        raise MemoryError()
+    cdef const unsigned char* base = &data[0]
+    cdef uint64_t* d = <uint64_t*>&out[0]
+    cdef const uint64_t* o = <const uint64_t*>&other[0] if compare else NULL
+    cdef Py_ssize_t i, off, m
+    cdef XXH128_hash_t h
+    cdef unsigned char z
+    try:
+        with nogil:
+            for i in range(count):
+                off = i * bs
+                m = min(bs, n - off)
+                h = vimg_xxh128(base + off, <size_t>m, s)
+                d[2 * i] = h.low64
+                d[2 * i + 1] = h.high64
+                z = _is_zero(base + off, <size_t>m)
+                flags[i] = z
+                if compare:
+                    marks[i] = not z and (h.low64 != o[2 * i] or h.high64 != o[2 * i + 1])
+        return _runs_of(marks, count, False) if compare else []
+    finally:
+        free(marks)
+
+
+def diff_runs(a, b, block_size):
+    """The runs of blocks whose bytes differ between ``a`` and ``b``, by what ``a`` holds there.
+
+    Exact comparison (memcmp), then a zero test of each differing block of ``a``; both buffers
+    the same length. One pass over both, no hashing.
+
+    Returns:
+        [(first block, end block, all zeros in ``a``)], ascending, runs of one kind coalesced.
+
+    Raises:
+        ValueError: bad block size or buffers of different lengths.
+    """
+    cdef Py_ssize_t bs = _check_block_size(block_size)
+    cdef const unsigned char[::1] x = _bytes_view(a)
+    cdef const unsigned char[::1] y = _bytes_view(b)
+    cdef Py_ssize_t n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"buffers differ in length: {n} and {y.shape[0]} bytes")
+    cdef Py_ssize_t count = (n + bs - 1) // bs
+    if count == 0:
+        return []
+    cdef unsigned char* marks = <unsigned char*>malloc(count)
+    if marks == NULL:
+        raise MemoryError()
+    cdef const unsigned char* px = &x[0]
+    cdef const unsigned char* py = &y[0]
+    cdef Py_ssize_t i, off, m, found = 0
+    try:
+        with nogil:
+            for i in range(count):
+                off = i * bs
+                m = min(bs, n - off)
+                if memcmp(px + off, py + off, <size_t>m) != 0:
+                    marks[i] = 2 if _is_zero(px + off, <size_t>m) else 1
+                    found += 1
+                else:
+                    marks[i] = 0
+        return _runs_of(marks, count, True) if found else []
+    finally:
+        free(marks)
+
+
+def digest_runs(mine, theirs, zero):
+    """The runs of blocks whose 16-byte digests differ between ``mine`` and ``theirs``.
+
+    Args:
+        mine, theirs: digests, 16 bytes per block, the same length.
+        zero: 1 byte per block of ``mine``'s image, non-zero where the block is all zeros.
+
+    Returns:
+        [(first block, end block, all zeros)], ascending, runs of one kind coalesced.
+
+    Raises:
+        ValueError: lengths that do not fit.
+    """
+    cdef const unsigned char[::1] x = _bytes_view(mine)
+    cdef const unsigned char[::1] y = _bytes_view(theirs)
+    cdef Py_ssize_t n = x.shape[0]
+    if y.shape[0] != n or n % 16:
+        raise ValueError(f"digests of different or odd lengths: {n} and {y.shape[0]} bytes")
+    cdef Py_ssize_t count = n // 16
+    cdef const unsigned char[::1] z = _in_view(zero, count, "zero")
+    if count == 0:
+        return []
+    cdef unsigned char* marks = <unsigned char*>malloc(count)
+    if marks == NULL:
+        raise MemoryError()
+    cdef const uint64_t* p = <const uint64_t*>&x[0]
+    cdef const uint64_t* q = <const uint64_t*>&y[0]
+    cdef const unsigned char* zf = &z[0]
+    cdef Py_ssize_t i, found = 0
+    try:
+        with nogil:
+            for i in range(count):
+                if p[2 * i] != q[2 * i] or p[2 * i + 1] != q[2 * i + 1]:
+                    marks[i] = 2 if zf[i] else 1
+                    found += 1
+                else:
+                    marks[i] = 0
+        return _runs_of(marks, count, True) if found else []
+    finally:
+        free(marks)

@@ -5,7 +5,7 @@ The tests' reference and the reader's explanation; never used on a hot path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -96,3 +96,64 @@ def digest_blocks(
     if not isinstance(against, np.ndarray) or against.dtype != np.uint64 or against.shape != (count, 2):
         raise ValueError(f"against must be a uint64 array of shape ({count}, 2)")
     return np.flatnonzero((rows != against).any(axis=1) & ~zero).astype(np.int64)
+
+
+def _runs(marks: list[int], kinds: bool) -> list[Any]:
+    runs: list[Any] = []
+    for i, m in enumerate(marks):
+        if m and runs and runs[-1][1] == i and marks[i - 1] == m:
+            runs[-1] = (runs[-1][0], i + 1, m == 2) if kinds else (runs[-1][0], i + 1)
+        elif m:
+            runs.append((i, i + 1, m == 2) if kinds else (i, i + 1))
+    return runs
+
+
+def checksum64(buf: Buffer) -> int:
+    return int(xxhash.xxh3_64_intdigest(_bytes(buf), 0))
+
+
+def digest_into(
+    buf: Buffer, block_size: int, seed: int, digests: Buffer, zero: Buffer, against: Buffer | None = None
+) -> list[tuple[int, int]]:
+    rows = hash_blocks(buf, block_size, "xxh128", seed)
+    flags = zero_blocks(buf, block_size)
+    count = len(rows)
+    out, z = memoryview(digests).cast("B"), memoryview(zero).cast("B")
+    if out.readonly or z.readonly:
+        raise TypeError(
+            "digests must be a writable buffer" if out.readonly else "zero must be a writable buffer"
+        )
+    if len(out) < 16 * count or len(z) < count:
+        raise ValueError("digests or zero too small")
+    out[: 16 * count] = rows.tobytes()
+    z[:count] = bytes(flags.astype(np.uint8))
+    if against is None:
+        return []
+    other = _bytes(against)
+    if len(other) < 16 * count:
+        raise ValueError("against too small")
+    theirs = np.frombuffer(other[: 16 * count], dtype=np.uint64).reshape(-1, 2)
+    marks = [int(not flags[i] and bool((rows[i] != theirs[i]).any())) for i in range(count)]
+    return _runs(marks, False)
+
+
+def diff_runs(a: Buffer, b: Buffer, block_size: int) -> list[tuple[int, int, bool]]:
+    bs = _check_block_size(block_size)
+    x = _bytes(a)
+    changed = set(diff_blocks(a, b, block_size).tolist())
+    marks = [
+        (2 if not any(x[i * bs : (i + 1) * bs]) else 1) if i in changed else 0
+        for i in range(-(-len(x) // bs))
+    ]
+    return _runs(marks, True)
+
+
+def digest_runs(mine: Buffer, theirs: Buffer, zero: Buffer) -> list[tuple[int, int, bool]]:
+    x, y, z = _bytes(mine), _bytes(theirs), _bytes(zero)
+    if len(x) != len(y) or len(x) % 16:
+        raise ValueError(f"digests of different or odd lengths: {len(x)} and {len(y)} bytes")
+    count = len(x) // 16
+    marks = [
+        (2 if z[i] else 1) if x[16 * i : 16 * i + 16] != y[16 * i : 16 * i + 16] else 0 for i in range(count)
+    ]
+    return _runs(marks, True)

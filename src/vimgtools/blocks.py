@@ -1,47 +1,65 @@
-"""The block engine put to work: checksums of records and per-chunk change runs."""
+"""The block engine put to work: checksums of records and per-chunk change runs.
+
+Nothing here needs numpy: the sync layer works on plain buffers (digests 16 bytes a block,
+zero flags one byte a block) and lists of runs; numpy is loaded only by the engine's
+array-returning functions, when a caller uses them.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
-
-from vimgtools._blockdiff import MAX_BLOCK_SIZE, diff_blocks, digest_blocks, hash_blocks, zero_blocks
+from vimgtools._blockdiff import (
+    MAX_BLOCK_SIZE,
+    diff_blocks,
+    diff_runs,
+    digest_blocks,
+    digest_into,
+    digest_runs,
+    hash_blocks,
+    zero_blocks,
+)
+from vimgtools._blockdiff import checksum64 as _checksum64
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["checksum64", "coalesce_runs", "diff_blocks", "digest_blocks", "hash_blocks", "zero_blocks"]
-
-_EMPTY_XXH3_64 = 0x2D06800538D394C2  # XXH3-64 of b"" with seed 0
+__all__ = [
+    "checksum64",
+    "coalesce_runs",
+    "diff_blocks",
+    "diff_runs",
+    "digest_blocks",
+    "digest_into",
+    "digest_runs",
+    "hash_blocks",
+    "zero_blocks",
+]
 
 
 def checksum64(data: Buffer) -> int:
     """XXH3-64 of ``data`` (at most 16 MiB): the checksum of our file headers and records."""
-    view = memoryview(data).cast("B")
-    if len(view) == 0:
-        return _EMPTY_XXH3_64
-    if len(view) > MAX_BLOCK_SIZE:
-        raise ValueError(f"checksum64 takes at most {MAX_BLOCK_SIZE} bytes, got {len(view)}")
-    return int(hash_blocks(view, MAX_BLOCK_SIZE, "xxh64")[0])
+    view = memoryview(data)
+    if view.nbytes > MAX_BLOCK_SIZE:
+        raise ValueError(f"checksum64 takes at most {MAX_BLOCK_SIZE} bytes, got {view.nbytes}")
+    return int(_checksum64(view))
 
 
 Run = tuple[int, int, bool]  # (first block, end block (exclusive), all zero)
 
 
-def coalesce_runs(indices: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_]) -> list[Run]:
+def coalesce_runs(indices: Buffer, zero: Buffer) -> list[Run]:
     """Coalesce sorted changed block indices into runs of the same kind (data or zero).
 
-    ``zero[i]`` tells whether block ``indices[i]`` is all zeros in the new content.
-    One Python tuple per run, never one per block.
+    ``zero[i]`` tells whether block ``indices[i]`` is all zeros in the new content. Any
+    sequences (numpy arrays, lists); not on a hot path (the engine's ``diff_runs`` and
+    ``digest_runs`` give runs directly).
     """
-    if len(indices) == 0:
-        return []
-    breaks = np.flatnonzero((np.diff(indices) != 1) | (zero[1:] != zero[:-1])) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(indices)]))
-    first = indices[starts]
-    last = indices[ends - 1] + 1
-    kinds = zero[starts]
-    return list(zip(first.tolist(), last.tolist(), kinds.tolist(), strict=True))
+    runs: list[Run] = []
+    for i, z in zip(list(indices), list(zero), strict=True):  # type: ignore[call-overload]
+        i, z = int(i), bool(z)
+        if runs and runs[-1][1] == i and runs[-1][2] == z:
+            runs[-1] = (runs[-1][0], i + 1, z)
+        else:
+            runs.append((i, i + 1, z))
+    return runs

@@ -38,6 +38,8 @@ BLOCK_SIZES = [1 << k for k in range(12, 25)]  # 4 KiB .. 16 MiB, every allowed 
 MAX_BUFFER = 3 * MIB  # hypothesis buffers stay below this, whatever the block size
 ENGINES = pytest.mark.parametrize("engine", [native, twin], ids=["native", "twin"])
 FUNCTIONS = ["hash_blocks", "diff_blocks", "zero_blocks", "digest_blocks"]
+# The buffer-and-runs functions the sync layer runs on (no numpy), tested below the array API.
+SYNC_FUNCTIONS = ["checksum64", "digest_into", "diff_runs", "digest_runs"]
 U64 = (1 << 64) - 1
 
 
@@ -235,6 +237,78 @@ def test_digest_blocks_matches_twin(
             results.append(found.tolist())
         assert results[0] == results[1]
         assert results[0] == sorted(i for i in flipped if not zero[i])
+
+
+@given(
+    image=images(),
+    kind=buffer_types,
+    seed=seeds,
+    flips=st.lists(st.floats(0, 1, exclude_max=True), max_size=4),
+)
+def test_sync_functions_match_twin_and_the_array_api(
+    image: tuple[bytes, int], kind: str, seed: int, flips: list[float]
+) -> None:
+    """digest_into / diff_runs / digest_runs / checksum64: the twin's answers, and the array API's."""
+    with buffer_maker() as as_buffer:
+        buf, data = as_buffer(kind, image[0])
+        bs = image[1]
+        count = expected_count(len(data), bs)
+        flipped = {int(f * count) for f in flips} if count else set()
+        other = bytearray(data)
+        for i in flipped:  # the other image differs in these blocks (a zero block stays zero)
+            if any(data[i * bs : (i + 1) * bs]):
+                other[i * bs] ^= 0xFF
+            else:
+                other[i * bs] = 1
+        against = bytearray(twin.hash_blocks(bytes(other), bs, "xxh128", seed).tobytes())
+        zero_ref = bytes(twin.zero_blocks(data, bs).astype(np.uint8))
+        answers = []
+        for engine in (native, twin):
+            digests, zero = bytearray(16 * count), bytearray(count)
+            found = engine.digest_into(buf, bs, seed, digests, zero, against)
+            assert bytes(digests) == twin.hash_blocks(data, bs, "xxh128", seed).tobytes()
+            assert bytes(zero) == zero_ref
+            assert engine.digest_into(buf, bs, seed, digests, zero) == []
+            runs = engine.diff_runs(buf, bytes(other), bs)
+            dig_runs = engine.digest_runs(digests, against, zero)
+            answers.append((found, runs, dig_runs, engine.checksum64(buf)))
+        assert answers[0] == answers[1]
+        found, runs, dig_runs, checksum = answers[0]
+        changed = [i for b0, b1, _ in runs for i in range(b0, b1)]
+        assert changed == twin.diff_blocks(data, bytes(other), bs).tolist() == sorted(flipped)
+        assert all(z == all(zero_ref[b0:b1]) for b0, b1, z in runs)
+        assert dig_runs == runs  # XXH3-128 digests tell the same blocks apart
+        assert [i for b0, b1 in found for i in range(b0, b1)] == [i for i in changed if not zero_ref[i]]
+        assert checksum == xxhash.xxh3_64_intdigest(data)
+
+
+def test_sync_functions_refuse_buffers_that_do_not_fit() -> None:
+    data = bytes(3 * 4096)
+    with pytest.raises(ValueError):
+        native.digest_into(data, 4096, 0, bytearray(16 * 2), bytearray(3))
+    with pytest.raises(ValueError):
+        native.digest_into(data, 4096, 0, bytearray(16 * 3), bytearray(2))
+    with pytest.raises(ValueError):
+        native.digest_into(data, 4096, 0, bytearray(16 * 3), bytearray(3), bytes(16))
+    with pytest.raises(TypeError):
+        native.digest_into(data, 4096, 0, bytes(16 * 3), bytearray(3))  # read-only
+    with pytest.raises(ValueError):
+        native.diff_runs(data, data[:-1], 4096)
+    with pytest.raises(ValueError):
+        native.digest_runs(bytes(32), bytes(16), bytes(2))
+    with pytest.raises(ValueError):
+        native.digest_runs(bytes(32), bytes(32), bytes(1))
+
+
+def test_importing_the_engine_does_not_load_numpy() -> None:
+    """The array API loads numpy on first use; a sync run (buffers and runs) never does."""
+    code = (
+        "import sys, vimgtools.sync.__main__, vimgtools.blocks as b; "
+        "b.digest_into(bytes(8192), 4096, 1, bytearray(32), bytearray(2)); "
+        "assert 'numpy' not in sys.modules, 'numpy loaded'; "
+        "b.hash_blocks(bytes(4096), 4096); assert 'numpy' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(
@@ -574,7 +648,7 @@ def test_twin_shares_constants_and_signatures() -> None:
         )
     )
     assert native.ALGORITHMS == twin.ALGORITHMS == ("xxh128", "xxh64")
-    for name in FUNCTIONS:
+    for name in FUNCTIONS + SYNC_FUNCTIONS:
         ours, theirs = (inspect.signature(getattr(m, name)).parameters for m in (native, twin))
         assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
 
@@ -583,7 +657,7 @@ def test_stub_matches_the_module() -> None:
     """_blockdiff.pyi names the same functions and parameters as the built module."""
     stub = ast.parse(Path(native.__file__).with_name("_blockdiff.pyi").read_text())
     funcs = {f.name: [a.arg for a in f.args.args] for f in stub.body if isinstance(f, ast.FunctionDef)}
-    assert set(funcs) == set(FUNCTIONS)
+    assert set(funcs) == set(FUNCTIONS + SYNC_FUNCTIONS)
     for name, params in funcs.items():
         assert params == list(inspect.signature(getattr(native, name)).parameters)
 

@@ -13,10 +13,7 @@ import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
-from vimgtools.blocks import coalesce_runs, digest_blocks, hash_blocks, zero_blocks
+from vimgtools.blocks import diff_runs, digest_into, digest_runs
 from vimgtools.image import Image
 from vimgtools.sync.chunks import (
     CHUNK_SIZE,
@@ -31,18 +28,28 @@ from vimgtools.sync.chunks import (
 
 CHECKSUMS = ("xxh128", "blake2b")
 DIGEST_BYTES = 16
+# A chunk's digests: DIGEST_BYTES a block (XXH3-128 low64, high64, little-endian; or BLAKE2b-128),
+# as signatures and the wire hold them. Zero flags: one byte a block, 1 for all zeros.
+Digests = bytes | bytearray | memoryview
 
 
-def digests_of(view: memoryview, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
-    """One 128-bit digest per block: (n, 2) uint64. XXH3-128 seeded, or keyed BLAKE2b."""
+def _seed(key: bytes) -> int:
+    return int.from_bytes(key[:8], "little")
+
+
+def digests_of(view: memoryview, bs: int, checksum: str, key: bytes) -> bytes:
+    """One 128-bit digest per block: XXH3-128 seeded, or keyed BLAKE2b."""
     if checksum == "xxh128":
-        return hash_blocks(view, bs, "xxh128", int.from_bytes(key[:8], "little"))
+        count = -(-len(view) // bs)
+        out = bytearray(count * DIGEST_BYTES)
+        digest_into(view, bs, _seed(key), out, bytearray(count))
+        return bytes(out)
     import hashlib  # here: only --checksum blake2b pays for OpenSSL's start-up (3-4 ms a run)
 
     out = bytearray()
     for i in range(0, len(view), bs):  # hashlib releases the GIL on each block
         out += hashlib.blake2b(view[i : i + bs], digest_size=DIGEST_BYTES, key=key).digest()
-    return np.frombuffer(bytes(out), dtype=np.uint64).reshape(-1, 2)
+    return bytes(out)
 
 
 def _digest_piece(
@@ -50,32 +57,46 @@ def _digest_piece(
     bs: int,
     checksum: str,
     key: bytes,
-    digests: npt.NDArray[np.uint64],
-    zero: npt.NDArray[np.bool_],
-    against: npt.NDArray[np.uint64] | None,
-) -> npt.NDArray[np.int64]:
-    """Fill ``digests`` and ``zero`` for the blocks of ``view``; the non-zero ones differing from ``against``."""
-    if checksum == "xxh128":  # one native call, GIL released
-        return digest_blocks(view, bs, int.from_bytes(key[:8], "little"), digests, zero, against)
+    digests: memoryview,
+    zero: memoryview,
+    against: memoryview | None,
+) -> list[tuple[int, int]]:
+    """Fill ``digests`` and ``zero`` for the blocks of ``view``; the runs of non-zero ones differing from ``against``."""
+    if checksum == "xxh128":  # one native call, GIL released: hash, zero test, compare, runs
+        found: list[tuple[int, int]] = digest_into(view, bs, _seed(key), digests, zero, against)
+        return found
     digests[:] = digests_of(view, bs, checksum, key)
-    zero[:] = zero_blocks(view, bs)
+    flags = bytearray(b"\x01") * len(zero)
+    for b0, b1, _ in diff_runs(view, ZEROS[: len(view)], bs):  # the blocks that are not zeros
+        flags[b0:b1] = bytes(b1 - b0)
+    zero[:] = flags
     if against is None:
-        return np.empty(0, dtype=np.int64)
-    return np.flatnonzero((digests != against).any(axis=1) & ~zero)
+        return []
+    return [(b0, b1) for b0, b1, z in digest_runs(digests, against, zero) if not z]
 
 
 @functools.lru_cache(maxsize=16)
 def _zero_digest(length: int, bs: int, checksum: str, key: bytes) -> bytes:
-    return digests_of(ZEROS[:length], bs, checksum, key).tobytes()
+    return digests_of(ZEROS[:length], bs, checksum, key)
 
 
-def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> npt.NDArray[np.uint64]:
+def hole_digests(length: int, bs: int, checksum: str, key: bytes) -> bytes:
     """Digests of ``length`` zero bytes, computed from one block instead of hashing them all."""
-    n = -(-length // bs)
-    out = np.tile(np.frombuffer(_zero_digest(bs, bs, checksum, key), dtype=np.uint64), (n, 1))
-    if length % bs:
-        out[-1] = np.frombuffer(_zero_digest(length % bs, bs, checksum, key), dtype=np.uint64)
-    return out
+    n, tail = -(-length // bs), length % bs
+    if not tail:
+        return _zero_digest(bs, bs, checksum, key) * n
+    return _zero_digest(bs, bs, checksum, key) * (n - 1) + _zero_digest(tail, bs, checksum, key)
+
+
+def _nonzero_runs(zero: Digests) -> list[tuple[int, int, bool]]:
+    """Runs of the blocks whose zero flag is 0 (one ``find`` per run, not a loop per block)."""
+    flags, runs, i = bytes(zero), [], 0
+    while (j := flags.find(0, i)) >= 0:
+        k = flags.find(1, j)
+        k = len(flags) if k < 0 else k
+        runs.append((j, k, False))
+        i = k
+    return runs
 
 
 def hash_chunk(
@@ -90,16 +111,19 @@ def hash_chunk(
     cached_only: bool = False,
     guard: CacheGuard | None = None,
     regions: Regions | None = None,
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
-    """Digests of one chunk of ``img``, its zero-block mask (None for a hole) and the bytes read.
+) -> tuple[bytearray, bytearray | None, int]:
+    """Digests of one chunk of ``img``, its zero flags (None for a hole) and the bytes read.
 
     With ``regions`` only their blocks are read; the others get a hole's digests on both ends."""
-    digests, zero, read = hole_digests(length, bs, checksum, key), None, 0
+    digests, zero, read = bytearray(hole_digests(length, bs, checksum, key)), None, 0
+    dv = memoryview(digests)
+    zv = memoryview(b"")
     for p, view, n in pieces(img, offset, length, bs, keep_cache, size, cached_only, guard, regions):
         if zero is None:
-            zero = np.ones(len(digests), dtype=np.bool_)
+            zero = bytearray(b"\x01") * (len(digests) // DIGEST_BYTES)
+            zv = memoryview(zero)
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
-        _digest_piece(view, bs, checksum, key, digests[b0:b1], zero[b0:b1], None)
+        _digest_piece(view, bs, checksum, key, dv[b0 * DIGEST_BYTES : b1 * DIGEST_BYTES], zv[b0:b1], None)
         read += n
     return digests, zero, read
 
@@ -110,7 +134,7 @@ class Changes:
 
     offset: int
     length: int
-    digests: npt.NDArray[np.uint64]
+    digests: Digests
     ranges: list[tuple[int, int, memoryview | None]]  # (offset, length, bytes; None: now zeros)
     changed: int  # blocks
     zero: int  # blocks of them that are now zeros
@@ -122,7 +146,7 @@ class Changes:
         return Changes(self.offset, self.length, self.digests, own, self.changed, self.zero, self.read)
 
 
-Theirs = Callable[[int, int], "npt.NDArray[np.uint64] | None"]
+Theirs = Callable[[int, int], "Digests | None"]
 
 
 def chunk_changes(
@@ -132,7 +156,7 @@ def chunk_changes(
     bs: int,
     checksum: str,
     key: bytes,
-    theirs: npt.NDArray[np.uint64] | None,
+    theirs: Digests | None,
     out: memoryview,
     keep_cache: bool = False,
     guard: CacheGuard | None = None,
@@ -143,41 +167,43 @@ def chunk_changes(
     Only the bytes of changed, non-zero blocks are copied into ``out`` (at their chunk position),
     while they are still in the CPU cache; the result's ranges point there.
     """
-    mine = hole_digests(length, bs, checksum, key)
-    other = hole_digests(length, bs, checksum, key) if theirs is None else theirs
-    zero = np.ones(len(mine), dtype=np.bool_)
+    holes = hole_digests(length, bs, checksum, key)
+    mine = bytearray(holes)
+    other = holes if theirs is None else theirs
+    zero = bytearray(b"\x01") * (len(mine) // DIGEST_BYTES)
+    mv, zv, ov = memoryview(mine), memoryview(zero), memoryview(other).cast("B")
     read, hole = 0, True
     for p, view, n in pieces(img, offset, length, bs, keep_cache, None, guard=guard, regions=regions):
         b0, b1 = p // bs, -(-(p + len(view)) // bs)
         read, hole = read + n, False
-        found = _digest_piece(view, bs, checksum, key, mine[b0:b1], zero[b0:b1], other[b0:b1])
-        for c0, c1, _ in coalesce_runs(found, np.zeros(len(found), dtype=np.bool_)):
+        d0, d1 = b0 * DIGEST_BYTES, b1 * DIGEST_BYTES
+        for c0, c1 in _digest_piece(view, bs, checksum, key, mv[d0:d1], zv[b0:b1], ov[d0:d1]):
             lo, hi = c0 * bs, min(c1 * bs, len(view))
             out[p + lo : p + hi] = view[lo:hi]
     if hole and theirs is None:  # a hole on both sides
         return Changes(offset, length, mine, [], 0, 0, 0)
-    changed = np.flatnonzero((mine != other).any(axis=1)).astype(np.int64)
-    return _changes(offset, length, bs, mine, changed, zero, read, lambda lo, hi: out[lo:hi])
+    runs = digest_runs(mine, ov, zero)
+    return _changes(offset, length, bs, mine, runs, read, lambda lo, hi: out[lo:hi])
 
 
 def _changes(
     offset: int,
     length: int,
     bs: int,
-    digests: npt.NDArray[np.uint64],
-    changed: npt.NDArray[np.int64],
-    zero: npt.NDArray[np.bool_],
+    digests: Digests,
+    runs: list[tuple[int, int, bool]],
     read: int,
     payload: Callable[[int, int], memoryview],
 ) -> Changes:
-    """``Changes`` of a chunk from its changed blocks; ``payload(lo, hi)`` gives the bytes of a data run."""
+    """``Changes`` of a chunk from its changed runs; ``payload(lo, hi)`` gives the bytes of a data run."""
     ranges: list[tuple[int, int, memoryview | None]] = []
-    nzero = 0
-    for b0, b1, is_zero in coalesce_runs(changed, zero[changed]):
+    changed = nzero = 0
+    for b0, b1, is_zero in runs:
         lo, hi = b0 * bs, min(b1 * bs, length)
         ranges.append((offset + lo, hi - lo, None if is_zero else payload(lo, hi)))
+        changed += b1 - b0
         nzero += (b1 - b0) if is_zero else 0
-    return Changes(offset, length, digests, ranges, len(changed), nzero, read)
+    return Changes(offset, length, digests, ranges, changed, nzero, read)
 
 
 @dataclass
@@ -186,29 +212,27 @@ class Hashed:
 
     offset: int
     length: int
-    digests: npt.NDArray[np.uint64]
-    zero: npt.NDArray[np.bool_] | None  # None: a hole
+    digests: Digests
+    zero: Digests | None  # None: a hole
     read: int
 
 
 def changes_of(
-    img: Image, h: Hashed, theirs: npt.NDArray[np.uint64] | None, bs: int, out: memoryview, keep_cache: bool
+    img: Image, h: Hashed, theirs: Digests | None, bs: int, out: memoryview, keep_cache: bool
 ) -> Changes:
     """Compare a chunk hashed earlier with ``theirs``, reading the changed non-zero blocks again into ``out``."""
     if h.zero is None and theirs is None:  # a hole on both sides
         return Changes(h.offset, h.length, h.digests, [], 0, 0, h.read)
-    zero = np.ones(len(h.digests), dtype=np.bool_) if h.zero is None else h.zero
-    if theirs is None:  # the other side is a hole: all we have that is not zero
-        changed = np.flatnonzero(~zero).astype(np.int64)
-    else:
-        changed = np.flatnonzero((h.digests != theirs).any(axis=1)).astype(np.int64)
+    zero = bytearray(b"\x01") * (len(h.digests) // DIGEST_BYTES) if h.zero is None else h.zero
+    # the other side a hole: all we have that is not zero
+    runs = _nonzero_runs(zero) if theirs is None else digest_runs(h.digests, theirs, zero)
     again = [0]
 
     def read_again(lo: int, hi: int) -> memoryview:
         again[0] += read_piece(img, out[lo:hi], h.offset + lo, keep_cache)
         return out[lo:hi]
 
-    c = _changes(h.offset, h.length, bs, h.digests, changed, zero, h.read, read_again)
+    c = _changes(h.offset, h.length, bs, h.digests, runs, h.read, read_again)
     c.read += again[0]
     return c
 
@@ -256,7 +280,7 @@ def hash_ahead(
             if h is None:
                 break
             found.append(h)
-            held += h.digests.nbytes
+            held += len(h.digests)
             if held >= limit or stop_when():
                 break
     finally:
@@ -272,10 +296,10 @@ class InOrder:
 
     def __init__(self, fetch: Theirs, start: int, end: int) -> None:
         self._fetch, self._next, self._end = fetch, start, end
-        self._got: dict[int, npt.NDArray[np.uint64] | None] = {}
+        self._got: dict[int, Digests | None] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, offset: int, length: int) -> npt.NDArray[np.uint64] | None:
+    def __call__(self, offset: int, length: int) -> Digests | None:
         with self._lock:
             while self._next <= offset:
                 n = min(CHUNK_SIZE, self._end - self._next)
@@ -296,15 +320,13 @@ def digest_stream(
     size: int | None = None,
     workers: int = 2,
     regions: Regions | None = None,
-) -> Generator[tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int], None, None]:
-    """(offset, length, digests, zero mask or None for a hole, bytes read) of each chunk, in order.
+) -> Generator[tuple[int, int, bytearray, bytearray | None, int], None, None]:
+    """(offset, length, digests, zero flags or None for a hole, bytes read) of each chunk, in order.
 
     With ``regions`` only their blocks are read, and read ahead."""
     guard = CacheGuard(img, end if size is None else min(end, size), keep_cache, regions=regions)
 
-    def work(
-        offset: int, _: memoryview
-    ) -> tuple[int, int, npt.NDArray[np.uint64], npt.NDArray[np.bool_] | None, int]:
+    def work(offset: int, _: memoryview) -> tuple[int, int, bytearray, bytearray | None, int]:
         length = min(CHUNK_SIZE, end - offset)
         return (
             offset,

@@ -56,7 +56,7 @@ def stream_digests(
         if zero is None:
             ch.send(HOLES, RANGE.pack(offset, length))
         else:
-            ch.send(DIGESTS, OFFSET.pack(offset), mine.tobytes())
+            ch.send(DIGESTS, OFFSET.pack(offset), mine)
 
 
 def run_receiver(

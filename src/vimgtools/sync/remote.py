@@ -19,8 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vimgtools.errors import ImageError, InvalidInput, TransportError, VimgError
 from vimgtools.image import Image
 from vimgtools.images import open_image
@@ -311,9 +309,10 @@ def _compare_with_far_side(ch: Channel, img: Image, sess: Session, keep_cache: b
         theirs = recv_digests(
             ch, offset, length, whole.block_size
         )  # every chunk is read, even after a mismatch
-        if theirs is None:
-            theirs = hole_digests(length, whole.block_size, whole.checksum, whole.key)
-        same = same and bool(np.array_equal(mine, theirs))
+        other = (
+            hole_digests(length, whole.block_size, whole.checksum, whole.key) if theirs is None else theirs
+        )
+        same = same and bytes(mine) == bytes(other)
     return same
 
 

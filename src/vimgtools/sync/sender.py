@@ -13,13 +13,10 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import numpy.typing as npt
-
 from vimgtools.errors import Interrupted, TransportError
 from vimgtools.image import Image
 from vimgtools.sync.chunks import CHUNK_SIZE, Extents
-from vimgtools.sync.digests import DIGEST_BYTES, Changes, Hashed, Theirs, change_stream, changes_of
+from vimgtools.sync.digests import DIGEST_BYTES, Changes, Digests, Hashed, Theirs, change_stream, changes_of
 from vimgtools.sync.wire import CHUNK_END, DATA, DIGESTS, HOLES, OFFSET, RANGE, ZERO, Channel
 
 if TYPE_CHECKING:
@@ -68,9 +65,6 @@ class ChannelSink:
 
     def end_chunk(self, position: int) -> None:
         self.ch.send(CHUNK_END, OFFSET.pack(position))
-
-
-Digests = npt.NDArray[np.uint64]
 
 
 def run_sender(
@@ -123,7 +117,7 @@ def run_sender(
     return fig
 
 
-def recv_digests(ch: Channel, offset: int, length: int, bs: int) -> npt.NDArray[np.uint64] | None:
+def recv_digests(ch: Channel, offset: int, length: int, bs: int) -> memoryview | None:
     ftype, payload = ch.recv(DIGESTS, HOLES)
     if ftype == HOLES:
         if len(payload) != RANGE.size or RANGE.unpack(payload) != (offset, length):
@@ -133,7 +127,7 @@ def recv_digests(ch: Channel, offset: int, length: int, bs: int) -> npt.NDArray[
     want = -(-length // bs) * DIGEST_BYTES
     if got != offset or len(payload) - OFFSET.size != want:
         raise TransportError(f"{ch.peer}: digests for the wrong chunk (offset {got}, {len(payload)} bytes)")
-    return np.frombuffer(payload[OFFSET.size :], dtype=np.uint64).reshape(-1, 2)
+    return memoryview(payload)[OFFSET.size :]
 
 
 EARLY_LIMIT = 128 << 20  # bytes (changed bytes, or digests) found and held while the far side starts

@@ -21,15 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-
 from vimgtools.blocks import checksum64
 from vimgtools.errors import InvalidInput, JournalError
 from vimgtools.image import describe_os_error, fsync_dir, open_regular
 from vimgtools.images import open_image
 from vimgtools.sync.chunks import CHUNK_SIZE
-from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, digest_stream, hole_digests
+from vimgtools.sync.digests import CHECKSUMS, DIGEST_BYTES, Digests, digest_stream, hole_digests
 from vimgtools.sync.options import check_block_size, check_checksum
 from vimgtools.sync.replica import NO_EXPECT, Expect
 
@@ -63,22 +60,24 @@ class ContentDigest:
     """Accumulates the content digest of an image from its block digests, given in order in any pieces."""
 
     def __init__(self, block_size: int) -> None:
-        self._per = max(1, DIGEST_GROUP // block_size)  # digests per group
+        self._group = max(1, DIGEST_GROUP // block_size) * DIGEST_BYTES  # bytes of digests per group
         self._sums = bytearray()
-        self._pending: npt.NDArray[np.uint64] = np.empty((0, 2), dtype=np.uint64)
+        self._pending = b""
 
-    def add(self, digests: npt.NDArray[np.uint64]) -> None:
-        rows = digests if not len(self._pending) else np.concatenate([self._pending, digests])
-        full = len(rows) // self._per * self._per
-        for i in range(0, full, self._per):
-            self._sums += _SUM.pack(checksum64(np.ascontiguousarray(rows[i : i + self._per]).tobytes()))
-        self._pending = rows[full:].copy()
+    def add(self, digests: Digests) -> None:
+        rows = memoryview(digests).cast("B")
+        if self._pending:
+            rows = memoryview(self._pending + bytes(rows))
+        full = len(rows) // self._group * self._group
+        for i in range(0, full, self._group):
+            self._sums += _SUM.pack(checksum64(rows[i : i + self._group]))
+        self._pending = bytes(rows[full:])
 
     @property
     def value(self) -> int:
         sums = bytes(self._sums)
-        if len(self._pending):
-            sums += _SUM.pack(checksum64(np.ascontiguousarray(self._pending).tobytes()))
+        if self._pending:
+            sums += _SUM.pack(checksum64(self._pending))
         step = 16 << 20  # checksum64's limit; an image past 16 TiB hashes the sums in pieces
         if len(sums) <= step:
             return checksum64(sums)
@@ -105,10 +104,10 @@ class SignatureWriter:
         except OSError as e:
             raise JournalError(f"{path}: cannot write: {describe_os_error(e)}") from e
 
-    def add(self, offset: int, digests: npt.NDArray[np.uint64]) -> None:
+    def add(self, offset: int, digests: Digests) -> None:
         """The digests of the chunk at ``offset``; chunks come in order."""
         assert offset == self._next * CHUNK_SIZE, "chunks in order"
-        self._f.write(np.ascontiguousarray(digests).tobytes())
+        self._f.write(memoryview(digests).cast("B"))
         self._acc.add(digests)
         self._next += 1
 
@@ -220,7 +219,7 @@ class Signature:
         self._acc = ContentDigest(bs)
         self._next_chunk = 0  # signature chunks are read (and checked) in order, each once
 
-    def _chunk(self, index: int) -> npt.NDArray[np.uint64]:
+    def _chunk(self, index: int) -> bytes:
         per = CHUNK_SIZE // self.block_size
         assert index == self._next_chunk, "signature chunks are read in order"
         first = index * per
@@ -229,19 +228,19 @@ class Signature:
         raw = self._f.read(n * DIGEST_BYTES)
         if len(raw) != n * DIGEST_BYTES:
             raise JournalError(f"{self.path}: truncated signature")
-        rows = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
-        self._acc.add(rows)
+        self._acc.add(raw)
         self._next_chunk += 1
-        return rows
+        return raw
 
-    def digests(self, offset: int, length: int) -> npt.NDArray[np.uint64]:
+    def digests(self, offset: int, length: int) -> bytes:
         """The stored digests for the chunk at ``offset``, ``length`` bytes of it; past the image, zeros'."""
         bs = self.block_size
         n = -(-length // bs)
-        rows = self._chunk(offset // CHUNK_SIZE)[:n] if offset < self.size else np.empty((0, 2), np.uint64)
-        if len(rows) == n:
+        rows = self._chunk(offset // CHUNK_SIZE)[: n * DIGEST_BYTES] if offset < self.size else b""
+        if len(rows) == n * DIGEST_BYTES:
             return rows
-        return np.concatenate([rows, hole_digests(length - len(rows) * bs, bs, self.checksum, self.key)])
+        have = len(rows) // DIGEST_BYTES
+        return rows + hole_digests(length - have * bs, bs, self.checksum, self.key)
 
     def verify(self) -> None:
         """Check every stored digest now, before any is relied on; then read from the start again."""

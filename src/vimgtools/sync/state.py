@@ -15,12 +15,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-
 from vimgtools.errors import InvalidInput, JournalError
 from vimgtools.image import Image
-from vimgtools.sync.digests import digest_stream
+from vimgtools.sync.digests import Digests, digest_stream
 from vimgtools.sync.sender import Session
 from vimgtools.sync.signature import STATE_MAGIC, Signature, SignatureWriter
 
@@ -56,7 +53,7 @@ class StateRun:
             self.path, magic=STATE_MAGIC, block_size=block_size, checksum=checksum, key=key, size=size
         )
 
-    def trusted(self, ok: bool) -> Callable[[int, int], npt.NDArray[np.uint64]] | None:
+    def trusted(self, ok: bool) -> Callable[[int, int], Digests] | None:
         """The stored digests as the other side's, if the replica was found as the state says."""
         if self.old is None:
             return None
