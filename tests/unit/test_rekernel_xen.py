@@ -6,7 +6,9 @@ synthetic SUSE-shaped trees (what cannot be booted here), each refusal, ``retarg
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from vimgtools.rekernel.retargeting import loader_regenerate, retarget, verify_r
 from vimgtools.rekernel.xen import (
     Resolver,
     RetargetOptions,
+    boot_disk_sh,
     edit_cmdline,
     edit_initramfs_tools_modules,
     edit_inittab,
@@ -614,3 +617,39 @@ def test_extlinux_boot_code_goes_to_the_disk_the_chroot_mounts() -> None:
     (dd,) = [a for a in cmds if a[0] == "/bin/sh" and "mbr.bin" in a[2]]
     assert "/proc/mounts" in dd[2] and 'dd if=/usr/lib/syslinux/mbr/mbr.bin of="$d" bs=440' in dd[2]
     assert "of=/dev/sda" not in dd[2]
+
+
+FAKE_LSBLK = """#!/bin/sh
+# lsblk -lnsp -o NAME,TYPE DEV, as util-linux prints it for a logical volume on /dev/sdb2
+[ "$1 $2 $3 $4" = "-lnsp -o NAME,TYPE /dev/mapper/vg-root" ] || { echo "unexpected: $*" >&2; exit 1; }
+printf '/dev/mapper/vg-root lvm\\n/dev/sdb2   part\\n/dev/sdb    disk\\n'
+"""
+
+
+@pytest.mark.parametrize(
+    ("mounts", "disk"),
+    [
+        ("/dev/sda1 / ext4 rw 0 0\n", "/dev/sda"),
+        ("/dev/sdb2 / ext4 rw 0 0\n/dev/sdb1 /boot ext4 rw 0 0\n", "/dev/sdb"),
+        ("/dev/nvme0n1p2 / ext4 rw 0 0\n", "/dev/nvme0n1"),
+        ("/dev/mapper/vg-root / ext4 rw 0 0\n/dev/sda1 /boot ext2 rw 0 0\n", "/dev/sda"),
+        ("/dev/mapper/vg-root / ext4 rw 0 0\n", "/dev/sdb"),  # a root on LVM, no /boot of its own
+    ],
+)
+def test_the_boot_disk_as_the_chroot_names_it(tmp_path: Path, mounts: str, disk: str) -> None:
+    """The shell that finds the disk grub-install / mbr.bin go to, run here on a mounts table (lsblk
+    faked with what util-linux prints for a logical volume)."""
+    table = tmp_path / "mounts"
+    table.write_text(mounts)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "lsblk").write_text(FAKE_LSBLK)
+    (bindir / "lsblk").chmod(0o755)
+    out = subprocess.run(
+        ["/bin/sh", "-c", boot_disk_sh(str(table)) + 'echo "$d"'],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"},
+    )
+    assert out.stdout.strip() == disk, out.stderr

@@ -351,6 +351,19 @@ def nic_names(inv: Inventory) -> list[str]:
     return names
 
 
+def boot_disk_sh(mounts: str = "/proc/mounts") -> str:
+    """Shell that sets ``$d`` to the whole disk holding ``/boot`` (or ``/``) as the appliance chroot's
+    ``mounts`` names it: a partition loses its number (``/dev/sda1``, ``/dev/nvme0n1p2``); a logical
+    volume (``/dev/mapper/...``, ``/dev/VG/LV``, ``/dev/dm-N``) is followed down to its disk by
+    ``lsblk -s`` (a root on LVM without a separate ``/boot``)."""
+    return (
+        f'p=$(awk \'$2=="/boot"{{b=$1}} $2=="/"{{r=$1}} END{{print b?b:r}}\' {mounts}); '
+        'case "$p" in /dev/mapper/*|/dev/dm-*|/dev/*/*) '
+        'd=$(lsblk -lnsp -o NAME,TYPE "$p" | awk \'$2=="disk"{print $1; exit}\');; '
+        "*) d=$(echo \"$p\" | sed -E 's/p?[0-9]+$//');; esac; "
+    )
+
+
 # -- the planner ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RetargetOptions:
@@ -655,9 +668,7 @@ def plan_xen(
             # install"). So the disk is the one holding /boot (or /) as the chroot's /proc/mounts says,
             # with a device.map for it, tried again on failure.
             script = (
-                'p=$(awk \'$2=="/boot"{b=$1} $2=="/"{r=$1} END{print b?b:r}\' /proc/mounts); '
-                "d=$(echo \"$p\" | sed -E 's/p?[0-9]+$//'); "
-                "printf '(hd0) %s\\n' \"$d\" > /boot/grub/device.map; "
+                boot_disk_sh() + "printf '(hd0) %s\\n' \"$d\" > /boot/grub/device.map; "
                 f'{grub_install} --target=i386-pc "$d"; rc=$?; rm -f /boot/grub/device.map; exit $rc'
             )
             code.append(
@@ -675,11 +686,7 @@ def plan_xen(
             # The disk as the chroot's /proc/mounts names it, as for grub-install above: a dd of=/dev/sda
             # inside the appliance wrote the appliance's own disk (found by the extlinux case in
             # tests/rekernel/test_xen_cases.py: verify saw no boot code in the guest's MBR).
-            script = (
-                'p=$(awk \'$2=="/boot"{b=$1} $2=="/"{r=$1} END{print b?b:r}\' /proc/mounts); '
-                "d=$(echo \"$p\" | sed -E 's/p?[0-9]+$//'); "
-                f'dd if={inv.mbr_bin} of="$d" bs=440 count=1 conv=notrunc'
-            )
+            script = boot_disk_sh() + f'dd if={inv.mbr_bin} of="$d" bs=440 count=1 conv=notrunc'
             code.append(RunCommand(("/bin/sh", "-c", script), f"{what} in the MBR: syslinux's mbr.bin"))
             info["write_boot_code"] = True
             checks.append(Check("boot-code", True, f"{what} on {disk}: syslinux's mbr.bin is written"))
