@@ -358,6 +358,12 @@ def test_cli_usage_errors_exit_2_before_any_change(
         "--boot-check not supported with a shared system disk": [
             *(s, "--from", str(boot), "--guest", r1, "--boot-check"),
         ],
+        "--guest: --initramfs, --root not supported": [
+            *(s, "--from", str(boot), "--guest", r1, "--initramfs", r2, "--root", "/dev/sdb1"),
+        ],
+        "--guest: the disks are committed together only when raw": [
+            *(s, "--from", str(boot), "--guest", r1, "--format", "qcow2"),
+        ],
         "no initramfs, and --no-regenerate-initramfs": [
             *(s, "--from", str(boot), "--guest", r1, "--no-regenerate-initramfs"),
         ],
