@@ -30,6 +30,32 @@ exit codes:
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's raw-description formatter, told the terminal's width without ``shutil``.
+
+    argparse makes a formatter for every ``add_argument`` (to check it), and the base class
+    imports shutil for the width: shutil loads zlib, bz2 and lzma, five files read from the
+    disk on every start of a command whose page cache was dropped. Same width rule as
+    ``shutil.get_terminal_size``: $COLUMNS, else stdout's terminal, else 80; minus 2.
+    """
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ):
+        if width is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", "0"))
+            except ValueError:
+                columns = 0
+            if columns <= 0:
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
+                except (OSError, ValueError):
+                    columns = 0
+            width = (columns or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 def parse_size(text: str) -> int:
     """``"64K"`` -> 65536. Accepts K, M, G, T (powers of 1024), optionally with ``iB``/``B``."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")

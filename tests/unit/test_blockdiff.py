@@ -300,12 +300,15 @@ def test_sync_functions_refuse_buffers_that_do_not_fit() -> None:
         native.digest_runs(bytes(32), bytes(32), bytes(1))
 
 
-def test_importing_the_engine_does_not_load_numpy() -> None:
-    """The array API loads numpy on first use; a sync run (buffers and runs) never does."""
+def test_the_sync_cli_start_loads_neither_numpy_nor_shutil() -> None:
+    """The array API loads numpy on first use; a sync run (buffers and runs) never does. The CLI's
+    parser does not load shutil (argparse's formatter would, for the terminal's width)."""
     code = (
-        "import sys, vimgtools.sync.__main__, vimgtools.blocks as b; "
+        "import sys, vimgtools.sync.__main__ as m, vimgtools.blocks as b; "
+        "m.build_parser().parse_args(['--state', 'S', 'a', 'b']); "
         "b.digest_into(bytes(8192), 4096, 1, bytearray(32), bytearray(2)); "
         "assert 'numpy' not in sys.modules, 'numpy loaded'; "
+        "assert 'shutil' not in sys.modules, 'shutil loaded'; "
         "b.hash_blocks(bytes(4096), 4096); assert 'numpy' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vimgtools.sync",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_cli.HelpFormatter,
     )
     p.add_argument("images", nargs="*", metavar="SRC DST", help="source and replica (file or block device)")
     p.add_argument(
