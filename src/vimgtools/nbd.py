@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -70,7 +69,7 @@ class Export:
     ) -> None:
         self.info = info
         self.bitmap = bitmap
-        self.address = f"\0vimgtools-{os.getpid()}-{secrets.token_hex(8)}"
+        self.address = f"\0vimgtools-{os.getpid()}-{os.urandom(8).hex()}"
         file: dict[str, Any] = {"driver": "file", "filename": str(info.path)}
         node: dict[str, Any] = {
             "driver": info.format,

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -208,7 +207,7 @@ def _run(
         # Taken: by a run that failed, or by another DEST of this guest at the same generation,
         # whose next run reads from it. Never cleared under it: a name of our own instead (that
         # DEST loses its tracking when this one commits, and its next run says so and rescans).
-        bitmap = f"{bitmap}.{secrets.token_hex(3)}"
+        bitmap = f"{bitmap}.{os.urandom(3).hex()}"
     plans: list[tuple[GuestDisk, str, str, str | None, mf.Disk | None]] = []
     for d in disks:
         old = prev.disk(d.target) if prev else None

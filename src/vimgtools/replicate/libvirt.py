@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -196,7 +195,7 @@ class LibvirtGuest:
         work = Path(tempfile.mkdtemp(prefix=f"vimgtools-{self.name}-{os.getpid()}-", dir=WORK_DIR))
         if self._qemu_ids is not None:  # QEMU makes the socket and the scratch files there
             os.chown(work, *self._qemu_ids)
-        m = _Moment(self, work / f"vimgtools-{secrets.token_hex(4)}.sock")
+        m = _Moment(self, work / f"vimgtools-{os.urandom(4).hex()}.sock")
         try:
             try:
                 self._begin(m, work, bitmap, since, dry_run)

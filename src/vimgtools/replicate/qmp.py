@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -228,7 +227,7 @@ class QmpGuest:
     @contextlib.contextmanager
     def moment(self, bitmap: str, since: dict[str, str | None], dry_run: bool) -> Iterator[_Moment]:
         self._clean(inconsistent=not dry_run)
-        socket_name = f"vimgtools-{os.getpid()}-{secrets.token_hex(6)}"
+        socket_name = f"vimgtools-{os.getpid()}-{os.urandom(6).hex()}"
         m = _Moment(self, socket_name, since)
         try:
             actions = []
