@@ -16,7 +16,8 @@ once, warm. Rows with a forced residency probe ($VIMGTOOLS_CACHE_PROBE) measure 
 mincore (kernels before 6.5) and nowait (RWF_NOWAIT, no read-ahead: the reader before issue 14).
 
     .venv/bin/python benchmarks/vs_blocksync.py --blocksync-src /path/to/blocksync-fast [--repeat 3]
-        [--dir /var/tmp/vimg-bench] [--quick] [--only warm|cold] [--no-ssh] [--json rows.json]
+        [--dir /var/tmp/vimg-bench] [--quick] [--only warm|cold] [--no-ssh] [--no-probes]
+        [--no-sync-writes] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ def main() -> None:
     ap.add_argument(
         "--no-probes", action="store_true", help="without the rows of the fallback residency probes"
     )
+    ap.add_argument(
+        "--no-sync-writes",
+        action="store_true",
+        help="without the blocksync-fast --sync-writes rows (minutes each)",
+    )
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -224,7 +230,7 @@ def main() -> None:
         for rnd in range(args.repeat):
             for cache in states:
                 for t in tools:
-                    if t.once and (rnd or cache == "cold"):
+                    if t.once and (rnd or cache == "cold" or args.no_sync_writes):
                         continue
                     t.prep()
                     if cache == "warm":
