@@ -9,7 +9,8 @@ cache::
 - ``xen_extlinux()``: the extlinux guest as pygrub booted it: ``/dev/xvda1`` in fstab,
   ``APPEND root=/dev/xvda1 ro console=hvc0 ...``, an initramfs with only xen-blkfront, xen-netfront
   and ext4, ``serial-getty@hvc0`` enabled, no boot code in the MBR (its partition's extlinux boot
-  sector stays). guestbuild's report unit reports on ttyS0.
+  sector stays). Its console and network as xenbuild's guests have them: the ttyS0 getty not
+  masked, ``enX0`` by DHCP through networkd, a stale vif rule, xenbuild's report on ttyS1.
 - ``xen_extlinux_pv()``: that guest with a synthetic Xen PV-only kernel (``2.6.32-5-xen``: a boot
   header only, ``CONFIG_X86_64_XEN=y`` in its config) as the DEFAULT label, for the refusal.
 - ``xen_partitionless()``: NORD's partitionless disk (ext4 from sector 0) as a Xen guest: fstab and
@@ -39,6 +40,10 @@ def key() -> str:
         xenbuild._mkinitramfs,
         xenbuild.XEN_MODULES,
         _xen_shaped,
+        _console_and_network,
+        xenbuild.XEN_REPORT_SCRIPT,
+        xenbuild.NIC,
+        xenbuild.VIF_MAC,
         _build,
         _pv_kernel,
         _add_pv,
@@ -87,6 +92,33 @@ def _xen_shaped(g: Any, root: str, version: str, xen_initrd: Path) -> None:
         "/lib/systemd/system/serial-getty@.service",
         "/etc/systemd/system/getty.target.wants/serial-getty@hvc0.service",
     )
+    _console_and_network(g)
+
+
+def _console_and_network(g: Any) -> None:
+    """As xenbuild's guests: the ttyS0 getty free to print its login prompt (xenbuild's report goes to
+    ttyS1, read by kvmboot), ``enX0`` by DHCP through systemd-networkd, a stale vif rule."""
+    g.rm_f("/etc/systemd/system/serial-getty@ttyS0.service")
+    g.mkdir_p("/etc/network")
+    nic = xenbuild.NIC
+    g.write(
+        "/etc/network/interfaces", f"auto lo\niface lo inet loopback\n\nauto {nic}\niface {nic} inet dhcp\n"
+    )
+    g.mkdir_p("/etc/systemd/network")
+    g.write("/etc/systemd/network/10-xen.network", f"[Match]\nName={nic}\n\n[Network]\nDHCP=ipv4\n")
+    for unit, wants in (
+        ("systemd-networkd.service", "multi-user.target.wants"),
+        ("systemd-networkd.socket", "sockets.target.wants"),
+    ):
+        g.mkdir_p(f"/etc/systemd/system/{wants}")
+        g.ln_sf(f"/lib/systemd/system/{unit}", f"/etc/systemd/system/{wants}/{unit}")
+    g.mkdir_p("/etc/udev/rules.d")
+    g.write(
+        "/etc/udev/rules.d/70-persistent-net.rules",
+        f'SUBSYSTEM=="net", ACTION=="add", DRIVERS=="vif", ATTR{{address}}=="{xenbuild.VIF_MAC}", NAME="{nic}"\n',
+    )
+    g.write("/usr/local/sbin/vimg-report", xenbuild.XEN_REPORT_SCRIPT)
+    g.chmod(0o755, "/usr/local/sbin/vimg-report")
 
 
 def _add_pv(g: Any) -> None:
