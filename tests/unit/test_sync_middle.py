@@ -15,6 +15,7 @@ from vimgtools.errors import ImageError, ImageRefused, Interrupted, TransportErr
 from vimgtools.image import Image
 from vimgtools.journal import JOURNAL_SUFFIX
 from vimgtools.sync import rollback
+from vimgtools.sync import undo as undo_module
 from vimgtools.sync.chunks import CHUNK_SIZE
 from vimgtools.sync.options import SyncOptions
 from vimgtools.sync.receiver import run_receiver, stream_digests
@@ -195,6 +196,28 @@ def test_replica_commits_with_undo_and_rolls_back(images: tuple[Path, Path], tmp
     assert rollback(dst, undo, dry_run=True) == 2 * BS and dst.read_bytes()[:BS] == b"z" * BS
     assert rollback(dst, undo) == 2 * BS
     assert sha(dst) == before
+
+
+def test_undo_read_at_the_end_in_batches(
+    images: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes that bring no old content (a push's far side, --state): the undo file is read from the
+    replica before the commit, its ranges asked for a batch at a time; every batch boundary holds."""
+    monkeypatch.setattr(undo_module, "PREFETCH_BYTES", 2 * BS)  # batches of two records
+    src, dst = images
+    before = sha(dst)
+    undo = tmp_path / "u.undo"
+    with Image(src) as img:
+        source = source_of(img)
+    with Replica(dst, source, block_size=BS) as rep, rep.receiving(undo):
+        assert not rep.wants_old
+        for i in range(5):
+            rep.data(i * 3 * BS, bytes([i + 1]) * BS)
+        rep.zero(CHUNK_SIZE + MiB, 3 * BS)  # one record larger than a batch
+        rep.data(CHUNK_SIZE + 2 * MiB, b"w" * BS)
+        rep.end_chunk(SIZE)
+    assert rep.figures()["undo_bytes"] >= 6 * BS  # the data records' old content (a hole: a ZERO record)
+    assert rollback(dst, undo) and sha(dst) == before
 
 
 def test_rollback_of_a_sync_that_died_before_its_journal_commit(

@@ -8,6 +8,7 @@ so a rollback first proves the replica still holds the generation that sync wrot
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from vimgtools.journal import (
     Header,
     JournalContents,
     JournalWriter,
+    Record,
     iter_records,
     journal_path_for,
     read_journal,
@@ -31,6 +33,8 @@ from vimgtools.sync.chunks import CHUNK_SIZE
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
+
+PREFETCH_BYTES = 32 << 20  # old content asked for ahead (the batch's new payloads are held meanwhile)
 
 
 class UndoWriter:
@@ -69,13 +73,32 @@ def write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -
     undo = UndoWriter(path, d.size, header)
     try:
         buf = bytearray(CHUNK_SIZE)
-        for rec, payload in iter_records(journal):
-            view = memoryview(buf)[: rec.length]
-            d.read_into(view, rec.offset)
-            undo.add(rec.offset, view, payload)
+        for batch in _batches(iter_records(journal), PREFETCH_BYTES):
+            for rec, _ in batch:  # asked of the disk at once: scattered ranges read cold one by one,
+                d.prefetch(rec.offset, rec.length)  # each waited for (~2 ms here), were most of a run
+            for rec, payload in batch:
+                view = memoryview(buf)[: rec.length]
+                d.read_into(view, rec.offset)
+                undo.add(rec.offset, view, payload)
         return undo.commit()
     finally:
         undo.close()
+
+
+def _batches(
+    records: Iterator[tuple[Record, bytes | None]], most: int
+) -> Iterator[list[tuple[Record, bytes | None]]]:
+    """Consecutive records, each batch at most ``most`` bytes long (or one record), payloads held."""
+    batch: list[tuple[Record, bytes | None]] = []
+    size = 0
+    for rec in records:
+        if batch and size + rec[0].length > most:
+            yield batch
+            batch, size = [], 0
+        batch.append(rec)
+        size += rec[0].length
+    if batch:
+        yield batch
 
 
 def rollback(
