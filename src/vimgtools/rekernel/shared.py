@@ -960,6 +960,14 @@ def verify_shared(
     return {"guests": out, "initramfs": verify_initramfs(gi, states, kernel, target, plan)}
 
 
+def _shared_disks(system: str | os.PathLike[str], guests: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """SYSTEM, then each guest's ROOT (at least one), each disk once."""
+    roots = [Path(g) for g in guests]
+    if not roots:
+        raise InvalidInput("a shared system disk needs at least one --guest ROOT")
+    return as_disks([system, *roots])
+
+
 def rekernel_shared(
     system: str | os.PathLike[str],
     from_dir: str | os.PathLike[str],
@@ -1001,10 +1009,7 @@ def rekernel_shared(
         raise InvalidInput(f"--target {target}: use kvm or xen")
     t_start = time.monotonic()
     pairs = shared_maps(maps)
-    roots = [Path(g) for g in guests]
-    if not roots:
-        raise InvalidInput("a shared system disk needs at least one --guest ROOT")
-    disks = as_disks([system, *roots])
+    disks = _shared_disks(system, guests)
     kernel = find_kernel(Path(from_dir), version=version)
     if kernel.initramfs is None and regenerate_initramfs is False:
         raise InvalidInput(
@@ -1085,10 +1090,7 @@ def rollback_shared(
     """
     t_start = time.monotonic()
     pairs = shared_maps(maps)
-    roots = [Path(g) for g in guests]
-    if not roots:
-        raise InvalidInput("a shared system disk needs at least one --guest ROOT")
-    disks = as_disks([system, *roots])
+    disks = _shared_disks(system, guests)
     dmap = disk_map(disks)
     result = Result(plan=None, dry_run=dry_run, action="rollback-shared")
     with disks_session(disks, result, workdir=Path(workdir) if workdir else None) as gi:
