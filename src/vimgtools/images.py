@@ -92,12 +92,6 @@ def refuse_if_held(path: Path, holder: str | None, force: bool) -> None:
 def _may_be_formatted(img: Image) -> bool:
     """Read the image's first and last sector (giving back the pages if we brought them in)."""
     head, tail = memoryview(bytearray(512)), memoryview(bytearray(512))
-    _, cached_head = img.read_into(head, 0)
-    end = max(0, img.size - 512)
-    _, cached_tail = img.read_into(tail, end)
-    page = os.sysconf("SC_PAGE_SIZE")  # POSIX_FADV_DONTNEED drops whole pages only
-    if not cached_head:
-        img.drop_cache(0, page)
-    if not cached_tail:
-        img.drop_cache(end // page * page, 2 * page)
+    img.read_back(head, 0)
+    img.read_back(tail, max(0, img.size - 512))
     return may_be_formatted(bytes(head), bytes(tail))

@@ -145,6 +145,27 @@ def test_residency_says_which_pages_are_cached(pair: tuple[Path, Path], residenc
         assert img.residency(SIZE, CHUNK_SIZE) is True  # nothing there, so nothing to give back
 
 
+def test_a_read_outside_a_guard_learns_residency_before_reading(
+    pair: tuple[Path, Path], residency_probe: str
+) -> None:
+    """A probe by reading (RWF_NOWAIT) starts the read of what is missing and, on a fast device,
+    can take the page it just read in for a cached one: where the kernel tells residency, it is
+    asked first. A sector's read gives back its whole page."""
+    src, _ = pair
+    want = src.read_bytes()[512:1024]
+    _cold(src)
+    with Image(src) as img:
+        buf = memoryview(bytearray(512))
+        assert img.read_back(buf, img.size - 512, cached_only=True) is None
+        assert _cached(src) == []  # refused before reading: nothing brought in
+        assert img.read_back(buf, img.size - 512) == 512
+        assert _cached(src) == []
+        _warm(src, [(0, 4096)])
+        assert img.read_back(buf, 512, cached_only=True) == 512
+        assert bytes(buf) == want
+        assert _cached(src) == [(0, 4096)]
+
+
 def test_guard_reads_ahead_and_gives_back_what_it_did_not_read(
     pair: tuple[Path, Path], residency_probe: str
 ) -> None:

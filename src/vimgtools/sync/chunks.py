@@ -20,7 +20,6 @@ cached before are given back.
 from __future__ import annotations
 
 import contextlib
-import mmap
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -40,7 +39,6 @@ CHUNK_SIZE = 8 << 20
 READ_AHEAD = 8
 PIECE = 256 << 10  # read and compared while in the CPU cache; measured 7.7 GB/s vs 5-6.7 with 1 MiB
 ZEROS = memoryview(bytes(CHUNK_SIZE))
-PAGE_SIZE = mmap.PAGESIZE
 
 T = TypeVar("T")
 
@@ -187,14 +185,12 @@ class NotCached(Exception):
 def read_piece(img: Image, view: memoryview, offset: int, keep_cache: bool, cached_only: bool = False) -> int:
     """Read ``view`` from ``offset``; pages this read brought in are given back unless ``keep_cache``.
 
-    With ``cached_only``, raises NotCached (after reading) if any of it was not in the page cache.
-    Residency is learned by the read itself (RWF_NOWAIT): for reads outside a ``CacheGuard``.
+    With ``cached_only``, raises NotCached if any of it was not in the page cache (before
+    reading where residency can be learned so, see ``Image.read_back``): for reads outside a
+    ``CacheGuard``.
     """
-    got, cached = img.read_into(view, offset)
-    if not cached and not keep_cache:
-        # We brought these pages in; give them back so a nightly run does not evict the host's cache.
-        img.drop_cache(offset, len(view))
-    if cached_only and not cached:
+    got = img.read_back(view, offset, keep=keep_cache, cached_only=cached_only)
+    if got is None:
         raise NotCached
     return got
 
@@ -263,27 +259,9 @@ class CacheGuard:
         if cached_only and r is not True:
             raise NotCached
         got, _ = self.img.read_into(view, offset, probe=False)
-        if not self.keep and r is not True:
-            self._give_back(chunk, r, offset, len(view))
+        if not self.keep and r is not None:
+            self.img.give_back(chunk, r, offset, len(view))
         return got
-
-    def _give_back(self, chunk: int, r: Residency | None, offset: int, length: int) -> None:
-        """Drop the pages of [offset, offset+length) that were not cached when the chunk was prepared."""
-        if r is False:
-            self.img.drop_cache(offset, length)
-            return
-        if not isinstance(r, bytes):
-            return
-        first, stop = (offset - chunk) // PAGE_SIZE, -(-(offset - chunk + length) // PAGE_SIZE)
-        i = first
-        while i < stop:  # runs of pages that were not cached
-            j = r.find(0, i, stop)
-            if j < 0:
-                break
-            k = r.find(1, j, stop)
-            k = stop if k < 0 else k
-            self.img.drop_cache(chunk + j * PAGE_SIZE, (k - j) * PAGE_SIZE)
-            i = k
 
     def done(self, offset: int) -> None:
         with self._lock:
@@ -306,7 +284,7 @@ class CacheGuard:
                 for o, n in self._ranges(chunk, length):
                     for p in range(o, o + n, len(scratch)):
                         self.img.read_into(scratch[: min(len(scratch), o + n - p)], p, probe=False)
-            self._give_back(chunk, r, chunk, length)
+            self.img.give_back(chunk, r, chunk, length)
 
 
 _local = local()

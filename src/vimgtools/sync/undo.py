@@ -78,7 +78,7 @@ def write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -
                 d.prefetch(rec.offset, rec.length)  # each waited for (~2 ms here), were most of a run
             for rec, payload in batch:
                 view = memoryview(buf)[: rec.length]
-                d.read_into(view, rec.offset)
+                d.read_into(view, rec.offset, probe=False)
                 undo.add(rec.offset, view, payload)
         return undo.commit()
     finally:
@@ -138,7 +138,7 @@ def rollback(
         would = 0
         for rec, payload in iter_records(contents):
             view = memoryview(buf)[: rec.length]
-            d.read_into(view, rec.offset)
+            d.read_into(view, rec.offset, probe=False)
             # The old content already: the sync died after committing this file, before its journal
             # (nothing of it was written); writing it again is harmless.
             unwritten = zero_blocks(view, 1 << 24).all() if payload is None else view == payload
