@@ -73,6 +73,26 @@ def test_first_full_then_only_what_the_bitmap_marked(guest: tuple[Path, Path], t
     assert list(bitmaps(sysdisk)) == ["vimgtools.gen-2"]  # the older one went once gen 2 was durable
 
 
+def test_an_incremental_run_loads_neither_numpy_nor_the_other_backends(
+    guest: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """numpy's import (~0.1 s) was paid by every incremental run (the undo file's zero test), the
+    QMP and libvirt backends' imports (asyncio, ssl, libnbd) by every run of any kind."""
+    sysdisk, data = guest
+    args = f"[{str(sysdisk)!r}, {str(data)!r}], {str(tmp_path / 'dr')!r}"
+    code = (
+        "import subprocess, sys, vimgtools.replicate as r\n"
+        f"r.replicate({args})\n"
+        f"subprocess.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x44 1M 64k', {str(sysdisk)!r}], check=True)\n"
+        f"out = r.replicate({args})\n"
+        "assert [d.mode for d in out.disks] == ['incremental', 'incremental'], out\n"
+        "assert out.disks[0].bytes_written == 65536, out\n"
+        "loaded = [m for m in ('numpy', 'asyncio', 'qemu', 'vimgtools.replicate.libvirt') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 @pytest.mark.parametrize("lost", ["removed", "inconsistent", "resized", "replica-touched"])
 def test_tracking_lost_falls_back_to_a_full_compare(
     guest: tuple[Path, Path], tmp_path: Path, lost: str

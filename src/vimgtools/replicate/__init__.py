@@ -15,25 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from vimgtools.errors import InvalidInput
-from vimgtools.replicate.define import check_can_define
-from vimgtools.replicate.define import define as define_clone
 from vimgtools.replicate.dest import open_dest
 from vimgtools.replicate.generation import DiskResult, Progress, ReplicateResult, run
-from vimgtools.replicate.libvirt import (
-    DEFAULT_URI,
-    LibvirtGuest,
-    connect,
-    domain_disks,
-    libvirt_module,
-    lookup,
-)
 from vimgtools.replicate.offline import Offline
-from vimgtools.replicate.qmp import QmpGuest
 from vimgtools.sync.options import SyncOptions
 from vimgtools.sync.ssh import split_remote
 
 __all__ = ["DiskResult", "ReplicateResult", "recover", "replicate"]
 
+DEFAULT_URI = "qemu:///system"  # libvirt's system daemon
 IMAGE_SUFFIXES = {".img", ".raw", ".qcow2", ".qcow", ".vmdk", ".vdi", ".vhd", ".vhdx", ".qed"}
 
 
@@ -103,7 +93,11 @@ def replicate(
         raise InvalidInput(
             "--define needs a libvirt guest (its definition is what is cloned)", option="define"
         )
+    # Each kind's backend is imported for that kind alone: QEMU's QMP library brings asyncio and
+    # ssl, the libvirt backend libnbd and the bindings (~0.1 s of a run's start together).
     if isinstance(guest, str) and guest.startswith("qmp:"):
+        from vimgtools.replicate.qmp import QmpGuest
+
         g = QmpGuest(guest[4:], agent=agent, name=name)
         try:
             return run(g, dest, **opts)  # type: ignore[arg-type]
@@ -125,6 +119,10 @@ def _libvirt(
     guest: str, dest: str | os.PathLike[str], uri: str, name: str | None, define: str | None,
     as_name: str | None, opts: dict[str, Any],
 ) -> ReplicateResult:  # fmt: skip
+    from vimgtools.replicate.define import check_can_define
+    from vimgtools.replicate.define import define as define_clone
+    from vimgtools.replicate.libvirt import LibvirtGuest, connect, domain_disks, libvirt_module, lookup
+
     conn = connect(uri)
     clones = connect(define) if define is not None else None
     try:

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from vimgtools import _cli
-from vimgtools.replicate import ReplicateResult, recover, replicate
+from vimgtools.replicate import DEFAULT_URI, ReplicateResult, recover, replicate
 from vimgtools.replicate.dest import serve
 
 log = logging.getLogger("vimgtools.replicate")
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--connect",
         metavar="URI",
-        default="qemu:///system",
-        help="libvirt's URI (default qemu:///system)",
+        default=DEFAULT_URI,
+        help=f"libvirt's URI (default {DEFAULT_URI})",
     )
     p.add_argument(
         "--agent", metavar="SOCKET", help="with qmp:PATH: the guest agent's socket, to freeze the guest"

@@ -43,7 +43,6 @@ from vimgtools.replicate.generation import GuestDisk
 
 log = logging.getLogger("vimgtools.replicate")
 
-DEFAULT_URI = "qemu:///system"
 JOB_END_TIMEOUT = 30.0
 WORK_DIR = "/var/tmp"  # our per-run directories: the backup's socket and scratch files
 

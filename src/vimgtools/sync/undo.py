@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vimgtools.blocks import checksum64, zero_blocks
+from vimgtools.blocks import checksum64, diff_runs
 from vimgtools.errors import ImageRefused, JournalError
 from vimgtools.image import Image
 from vimgtools.images import open_image
@@ -29,12 +29,20 @@ from vimgtools.journal import (
     recover_image,
     write_through_journal,
 )
-from vimgtools.sync.chunks import CHUNK_SIZE
+from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 PREFETCH_BYTES = 32 << 20  # old content asked for ahead (the batch's new payloads are held meanwhile)
+
+
+def _zero(view: memoryview) -> bool:
+    """All zeros (numpy's zero_blocks would cost its import, ~0.1 s of every run)."""
+    return not any(
+        diff_runs(view[i : i + CHUNK_SIZE], ZEROS[: len(view[i : i + CHUNK_SIZE])], CHUNK_SIZE)
+        for i in range(0, len(view), CHUNK_SIZE)
+    )
 
 
 class UndoWriter:
@@ -53,7 +61,7 @@ class UndoWriter:
         for start in range(0, len(oldv), MAX_RECORD):  # one checksum per record: at most MAX_RECORD
             o = oldv[start : start + MAX_RECORD]
             new_sum = checksum64(newv[start : start + len(o)] if newv is not None else bytes(len(o)))
-            if zero_blocks(o, 1 << 24).all():
+            if _zero(o):
                 self._writer.zero(offset + start, len(o), aux=new_sum)
             else:
                 self._writer.data(offset + start, o, aux=new_sum)
@@ -141,7 +149,7 @@ def rollback(
             d.read_into(view, rec.offset, probe=False)
             # The old content already: the sync died after committing this file, before its journal
             # (nothing of it was written); writing it again is harmless.
-            unwritten = zero_blocks(view, 1 << 24).all() if payload is None else view == payload
+            unwritten = _zero(view) if payload is None else view == payload
             if checksum64(view) != rec.aux and not unwritten:
                 raise ImageRefused(
                     f"{d.path}: changed since the sync that wrote {upath} "
