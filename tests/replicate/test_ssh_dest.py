@@ -56,6 +56,26 @@ def test_first_full_then_only_the_marked_blocks_sent(
     assert json.loads((dest / "manifest.json").read_text())["generation"] == 2
 
 
+def test_the_sessions_of_a_run_share_one_connection(
+    sshd: list[str], guest: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """prepare, one session a disk, commit: one ssh handshake (ssh runs LocalCommand once a
+    connection), and the connection is gone at the end (nothing of ours left running)."""
+    sysdisk, data = guest
+    count = tmp_path / "connections"
+    rsh = f"{sshd[1]} -o PermitLocalCommand=yes -o LocalCommand='echo c >> {count}'"
+    args = ["--rsh", rsh, *sshd[2:], sysdisk, data, f"root@127.0.0.1:{tmp_path / 'dr'}"]
+    for generation in (1, 2):
+        count.unlink(missing_ok=True)
+        assert run_json(*args)["generation"] == generation
+        assert count.read_text() == "c\n"  # four sessions, one connection
+        left = subprocess.run(["pgrep", "-f", str(count)], capture_output=True)
+        assert left.returncode == 1, left.stdout  # its master (LocalCommand in its command line) is gone
+    count.unlink()
+    run_json("--rsh", f"{rsh} -o ControlMaster=no", *args[2:])
+    assert count.read_text() == "c\n" * 4  # the user's own ssh options come first, and win
+
+
 def test_kill_9_mid_run_then_recover_over_ssh(
     sshd: list[str], guest: tuple[Path, Path], tmp_path: Path
 ) -> None:
