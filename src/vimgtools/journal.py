@@ -22,10 +22,12 @@ payload bytes. A torn tail (bad checksum) ends the readable part.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -237,23 +239,26 @@ class JournalContents:
     data_bytes: int  # DATA payload bytes up to there
 
 
-def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int, bytes | None]]:
+Read = Callable[[int, int], "Buffer"]  # (length, position) -> the bytes there (fewer at the end)
+
+
+def _walk(read: Read, size: int) -> Iterator[tuple[int, Record, int, Buffer | None]]:
     """Each intact record: (kind, record, sequence, payload: the bytes checked, None but for DATA).
     Stops at the first torn or damaged one."""
     pos, expect = HEADER_SIZE, 0
     while pos + RECORD_SIZE <= size:
-        raw = os.pread(fd, RECORD_SIZE, pos)
+        raw = read(RECORD_SIZE, pos)
         magic_r, kind, offset, length, psum, aux, rseq = RECORD.unpack_from(raw)
         (rsum,) = _SUM.unpack_from(raw, RECORD.size)
-        if magic_r != RECORD_MAGIC or checksum64(raw[: RECORD.size]) != rsum or rseq != expect:
+        if magic_r != RECORD_MAGIC or checksum64(memoryview(raw)[: RECORD.size]) != rsum or rseq != expect:
             return
         payload_len = length if kind == DATA else 0
         payload = None
         if kind == DATA:
             if length > MAX_RECORD or pos + RECORD_SIZE + length > size:
                 return
-            payload = os.pread(fd, length, pos + RECORD_SIZE)
-            if len(payload) != length or checksum64(payload) != psum:
+            payload = read(length, pos + RECORD_SIZE)
+            if len(memoryview(payload)) != length or checksum64(payload) != psum:
                 return
         elif kind not in (ZERO, CHECKPOINT, COMMIT):
             return
@@ -262,8 +267,33 @@ def _walk(fd: int, size: int) -> Iterator[tuple[int, Record, int, bytes | None]]
         expect += 1
 
 
-def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
-    """Verify a journal or undo file from end to end; a torn tail is ignored (it was never committed)."""
+@contextlib.contextmanager
+def _reader(fd: int, size: int, mapped: bool) -> Iterator[Read]:
+    """How a walk reads the file: ``pread`` (bytes of its own), or views into a read-only mapping.
+
+    A mapping saves copying every payload out of the page cache, once to verify the file and
+    once more to apply it (88 MiB each in the benchmark case, ~25 ms a pass here). Only for a
+    caller holding the image's exclusive lock: a file cut short under a mapping is a SIGBUS,
+    and only another writer of the same image would cut its journal.
+    """
+    if not mapped or size <= HEADER_SIZE:
+        yield lambda n, pos: os.pread(fd, n, pos)
+        return
+    m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    view = memoryview(m)
+    try:
+        yield lambda n, pos: view[pos : pos + n]
+    finally:
+        view.release()
+        with contextlib.suppress(BufferError):  # a payload still held: unmapped when it goes
+            m.close()
+
+
+def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC, *, mapped: bool = False) -> JournalContents:
+    """Verify a journal or undo file from end to end; a torn tail is ignored (it was never committed).
+
+    ``mapped``: read it through a mapping (see ``_reader``): only under the image's exclusive lock.
+    """
     try:
         fd = open_regular(path, "journal-format file (journal, undo file or delta)")
     except OSError as e:
@@ -273,18 +303,19 @@ def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
         header = Header.unpack(os.pread(fd, HEADER_SIZE, 0), path, magic)
         checkpoint, resume_at, seq, committed = 0, HEADER_SIZE, 0, False
         data_bytes = pending = 0
-        for kind, rec, rseq, _ in _walk(fd, size):
-            if kind == DATA:
-                pending += rec.length
-            elif kind in (CHECKPOINT, COMMIT):
-                data_bytes += pending
-                pending = 0
-                checkpoint = rec.offset if kind == CHECKPOINT else checkpoint
-                resume_at = rec.payload_at
-                seq = rseq + 1
-                if kind == COMMIT:
-                    committed = True
-                    break
+        with _reader(fd, size, mapped) as read:
+            for kind, rec, rseq, _ in _walk(read, size):
+                if kind == DATA:
+                    pending += rec.length
+                elif kind in (CHECKPOINT, COMMIT):
+                    data_bytes += pending
+                    pending = 0
+                    checkpoint = rec.offset if kind == CHECKPOINT else checkpoint
+                    resume_at = rec.payload_at
+                    seq = rseq + 1
+                    if kind == COMMIT:
+                        committed = True
+                        break
         return JournalContents(path, magic, header, committed, checkpoint, resume_at, seq, data_bytes)
     except OSError as e:
         raise JournalError(f"{path}: read error: {describe_os_error(e)}") from e
@@ -294,6 +325,13 @@ def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC) -> JournalContents:
 
 def iter_records(contents: JournalContents) -> Iterator[tuple[Record, bytes | None]]:
     """The DATA and ZERO records of a verified file, with payloads (None for ZERO), streamed."""
+    for rec, payload in _records(contents, mapped=False):
+        yield rec, payload if payload is None else bytes(payload)
+
+
+def _records(contents: JournalContents, *, mapped: bool) -> Iterator[tuple[Record, Buffer | None]]:
+    """``iter_records``; with ``mapped`` each payload is a view into a mapping of the file, valid
+    until the next record is asked for (see ``_reader``)."""
     path = contents.path
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -304,10 +342,12 @@ def iter_records(contents: JournalContents) -> Iterator[tuple[Record, bytes | No
         # The walk must reach where verification ended, or the file changed since (never a
         # silently shorter apply).
         end = HEADER_SIZE
-        for kind, rec, _, payload in _walk(fd, contents.resume_at):
-            end = rec.payload_at + (rec.length if kind == DATA else 0)
-            if kind in (DATA, ZERO):
-                yield rec, payload
+        with _reader(fd, contents.resume_at, mapped) as read:
+            for kind, rec, _, payload in _walk(read, contents.resume_at):
+                end = rec.payload_at + (rec.length if kind == DATA else 0)
+                if kind in (DATA, ZERO):
+                    yield rec, payload
+                del payload  # a view into the mapping must not outlive it
         if end != contents.resume_at:
             raise JournalError(f"{path}: changed while being read (no intact record at file position {end})")
     except OSError as e:
@@ -338,22 +378,10 @@ def replay(dst: Image, path: Path, contents: JournalContents) -> int:
     h = contents.header
     if not contents.committed:
         raise JournalError(f"{path}: not committed; nothing to replay")
-    written = 0
     try:
         if not dst.is_block and dst.size < h.new_size:
             dst.truncate(h.new_size)
-        pending = 0
-        for rec, payload in iter_records(contents):
-            if rec.offset + rec.length > max(h.new_size, h.old_size):
-                raise JournalError(f"{path}: record at {rec.offset} lies outside the image")
-            if payload is None:
-                written += dst.zero_range(rec.offset, rec.length)
-            else:
-                written += dst.pwrite_all(payload, rec.offset)
-                pending += len(payload)
-                if pending >= (8 << 20):  # start the disk on it; the final fsync waits for less
-                    dst.start_writeback()
-                    pending = 0
+        written = _apply(dst, path, contents)
         if not dst.is_block and dst.size > h.new_size:
             dst.truncate(h.new_size)
         dst.fsync()
@@ -362,6 +390,25 @@ def replay(dst: Image, path: Path, contents: JournalContents) -> int:
             f"{e}; the update is committed in {path}: run again, or --recover {dst.path}, to complete it"
         ) from e
     remove_journal(path)
+    return written
+
+
+def _apply(dst: Image, path: Path, contents: JournalContents) -> int:
+    """Write the records into ``dst``; the bytes written. The payloads are views into a mapping
+    of the journal (the caller holds the image's lock), gone when this returns."""
+    h = contents.header
+    written = pending = 0
+    for rec, payload in _records(contents, mapped=True):
+        if rec.offset + rec.length > max(h.new_size, h.old_size):
+            raise JournalError(f"{path}: record at {rec.offset} lies outside the image")
+        if payload is None:
+            written += dst.zero_range(rec.offset, rec.length)
+        else:
+            written += dst.pwrite_all(payload, rec.offset)
+            pending += rec.length
+            if pending >= (8 << 20):  # start the disk on it; the final fsync waits for less
+                dst.start_writeback()
+                pending = 0
     return written
 
 
@@ -430,7 +477,7 @@ def write_through_journal(
         remove_journal(jpath)
         raise
     writer.close()
-    return replay(img, jpath, read_journal(jpath))
+    return replay(img, jpath, read_journal(jpath, mapped=True))
 
 
 def recover_image(img: Image, jpath: Path) -> int | None:
@@ -440,7 +487,7 @@ def recover_image(img: Image, jpath: Path) -> int | None:
     """
     if not jpath.exists():
         return None
-    contents = read_journal(jpath)
+    contents = read_journal(jpath, mapped=True)  # the callers hold the image's lock
     if not contents.committed:
         return None
     if contents.header.dst_id[:2] != (0, 0) and contents.header.dst_id[:2] != img.identity:

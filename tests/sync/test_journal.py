@@ -13,6 +13,7 @@ from vimgtools.image import Image
 from vimgtools.journal import (
     HEADER_SIZE,
     JOURNAL_MAGIC,
+    RECORD_SIZE,
     Header,
     JournalWriter,
     apply_runs,
@@ -85,6 +86,32 @@ def test_damaged_payload_before_commit_means_not_committed(tmp_path: Path) -> No
     with Image(img, write=True) as d:
         assert recover_image(d, j) is None
     assert digest(img) == before
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("cut", ["torn", "flipped"])
+def test_read_through_a_mapping_or_not_the_same_records_count(tmp_path: Path, cut: str, mapped: bool) -> None:
+    """A walk over a mapping (under the image's lock) stops where a pread walk does."""
+    img = write_image(tmp_path / "disk.img", MiB, [(0, MiB)], seed=6)
+    j = _journal(tmp_path, img, commit=True)
+    raw = bytearray(j.read_bytes())
+    if cut == "torn":  # cut inside the second payload: it and the COMMIT are gone
+        del raw[len(raw) - RECORD_SIZE - 100 :]
+    else:  # a byte of the second payload flipped
+        raw[len(raw) - RECORD_SIZE - 100] ^= 0xFF
+    j.write_bytes(raw)
+    c = read_journal(j, mapped=mapped)
+    assert not c.committed and c.checkpoint == MiB and c.data_bytes == 4096
+
+
+def test_replay_through_a_mapping_leaves_nothing_open(tmp_path: Path) -> None:
+    img = write_image(tmp_path / "disk.img", MiB, [(0, MiB)], seed=7)
+    j = _journal(tmp_path, img, commit=True)
+    with Image(img, write=True) as d:
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert recover_image(d, j) == 8192
+        assert sorted(os.listdir("/proc/self/fd")) == before  # the mapping's own descriptor too
+    assert not j.exists() and img.read_bytes()[8192:8196] == b"more"
 
 
 @pytest.mark.parametrize(

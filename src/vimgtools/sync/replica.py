@@ -343,7 +343,7 @@ class Replica:
             self.undo_bytes = write_undo(Path(undo), img, read_journal(jpath), writer.header)
         writer.commit()
         writer.close()
-        self.bytes_written = replay(img, jpath, read_journal(jpath))
+        self.bytes_written = replay(img, jpath, read_journal(jpath, mapped=True))  # locked since open
 
     def expect_after(self) -> Expect | None:
         """The replica as this run leaves it (for a state file), None after a dry run."""
