@@ -272,9 +272,9 @@ def _reader(fd: int, size: int, mapped: bool) -> Iterator[Read]:
     """How a walk reads the file: ``pread`` (bytes of its own), or views into a read-only mapping.
 
     A mapping saves copying every payload out of the page cache, once to verify the file and
-    once more to apply it (88 MiB each in the benchmark case, ~25 ms a pass here). Only for a
-    caller holding the image's exclusive lock: a file cut short under a mapping is a SIGBUS,
-    and only another writer of the same image would cut its journal.
+    once more to apply it (an 85 MiB journal here: verify 58 -> 20 ms, apply 95 -> 57 ms). Only
+    for a caller holding the image's exclusive lock: a file cut short under a mapping is a
+    SIGBUS, and only another writer of the same image would cut its journal.
     """
     if not mapped or size <= HEADER_SIZE:
         yield lambda n, pos: os.pread(fd, n, pos)
