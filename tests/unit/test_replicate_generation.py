@@ -164,3 +164,23 @@ def test_decide_says_why(tmp_path: Path) -> None:
         assert mode == "rescan" and said in (reason or ""), (said, reason)
     replica.write_bytes(b"y")
     assert "replica changed" in (decide(prev, disk, replica_identity(replica))[1] or "")
+
+
+def test_a_dr_host_whose_prepare_makes_no_undo_area_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older vimgtools on the DR host answers prepare without the undo area: a run that would
+    write replicas without undo files (a crash would leave two generations) is refused before
+    anything is written; a dry run writes nothing, so it needs none. The far side faked: its
+    answer is what is tested (the real one is in tests/replicate/test_ssh_dest.py)."""
+    from vimgtools.errors import TransportError
+    from vimgtools.replicate.dest import RemoteDir
+    from vimgtools.sync.options import SyncOptions
+
+    disk = mf.Disk("vda", "vda.img", "/src/vda.qcow2", "raw", MiB, "vimgtools.gen-1")
+    old = mf.Manifest("mail", 1, "2026-12-01T00:00:00Z", "crash", [disk]).to_json()
+    dr = RemoteDir("root@dr", "/srv/dr/mail", SyncOptions(rsh="not-ssh"))
+    monkeypatch.setattr(dr, "_call", lambda op, **args: {"manifest": old, "identities": {}})
+    with pytest.raises(TransportError, match=r"no undo area.*update it"):
+        dr.prepare(dry_run=False)
+    assert dr.prepare(dry_run=True).undo is None
+    monkeypatch.setattr(dr, "_call", lambda op, **args: {"manifest": None, "identities": {}})
+    assert dr.prepare(dry_run=False).prev is None  # a first run writes no undo file at all
