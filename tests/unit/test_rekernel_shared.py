@@ -221,7 +221,7 @@ def test_a_host_only_initramfs_or_one_without_a_driver_is_refused(kernel: Kernel
 def test_a_root_uuid_of_one_guest_cannot_serve_the_other(kernel: Kernel) -> None:
     spec = f"UUID={FS['/dev/sdb1'].uuid}"
     p = plan([state("/dev/sdb", R1, root_spec=spec), state("/dev/sdc", R2, root_spec=spec)], kernel)
-    assert refusal_names(p) == {"root:root2.img"}
+    assert refusal_names(p) == {"cmdline-root:root2.img"}
     assert "needs root=/dev/vdaN" in str(p.refusal())
     # A LABEL every guest's root carries serves them all.
     p = plan(
@@ -281,7 +281,7 @@ def test_map_names_each_guests_disks_as_it_sees_them(kernel: Kernel) -> None:
     conf = next(s for s in p.steps if isinstance(s, Write) and s.path.endswith("extlinux.conf"))
     assert "APPEND root=/dev/vda1 ro console=tty0 console=ttyS0,115200 quiet" in conf.text
     checks = {c.name: c for c in p.checks}
-    assert checks["root:root1.img"].ok and checks["root:root2.img"].ok
+    assert checks["cmdline-root:root1.img"].ok and checks["cmdline-root:root2.img"].ok
     assert "  --map /dev/hda -> /dev/vda (each guest's ROOT)" in p.describe()
     assert p.shared["maps"] == {
         "/dev/hda": "/dev/vda (each guest's ROOT)",
@@ -292,7 +292,12 @@ def test_map_names_each_guests_disks_as_it_sees_them(kernel: Kernel) -> None:
         state(d, g, root_spec="/dev/hda1", fstab=HD_FSTAB) for d, g in (("/dev/sdb", R1), ("/dev/sdc", R2))
     ]
     p = plan(bare, kernel)
-    assert refusal_names(p) == {"root:root1.img", "root:root2.img", "devices:root1.img", "devices:root2.img"}
+    # Each guest's own fstab (root:, the retarget's) and the shared command lines (cmdline-root:).
+    assert refusal_names(p) == {
+        f"{check}:{root}"
+        for check in ("root", "cmdline-root", "devices")
+        for root in ("root1.img", "root2.img")
+    }
     assert "root=/dev/hda1 names nothing there" in str(p.refusal()) and "--map OLD=/dev/sda" in str(
         p.refusal()
     )
@@ -697,9 +702,9 @@ def test_rollback_of_a_shared_run_changes_system_only_verified_in_every_view(
     for root in (r1, r2):
         v = result.verified["guests"][str(root)]
         assert v["default_entry"]["kernel"] == f"/boot/vmlinuz-{OLD}" and "is /dev/sd" in v["root"]
-    assert [c.name for c in result.plan.checks if c.name.startswith("root:")] == [
-        "root:root1.img",
-        "root:root2.img",
+    assert [c.name for c in result.plan.checks if c.name.startswith("cmdline-root:")] == [
+        "cmdline-root:root1.img",
+        "cmdline-root:root2.img",
     ]
     # And forward again: the state file names the other kernel now.
     g.closed = None

@@ -308,7 +308,9 @@ def check_root_specs(
     """Every ``root=`` of the shared command lines names this guest's own root in its view."""
     v = state.view
     if not roots:
-        return Check(f"root:{v.name}", False, f"{v.guest}: no root= in {system}'s loader configuration")
+        return Check(
+            f"cmdline-root:{v.name}", False, f"{v.guest}: no root= in {system}'s loader configuration"
+        )
     bad = []
     for path, spec in roots:
         dev = resolve_spec(spec, v.maps, filesystems, {v.disk, SYSTEM_DEV})
@@ -316,7 +318,7 @@ def check_root_specs(
             bad.append(f"{path}: root={spec} names {dev or 'nothing'} there, not its root {v.root}")
     if bad:
         return Check(
-            f"root:{v.name}",
+            f"cmdline-root:{v.name}",
             False,
             f"{v.guest}: " + "; ".join(bad) + " (a command line every guest shares needs root=/dev/vdaN, "
             "each guest's own first disk, a LABEL= that every guest's root carries, or --map OLD=/dev/sda for the "
@@ -324,7 +326,7 @@ def check_root_specs(
             refuses_as=InvalidInput,
         )
     specs = sorted({s for _p, s in roots})
-    return Check(f"root:{v.name}", True, f"{v.guest}: root={', '.join(specs)} is {v.root}, its root")
+    return Check(f"cmdline-root:{v.name}", True, f"{v.guest}: root={', '.join(specs)} is {v.root}, its root")
 
 
 GENERIC_CONF = "/boot/vimgtools/initramfs-tools"  # on SYSTEM: the configuration the generic one is made from
