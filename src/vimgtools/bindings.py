@@ -14,6 +14,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -76,6 +77,16 @@ def load_system_module(
         BindingsMissing: not found, or not loadable by this Python; ``missing`` (formatted with
             ``{ver}``, this Python's version) says which package to install.
     """
+    with _loading:  # a module loaded by hand (``_load``) is in sys.modules before it is whole
+        return _load_system_module(py_name, c_name, missing, label, dirs)
+
+
+_loading = threading.Lock()
+
+
+def _load_system_module(
+    py_name: str, c_name: str, missing: str, label: str, dirs: tuple[str, ...] | None
+) -> ModuleType:
     try:
         return importlib.import_module(py_name)
     except ImportError:

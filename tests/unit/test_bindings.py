@@ -129,3 +129,18 @@ def test_missing_libnbd_bindings_name_the_package(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr("vimgtools.nbd.load_nbd", load)
     with pytest.raises(ImageError, match="python3-libnbd"):
         nbd_module()
+
+
+def test_threads_loading_the_libnbd_bindings_at_once_get_one_module() -> None:
+    """replicate loads libnbd's bindings in a thread while QEMU takes the moment, and the export
+    asks for them too: one module, loaded once (without the lock ~3 runs in 10 had two, or failed)."""
+    code = (
+        "import sys, threading, vimgtools.bindings as b\n"
+        "got = []\n"
+        "ts = [threading.Thread(target=lambda: got.append(b.load_nbd())) for _ in range(8)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "assert len(got) == 8 and all(m is sys.modules['nbd'] for m in got), got\n"
+    )
+    for _ in range(5):  # a race: five fresh processes
+        subprocess.run([sys.executable, "-c", code], check=True)

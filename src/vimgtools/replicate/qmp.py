@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from vimgtools.errors import ImageError, InvalidInput, VimgError
 from vimgtools.formats import ImageInfo, create
 from vimgtools.image import Image
-from vimgtools.nbd import NbdImage, ServedExport
+from vimgtools.nbd import NbdImage, ServedExport, nbd_module
 from vimgtools.replicate import manifest as mf
 from vimgtools.replicate.freeze import NoFreeze, frozen
 from vimgtools.replicate.generation import GuestDisk
@@ -226,6 +227,8 @@ class QmpGuest:
 
     @contextlib.contextmanager
     def moment(self, bitmap: str, since: dict[str, str | None], dry_run: bool) -> Iterator[_Moment]:
+        # libnbd's bindings load (0.08 s cold) while QEMU takes the moment; the export needs them after.
+        threading.Thread(target=_load_nbd_quietly, daemon=True).start()
         self._clean(inconsistent=not dry_run)
         socket_name = f"vimgtools-{os.getpid()}-{os.urandom(6).hex()}"
         m = _Moment(self, socket_name, since)
@@ -319,6 +322,11 @@ class QmpGuest:
             )  # fmt: skip
         finally:
             os.unlink(path)
+
+
+def _load_nbd_quietly() -> None:
+    with contextlib.suppress(VimgError):  # missing: said when the export is opened
+        nbd_module()
 
 
 def _sweep() -> None:
