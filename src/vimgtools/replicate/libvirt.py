@@ -36,7 +36,7 @@ from vimgtools.bindings import BindingsMissing, load_libvirt
 from vimgtools.errors import ImageError, InvalidInput, VimgError
 from vimgtools.formats import ImageInfo
 from vimgtools.image import Image
-from vimgtools.nbd import NbdImage, ServedExport
+from vimgtools.nbd import NbdImage, ServedExport, load_ahead
 from vimgtools.replicate import manifest as mf
 from vimgtools.replicate.freeze import NoFreeze, frozen
 from vimgtools.replicate.generation import GuestDisk
@@ -185,6 +185,7 @@ class LibvirtGuest:
 
     @contextlib.contextmanager
     def moment(self, bitmap: str, since: dict[str, str | None], dry_run: bool) -> Iterator[_Moment]:
+        load_ahead()  # libnbd's bindings, while libvirt takes the moment: the export needs them after
         self._abort_ours()
         if (
             not dry_run and bitmap in self._ours()

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from vimgtools.errors import ImageError, InvalidInput, VimgError
 from vimgtools.formats import ImageInfo, create
 from vimgtools.image import Image
-from vimgtools.nbd import NbdImage, ServedExport, nbd_module
+from vimgtools.nbd import NbdImage, ServedExport, load_ahead
 from vimgtools.replicate import manifest as mf
 from vimgtools.replicate.freeze import NoFreeze, frozen
 from vimgtools.replicate.generation import GuestDisk
@@ -227,8 +226,7 @@ class QmpGuest:
 
     @contextlib.contextmanager
     def moment(self, bitmap: str, since: dict[str, str | None], dry_run: bool) -> Iterator[_Moment]:
-        # libnbd's bindings load (0.08 s cold) while QEMU takes the moment; the export needs them after.
-        threading.Thread(target=_load_nbd_quietly, daemon=True).start()
+        load_ahead()  # libnbd's bindings, while QEMU takes the moment: the export needs them after
         self._clean(inconsistent=not dry_run)
         socket_name = f"vimgtools-{os.getpid()}-{os.urandom(6).hex()}"
         m = _Moment(self, socket_name, since)
@@ -322,11 +320,6 @@ class QmpGuest:
             )  # fmt: skip
         finally:
             os.unlink(path)
-
-
-def _load_nbd_quietly() -> None:
-    with contextlib.suppress(VimgError):  # missing: said when the export is opened
-        nbd_module()
 
 
 def _sweep() -> None:
