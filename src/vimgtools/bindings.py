@@ -68,6 +68,9 @@ def find_system_module(
     return None
 
 
+_loading = threading.Lock()  # see load_system_module
+
+
 def load_system_module(
     py_name: str, c_name: str, missing: str, *, label: str = "", dirs: tuple[str, ...] | None = None
 ) -> ModuleType:
@@ -79,9 +82,6 @@ def load_system_module(
     """
     with _loading:  # a module loaded by hand (``_load``) is in sys.modules before it is whole
         return _load_system_module(py_name, c_name, missing, label, dirs)
-
-
-_loading = threading.Lock()
 
 
 def _load_system_module(

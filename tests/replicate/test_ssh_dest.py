@@ -87,7 +87,7 @@ def test_kill_9_mid_run_then_recover_over_ssh(
     qemu_io(data, *(f"write -P {i + 1} {i}M 1M" for i in range(60)))
     qemu_img("convert", "-U", "-O", "raw", data, tmp_path / "new-data.raw")
     new_vdb = digest(tmp_path / "new-data.raw")
-    seen = set()
+    seen, killed = set(), []
     for delay in (0.4, 0.9, 1.5):
         p = subprocess.Popen(
             [sys.executable, "-m", "vimgtools.replicate", "-q", *sshd, str(sysdisk), str(data), remote]
@@ -95,6 +95,7 @@ def test_kill_9_mid_run_then_recover_over_ssh(
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait()
+        killed.append(p.pid)
         out, err = replicate_json(*sshd, "--recover", remote)
         assert out["dest"] == remote, err
         generation = json.loads((dest / "manifest.json").read_text())["generation"]
@@ -102,6 +103,12 @@ def test_kill_9_mid_run_then_recover_over_ssh(
         want = old_vdb if generation == 1 else new_vdb  # the manifest's generation, whole
         assert digest(dest / "vdb.img") == want, f"not generation {generation} after kill -9 at {delay} s"
     print(f"\n(generation, put back) after each kill: {sorted(seen)}")
+    # A killed run's shared ssh connection goes by itself (ControlPersist=10 after its last session).
+    deadline = time.monotonic() + 40
+    pattern = "|".join(f"/tmp/vimgtools-ssh-{pid}-" for pid in killed)
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a killed run's ssh connection is still there"
+        time.sleep(0.5)
     out = run_json(*sshd, sysdisk, data, remote)
     assert same(sysdisk, dest / "vda.img") and same(data, dest / "vdb.img")
     assert out["generation"] == max(g for g, _ in seen) + 1

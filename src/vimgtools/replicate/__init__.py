@@ -94,7 +94,7 @@ def replicate(
             "--define needs a libvirt guest (its definition is what is cloned)", option="define"
         )
     # Each kind's backend is imported for that kind alone: QEMU's QMP library brings asyncio and
-    # ssl, the libvirt backend libnbd and the bindings (~0.1 s of a run's start together).
+    # ssl, the libvirt backend its XML, define and bindings code (~0.1 s of a run's start together).
     if isinstance(guest, str) and guest.startswith("qmp:"):
         from vimgtools.replicate.qmp import QmpGuest
 
