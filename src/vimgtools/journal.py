@@ -289,10 +289,21 @@ def _reader(fd: int, size: int, mapped: bool) -> Iterator[Read]:
             m.close()
 
 
+class UnstartedJournal(JournalError):
+    """A journal-format file without a header: the run that made it stopped as it began.
+
+    ``JournalWriter`` creates the file, then writes the header; a kill -9 between the two leaves
+    it empty, a power cut before its first flush may leave it zeros. Nothing was committed, so
+    nothing was written in place.
+    """
+
+
 def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC, *, mapped: bool = False) -> JournalContents:
     """Verify a journal or undo file from end to end; a torn tail is ignored (it was never committed).
 
     ``mapped``: read it through a mapping (see ``_reader``): only under the image's exclusive lock.
+    Raises UnstartedJournal for an empty one (or zeros where the header goes), JournalError for
+    any other damage.
     """
     try:
         fd = open_regular(path, "journal-format file (journal, undo file or delta)")
@@ -300,7 +311,10 @@ def read_journal(path: Path, magic: bytes = JOURNAL_MAGIC, *, mapped: bool = Fal
         raise JournalError(f"{path}: cannot read: {describe_os_error(e)}") from e
     try:
         size = os.fstat(fd).st_size
-        header = Header.unpack(os.pread(fd, HEADER_SIZE, 0), path, magic)
+        raw = os.pread(fd, HEADER_SIZE, 0)
+        if not any(raw):
+            raise UnstartedJournal(f"{path}: empty: the run that made it was stopped as it began")
+        header = Header.unpack(raw, path, magic)
         checkpoint, resume_at, seq, committed = 0, HEADER_SIZE, 0, False
         data_bytes = pending = 0
         with _reader(fd, size, mapped) as read:
@@ -480,6 +494,16 @@ def write_through_journal(
     return replay(img, jpath, read_journal(jpath, mapped=True))
 
 
+def is_committed(jpath: Path, magic: bytes = JOURNAL_MAGIC) -> bool:
+    """Whether ``jpath`` holds a committed update (False: there is none, or it stopped before its commit)."""
+    if not jpath.exists():
+        return False
+    try:
+        return read_journal(jpath, magic).committed
+    except UnstartedJournal:
+        return False
+
+
 def recover_image(img: Image, jpath: Path) -> int | None:
     """Finish an update a crash interrupted. Returns bytes written, or None when there was nothing to do.
 
@@ -487,7 +511,10 @@ def recover_image(img: Image, jpath: Path) -> int | None:
     """
     if not jpath.exists():
         return None
-    contents = read_journal(jpath, mapped=True)  # the callers hold the image's lock
+    try:
+        contents = read_journal(jpath, mapped=True)  # the callers hold the image's lock
+    except UnstartedJournal:
+        return None  # the next sync starts over (``_open_journal``)
     if not contents.committed:
         return None
     if contents.header.dst_id[:2] != (0, 0) and contents.header.dst_id[:2] != img.identity:

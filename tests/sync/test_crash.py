@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from synchelp import MiB, cli, cli_json, digest, write_image
 
-from vimgtools.journal import read_journal
+from vimgtools.journal import is_committed
 
 SIZE = 128 * MiB
 
@@ -47,7 +47,7 @@ def journal_state(dst: Path) -> str:
     j = dst.with_name(dst.name + ".vimg-journal")
     if not j.exists():
         return "none"
-    return "committed" if read_journal(j).committed else "scanning"
+    return "committed" if is_committed(j) else "scanning"
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@ from vimgtools.journal import (
     RECORD_SIZE,
     Header,
     JournalWriter,
+    UnstartedJournal,
     apply_runs,
+    is_committed,
     read_journal,
     recover_image,
 )
@@ -134,6 +136,28 @@ def test_foreign_or_damaged_header_is_refused(tmp_path: Path, damage, message: s
     p = cli("--recover", img, "--journal", j, check=1)
     assert message in p.stderr
     assert digest(img) == before
+
+
+@pytest.mark.parametrize(
+    "left", [b"", bytes(HEADER_SIZE), bytes(HEADER_SIZE + RECORD_SIZE)], ids=["empty", "zeros", "zeros+"]
+)
+def test_a_journal_killed_as_it_was_made_is_no_obstacle(tmp_path: Path, left: bytes) -> None:
+    # kill -9 between the journal's creation and its header (CI caught one): recover has nothing
+    # to do, dry runs say so, and the next sync starts over.
+    src = write_image(tmp_path / "src.img", 2 * MiB, [(0, 2 * MiB)], seed=8)
+    dst = write_image(tmp_path / "dst.img", 2 * MiB, [(0, 2 * MiB)], seed=9)
+    j = tmp_path / "dst.img.vimg-journal"
+    j.write_bytes(left)
+    with pytest.raises(UnstartedJournal, match="stopped as it began"):
+        read_journal(j)
+    assert not is_committed(j)
+    before = digest(dst)
+    for args in (["--recover", dst], ["-n", "--recover", dst], ["-n", src, dst]):
+        cli(*args)
+        assert digest(dst) == before and j.read_bytes() == left
+    p = cli(src, dst)
+    assert "starting over" in p.stderr
+    assert digest(dst) == digest(src) and not j.exists()
 
 
 def test_journal_of_another_image_is_refused(tmp_path: Path) -> None:

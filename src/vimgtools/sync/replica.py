@@ -31,6 +31,7 @@ from vimgtools.journal import (
     JOURNAL_MAGIC,
     Header,
     JournalWriter,
+    is_committed,
     journal_path_for,
     read_journal,
     recover_image,
@@ -480,9 +481,8 @@ def recover(
     with open_image(dst, fmt=fmt, write=not dry_run, option="dst_format") as d:
         jpath = Path(journal) if journal is not None else journal_path_for(d)
         if dry_run:
-            if not jpath.exists():
+            if not is_committed(jpath):
                 return None
-            contents = read_journal(jpath)
-            return contents.data_bytes if contents.committed else None
+            return read_journal(jpath).data_bytes
         d.lock_exclusive("recovery")
         return recover_image(d, jpath)
