@@ -25,12 +25,14 @@ import json
 import os
 import re
 import stat
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vimgtools.errors import ImageError, ImageRefused, InvalidInput
+
+if TYPE_CHECKING:
+    import subprocess
 
 # The extensions that name a format (only these make a probed format believed).
 EXTENSIONS = {
@@ -91,6 +93,8 @@ class Bitmap:
 @functools.lru_cache(maxsize=1)
 def known_formats() -> frozenset[str]:
     """The formats this host's qemu-img supports (``Supported formats:`` of ``qemu-img --help``)."""
+    import subprocess  # here, as in _qemu_img: a run on raw images starts no process (~5 ms of imports)
+
     try:
         out = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -118,6 +122,8 @@ def format_by_name(path: Path) -> str | None:
 
 
 def _qemu_img(args: list[str], path: Path) -> subprocess.CompletedProcess[str]:
+    import subprocess
+
     try:
         return subprocess.run(
             ["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False

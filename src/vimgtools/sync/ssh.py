@@ -10,16 +10,18 @@ import contextlib
 import logging
 import os
 import re
-import shlex
 import signal
-import subprocess
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vimgtools.errors import InvalidInput, TransportError
 from vimgtools.sync.wire import Channel
+
+if TYPE_CHECKING:
+    import subprocess
 
 log = logging.getLogger("vimgtools.sync")
 
@@ -56,6 +58,9 @@ class Peer:
         cls, host: str, rsh: str, remote_python: str, timeout: float, module: str = "vimgtools.sync"
     ) -> Peer:
         """``module``'s ``--server`` on ``host`` (``vimgtools.replicate``'s for a replica directory)."""
+        import shlex  # here, with subprocess: a local run starts no process (~5 ms of every start)
+        import subprocess
+
         argv = [*shlex.split(rsh), host, f"{shlex.quote(remote_python)} -m {module} --server"]
         log.debug("starting %s", argv)
         try:
@@ -78,6 +83,8 @@ class Peer:
 
     def explain(self, e: TransportError) -> TransportError:
         """Add what the far side printed (e.g. "No module named vimgtools") to a transport error."""
+        import subprocess  # loaded by start()
+
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=2)
         time.sleep(0.05)
@@ -87,6 +94,8 @@ class Peer:
         return TransportError(f"{e}{' (remote said: ' + said + ')' if said else ''}")
 
     def close(self) -> None:
+        import subprocess  # loaded by start()
+
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
