@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from vimgtools.errors import Interrupted, TransportError
 from vimgtools.image import Image
-from vimgtools.sync.chunks import CHUNK_SIZE, Extents
+from vimgtools.sync.chunks import CHUNK_SIZE, Extents, fresh_buffer
 from vimgtools.sync.digests import DIGEST_BYTES, Changes, Digests, Hashed, Theirs, change_stream, changes_of
 from vimgtools.sync.wire import CHUNK_END, DATA, DIGESTS, HOLES, OFFSET, RANGE, ZERO, Channel
 
@@ -161,7 +161,7 @@ def changes_after(
     img: Image, sess: Session, ahead: list[Hashed], theirs: Theirs, keep_cache: bool
 ) -> Iterator[Changes]:
     """The chunks hashed while connecting (their changed blocks read again), then the rest as usual."""
-    out = memoryview(bytearray(CHUNK_SIZE))
+    out = fresh_buffer(CHUNK_SIZE)
     for h in ahead:
         yield changes_of(img, h, theirs(h.offset, h.length), sess.block_size, out, keep_cache)
     start = ahead[-1].offset + ahead[-1].length

@@ -30,7 +30,7 @@ from vimgtools.journal import (
     recover_image,
     write_through_journal,
 )
-from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS
+from vimgtools.sync.chunks import CHUNK_SIZE, ZEROS, fresh_buffer
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -81,12 +81,12 @@ def write_undo(path: Path, d: Image, journal: JournalContents, header: Header) -
     before any write). A sync that compared the replica keeps it as it reads instead (``UndoWriter``)."""
     undo = UndoWriter(path, d.size, header)
     try:
-        buf = bytearray(CHUNK_SIZE)
+        buf = fresh_buffer(CHUNK_SIZE)
         for batch in _batches(iter_records(journal), PREFETCH_BYTES):
             for rec, _ in batch:  # asked of the disk at once: scattered ranges read cold one by one,
                 d.prefetch(rec.offset, rec.length)  # each waited for (~2 ms here), were most of a run
             for rec, payload in batch:
-                view = memoryview(buf)[: rec.length]
+                view = buf[: rec.length]
                 d.read_into(view, rec.offset, probe=False)
                 undo.add(rec.offset, view, payload)
         return undo.commit()
@@ -143,10 +143,10 @@ def rollback(
             d.refresh_size()
         if d.size != h.new_size and not d.is_block:
             raise ImageRefused(f"{d.path}: is {d.size} bytes, the undo file is for {h.new_size} bytes")
-        buf = bytearray(CHUNK_SIZE)
+        buf = fresh_buffer(CHUNK_SIZE)
         would = 0
         for rec, payload in iter_records(contents):
-            view = memoryview(buf)[: rec.length]
+            view = buf[: rec.length]
             d.read_into(view, rec.offset, probe=False)
             # The old content already: the sync died after committing this file, before its journal
             # (nothing of it was written); writing it again is harmless.
