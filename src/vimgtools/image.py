@@ -265,18 +265,17 @@ class Image:
         return out
 
     # -- reading --------------------------------------------------------
-    def read_into(self, buf: memoryview, offset: int, *, probe: bool = True) -> tuple[int, bool]:
+    def read_into(self, buf: memoryview, offset: int, *, probe: bool = True) -> tuple[int, int]:
         """Fill ``buf`` from ``offset``; bytes past the end read as zeros.
 
-        Returns (bytes read from the image, whether all of it came from the page cache).
-        The second value lets a caller evict what it alone brought in (see ``drop_cache``);
-        it is learned by trying the read with RWF_NOWAIT first. With ``probe`` False the read
-        is a plain one (the caller learned residency before, see ``residency``) and the second
-        value is False.
+        Returns (bytes read from the image, how many of ``buf``'s first bytes came from the page
+        cache). The second value lets a caller evict what it alone brought in (see ``drop_cache``);
+        it is learned by trying the read with RWF_NOWAIT first, which returns the cached pages
+        up to the first one that is not. With ``probe`` False the read is a plain one (the caller
+        learned residency before, see ``residency``) and the second value is 0.
         """
         want = len(buf)
         got = 0
-        cached = probe
         if probe and self._nowait_ok and not self.is_block:
             try:
                 got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
@@ -287,8 +286,7 @@ class Image:
                     raise self._read_error(offset, e) from e
                 self._nowait_ok = False
         end_in_file = max(0, min(want, self.size - offset))
-        if got < end_in_file:
-            cached = False
+        cached = want if got >= end_in_file else got
         while got < end_in_file:
             try:
                 n = os.preadv(self.fd, [buf[got:end_in_file]], offset + got)
@@ -299,7 +297,7 @@ class Image:
             got += n
         if got < want:
             buf[got:] = bytes(want - got)
-        return got, cached
+        return got, cached if probe else 0
 
     def _read_error(self, offset: int, e: OSError) -> ImageError:
         return ImageError(f"{self.path}: read error at offset {offset}: {describe_os_error(e)}")
@@ -336,9 +334,10 @@ class Image:
         r = None if self.cache_probe() == "nowait" else self.residency(base, offset + len(buf) - base)
         if r is None:
             got, cached = self.read_into(buf, offset)
-            if not cached and not keep:
-                self.drop_cache(base, -(-(offset + len(buf)) // _PAGE) * _PAGE - base)
-            return None if cached_only and not cached else got
+            if cached < len(buf) and not keep:  # from the first page that was not cached
+                first = (offset + cached) // _PAGE * _PAGE
+                self.drop_cache(first, -(-(offset + len(buf)) // _PAGE) * _PAGE - first)
+            return None if cached_only and cached < len(buf) else got
         if cached_only and r is not True:
             return None
         got, _ = self.read_into(buf, offset, probe=False)

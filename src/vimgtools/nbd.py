@@ -363,7 +363,7 @@ class NbdImage(Image):
     def data_extents(self) -> list[tuple[int, int]]:
         return self.data_in(0, self.size)
 
-    def read_into(self, buf: memoryview, offset: int, *, probe: bool = True) -> tuple[int, bool]:
+    def read_into(self, buf: memoryview, offset: int, *, probe: bool = True) -> tuple[int, int]:
         """Fill ``buf`` from ``offset`` (past the end: zeros). The page cache is qemu's: nothing to give back.
 
         The reply lands in ``buf`` itself (a shared libnbd buffer, no copy), in requests of at most
@@ -385,7 +385,7 @@ class NbdImage(Image):
             raise self._error("read error", offset, e) from e
         if inside < want:
             buf[inside:] = bytes(want - inside)
-        return inside, True
+        return inside, want
 
     @property
     def chain(self) -> list[dict[str, str]]:

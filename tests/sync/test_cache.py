@@ -3,8 +3,9 @@
 Residency comes from cachestat(2) (Linux >= 6.5), mincore(2) over a mapping, or RWF_NOWAIT
 reads ($VIMGTOOLS_CACHE_PROBE forces one). Files are made cold with fsync + FADV_DONTNEED
 (clean pages really go), then a known part of them is read to stand for the host's working
-set; after a run exactly that part is cached. Pre-cached ranges are 256 KiB-aligned so that
-the RWF_NOWAIT probe, which learns residency a piece at a time, can be exact too.
+set; after a run exactly that part is cached. Pre-cached ranges start where a piece does, so
+that the RWF_NOWAIT probe, which learns the cached pages at the start of each piece it reads,
+can be exact too.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Chunk digests read and hashed a piece at a time, on threads, equal the plain computation.
 
 The reference reads a chunk's bytes whole (zeros past the compared size) and hashes
-them with ``digests_of``; the pipeline reads only data extents, in 256 KiB pieces,
+them with ``digests_of``; the pipeline reads only data extents, in ``PIECE``-sized pieces,
 on two threads. Real sparse files: holes inside a piece, across pieces and chunks,
 a short last block, a compared size that cuts a block.
 """

@@ -12,6 +12,7 @@ from synchelp import MiB, allocated, cli, cli_json, data_extents, digest, poke, 
 import vimgtools
 from vimgtools.errors import ImageRefused, InvalidInput
 from vimgtools.sync import sync
+from vimgtools.sync.chunks import PIECE
 
 SIZE = 64 * MiB
 
@@ -193,11 +194,11 @@ def test_undo_kept_while_comparing_puts_back_every_kind_of_change(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """The compare keeps the replica's old bytes for the undo file as it reads them (no second read):
-    runs across a 256 KiB piece and an 8 MiB chunk boundary, data next to zeros, a hole punched, and
+    runs across a piece and an 8 MiB chunk boundary, data next to zeros, a hole punched, and
     a grown source (the replica's old end reads as zeros) all come back byte for byte."""
     src, dst = pair
     generation1, size1 = digest(dst), dst.stat().st_size
-    poke(src, 200 * 1024, os.urandom(300 * 1024))  # across the first piece boundary
+    poke(src, PIECE - 56 * 1024, os.urandom(300 * 1024))  # across the first piece boundary
     poke(src, 8 * MiB - 12 * 1024, os.urandom(40 * 1024))  # across the first chunk boundary
     poke(src, 20 * MiB, os.urandom(8192) + bytes(16384) + os.urandom(4096))  # data, zeros, data
     poke(src, 60 * MiB + 4096, bytes(4096))
