@@ -29,9 +29,9 @@ help:
 
 deps: apt $(VENV)/.installed pyc
 
-# The package's bytecode, up to date: without it every `python -m vimgtools.…` a test or the demo
-# starts compiles ~40 modules first (~70 ms each time; the sync tests took 38 s instead of 28-32),
-# as where PYTHONDONTWRITEBYTECODE is set (this machine kind) Python never writes it.
+# The package's bytecode, up to date. Where PYTHONDONTWRITEBYTECODE is set (this machine kind)
+# Python never writes it, and every `python -m vimgtools.…` a test or the demo starts compiles ~40
+# modules first (~70 ms each time; three CLI-heavy sync test files took 38 s instead of 28-32).
 pyc: $(VENV)/.installed
 	@env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q src
 

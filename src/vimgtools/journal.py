@@ -494,14 +494,18 @@ def write_through_journal(
     return replay(img, jpath, read_journal(jpath, mapped=True))
 
 
-def is_committed(jpath: Path, magic: bytes = JOURNAL_MAGIC) -> bool:
-    """Whether ``jpath`` holds a committed update (False: there is none, or it stopped before its commit)."""
+def committed_journal(
+    jpath: Path, magic: bytes = JOURNAL_MAGIC, *, mapped: bool = False
+) -> JournalContents | None:
+    """``jpath``'s contents if it holds a committed update; None if there is none, or it stopped
+    before its commit (an ``UnstartedJournal`` included). Other damage raises JournalError."""
     if not jpath.exists():
-        return False
+        return None
     try:
-        return read_journal(jpath, magic).committed
+        contents = read_journal(jpath, magic, mapped=mapped)
     except UnstartedJournal:
-        return False
+        return None  # the next sync starts over (``_open_journal``)
+    return contents if contents.committed else None
 
 
 def recover_image(img: Image, jpath: Path) -> int | None:
@@ -509,13 +513,8 @@ def recover_image(img: Image, jpath: Path) -> int | None:
 
     An uncommitted journal is left for a sync to resume (the image is untouched by it).
     """
-    if not jpath.exists():
-        return None
-    try:
-        contents = read_journal(jpath, mapped=True)  # the callers hold the image's lock
-    except UnstartedJournal:
-        return None  # the next sync starts over (``_open_journal``)
-    if not contents.committed:
+    contents = committed_journal(jpath, mapped=True)  # the callers hold the image's lock
+    if contents is None:
         return None
     if contents.header.dst_id[:2] != (0, 0) and contents.header.dst_id[:2] != img.identity:
         raise JournalError(f"{jpath}: belongs to another image than {img.path}")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from synchelp import MiB, cli, cli_json, digest, write_image
 
-from vimgtools.journal import is_committed
+from vimgtools.journal import committed_journal
 
 SIZE = 128 * MiB
 
@@ -47,7 +47,7 @@ def journal_state(dst: Path) -> str:
     j = dst.with_name(dst.name + ".vimg-journal")
     if not j.exists():
         return "none"
-    return "committed" if is_committed(j) else "scanning"
+    return "committed" if committed_journal(j) is not None else "scanning"
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from synchelp import REMOTE, MiB, cli, cli_json, digest, qemu_holding, write_image
 
-from vimgtools.journal import is_committed
+from vimgtools.journal import committed_journal
 
 SIZE = 64 * MiB
 
@@ -236,7 +236,7 @@ def test_kill_9_into_a_qcow2_then_recover(tmp_path: Path) -> None:
         p.send_signal(signal.SIGKILL)
         p.wait()
         j = dst.with_name(dst.name + ".vimg-journal")
-        states.add("committed" if is_committed(j) else "other")
+        states.add("committed" if committed_journal(j) is not None else "other")
         cli("--recover", dst)
         assert same(dst, old) or same(dst, src), f"a mix after kill -9 at {full * k / 12:.2f} s"
         cli(src, dst)

@@ -18,7 +18,7 @@ from vimgtools.journal import (
     JournalWriter,
     UnstartedJournal,
     apply_runs,
-    is_committed,
+    committed_journal,
     read_journal,
     recover_image,
 )
@@ -150,7 +150,7 @@ def test_a_journal_killed_as_it_was_made_is_no_obstacle(tmp_path: Path, left: by
     j.write_bytes(left)
     with pytest.raises(UnstartedJournal, match="stopped as it began"):
         read_journal(j)
-    assert not is_committed(j)
+    assert committed_journal(j) is None
     before = digest(dst)
     for args in (["--recover", dst], ["-n", "--recover", dst], ["-n", src, dst]):
         cli(*args)

@@ -31,7 +31,7 @@ from vimgtools.journal import (
     JOURNAL_MAGIC,
     Header,
     JournalWriter,
-    is_committed,
+    committed_journal,
     journal_path_for,
     read_journal,
     recover_image,
@@ -481,8 +481,7 @@ def recover(
     with open_image(dst, fmt=fmt, write=not dry_run, option="dst_format") as d:
         jpath = Path(journal) if journal is not None else journal_path_for(d)
         if dry_run:
-            if not is_committed(jpath):
-                return None
-            return read_journal(jpath).data_bytes
+            contents = committed_journal(jpath)
+            return None if contents is None else contents.data_bytes
         d.lock_exclusive("recovery")
         return recover_image(d, jpath)

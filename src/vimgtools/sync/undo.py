@@ -23,7 +23,7 @@ from vimgtools.journal import (
     JournalContents,
     JournalWriter,
     Record,
-    is_committed,
+    committed_journal,
     iter_records,
     journal_path_for,
     read_journal,
@@ -132,7 +132,7 @@ def rollback(
     with open_image(dst, fmt=fmt, write=not dry_run, option="dst_format") as d:
         jpath = journal_path_for(d)
         if dry_run:
-            if is_committed(jpath):
+            if committed_journal(jpath) is not None:
                 raise ImageRefused(
                     f"{d.path}: an interrupted update must be completed first (it is committed in {jpath}); "
                     "run the rollback without dry run, or recover first"
