@@ -1,7 +1,8 @@
 """Extension building here; everything else is in pyproject.toml (as borg does).
 
-The native engine links the system's xxHash C library, found through pkg-config.
-VIMGTOOLS_DEBUG_BUILD=1 builds it with -O0 -g and Cython bounds checks.
+The native engine links the system's xxHash C library, found through pkg-config; the Linux calls
+(_linux) need only the C library.
+VIMGTOOLS_DEBUG_BUILD=1 builds them with -O0 -g and Cython bounds checks.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ def extensions() -> list[Extension]:
         # -O3 but no -march=native: the wheel must run on any x86-64.
         extra_compile_args=["-O0", "-g"] if debug else ["-O3"],
     )
+    linux = Extension(
+        "vimgtools._linux",
+        ["src/vimgtools/_linux.pyx"],
+        extra_compile_args=["-O0", "-g"] if debug else [],
+    )
     directives = {"boundscheck": True, "wraparound": True} if debug else {}
-    return cythonize([ext], compiler_directives=directives, language_level=3)
+    return cythonize([ext, linux], compiler_directives=directives, language_level=3)
 
 
 setup(ext_modules=extensions())

@@ -10,23 +10,19 @@ References: prctl(2) PR_SET_PDEATHSIG.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Callable
 
-_PR_SET_PDEATHSIG = 1
-# The C library Python itself runs on, through dlopen(NULL): ctypes.util.find_library("c") ran
-# `ldconfig -p` in a child process (and imported shutil, tempfile, bz2, lzma) at every start.
-_libc = ctypes.CDLL(None, use_errno=True)
+from vimgtools import _linux
 
 
 def die_with_parent(signum: int) -> Callable[[], None]:
     """A preexec function: ``signum`` to this child when the thread that started it dies."""
     parent = os.getpid()
-    prctl = _libc.prctl
+    set_signal = _linux.set_parent_death_signal
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        set_signal(signum)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 

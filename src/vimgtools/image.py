@@ -8,23 +8,20 @@ QEMU takes on its images).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import stat
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vimgtools import _linux
 from vimgtools.errors import ImageError, ImageRefused, InvalidInput
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
 
 # QEMU's file-posix driver locks single bytes of the image with OFD locks:
@@ -33,49 +30,14 @@ QEMU_LOCK_PERM_BASE = 100
 QEMU_PERM_WRITE_BIT = 1  # BLK_PERM_WRITE = 1 << 1
 _QEMU_LOCK_SPAN = 100  # bytes 100..299 cover every permission bit QEMU knows
 
-# The C library Python itself runs on, through dlopen(NULL): ctypes.util.find_library("c") ran
-# `ldconfig -p` in a child process (and imported shutil, tempfile, bz2, lzma) at every start.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2
-
-# Page-cache residency (see Image.cache_probe): cachestat(2) since Linux 6.5 (451 on every
-# architecture: it came after the syscall tables were unified), else mincore(2) over a mapping.
-_SYS_CACHESTAT = 451
+# Page-cache residency (see Image.cache_probe): cachestat(2) since Linux 6.5, else mincore(2)
+# over a mapping (both in _linux: through ctypes they cost every start 5-6 ms).
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_libc.syscall.restype = ctypes.c_long
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int64,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_MAP_FAILED = ctypes.c_void_p(-1).value
 CACHE_PROBES = ("cachestat", "mincore", "nowait")
 # Pages asked for per POSIX_FADV_WILLNEED call: the kernel reads at most max(read_ahead_kb,
 # max_sectors_kb) per call (mm/readahead.c force_page_cache_ra), 128 KiB on some devices.
 _WILLNEED_STEP = 128 << 10
 _RESIDENT = bytes.maketrans(bytes(range(256)), bytes(i & 1 for i in range(256)))
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [
-        ("nr_cache", ctypes.c_uint64),
-        ("nr_dirty", ctypes.c_uint64),
-        ("nr_writeback", ctypes.c_uint64),
-        ("nr_evicted", ctypes.c_uint64),
-        ("nr_recently_evicted", ctypes.c_uint64),
-    ]
 
 
 Residency = bool | bytes  # True: every page cached; False: none; else one byte per page, 1 = cached
@@ -86,7 +48,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
     Durability still comes only from fsync; this just overlaps the device's work with ours.
     """
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    with contextlib.suppress(OSError):  # a hint: where it fails (a pipe, ESPIPE) fsync does it all
+        _linux.start_writeback(fd, offset, length)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -417,25 +380,18 @@ class Image:
         return False if vec.count(1) == 0 else vec
 
     def _cachestat(self, offset: int, length: int) -> int | None:
-        rng, cs = _CachestatRange(offset, length), _Cachestat()
-        r = _libc.syscall(
-            _SYS_CACHESTAT, ctypes.c_uint(self.fd), ctypes.byref(rng), ctypes.byref(cs), ctypes.c_uint(0)
-        )
-        return None if r != 0 else int(cs.nr_cache)
+        try:
+            return _linux.cachestat(self.fd, offset, length)
+        except OSError:  # ENOSYS before 6.5, EPERM under seccomp, ...: cannot tell
+            return None
 
     def _mincore(self, offset: int, length: int) -> bytes | None:
         if length <= 0:
             return b""
-        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, offset)
-        if addr is None or addr == _MAP_FAILED:
-            return None
         try:
-            vec = ctypes.create_string_buffer(-(-length // _PAGE))
-            if _libc.mincore(addr, length, vec) != 0:
-                return None
-            return vec.raw
-        finally:
-            _libc.munmap(addr, length)
+            return _linux.mincore(self.fd, offset, length)
+        except OSError:  # not mappable (some devices), ENOMEM, ...: cannot tell
+            return None
 
     def prefetch(self, offset: int, length: int) -> None:
         """Start reading [offset, offset+length) into the page cache without waiting (POSIX_FADV_WILLNEED)."""
@@ -479,11 +435,13 @@ class Image:
 
         Returns the bytes written (0 when punched).
         """
-        if _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        try:
+            _linux.punch_hole(self.fd, offset, length)
             return 0
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
-            raise ImageError(f"{self.path}: punching a hole at offset {offset}: {os.strerror(err)}")
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):  # those: cannot punch here
+                why = describe_os_error(e)
+                raise ImageError(f"{self.path}: punching a hole at offset {offset}: {why}") from e
         zeros = bytes(min(length, 1 << 20))
         done = 0
         while done < length:

@@ -109,5 +109,7 @@ def test_only_clis_import_cli_and_only_the_named_modules_import_the_bindings() -
             assert m.endswith("__main__"), f"{p} imports _cli"
         if any(n == "vimgtools._blockdiff" or n.startswith("vimgtools._blockdiff.") for n in names):
             assert m in ("vimgtools", "vimgtools.blocks"), f"{p} imports the native module"
+        if "vimgtools._linux" in names:
+            assert m in ("vimgtools.image", "vimgtools.children"), f"{p} imports the Linux calls"
         if "guestfs" in names:
             assert m == "vimgtools.guest.bindings", f"{p} imports guestfs"
