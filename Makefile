@@ -47,7 +47,7 @@ apt:
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py src/vimgtools/_blockdiff.pyx
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py src/vimgtools/_blockdiff.pyx src/vimgtools/_linux.pyx
 	$(PY) -m pip install -q --upgrade pip 'setuptools>=77' wheel 'Cython>=3.0' numpy pkgconfig
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	$(PY) -c 'import vimgtools, vimgtools.guest.bindings as b, vimgtools.bindings as s; b.load_guestfs(); s.load_nbd(); print("vimgtools", vimgtools.__version__, "built; guestfs and libnbd bindings found")'
@@ -96,4 +96,4 @@ bench-rekernel: deps
 	$(TEST_ENV) $(PY) benchmarks/bench_rekernel.py --boot
 
 clean:
-	rm -rf $(VENV) build src/vimgtools/*.so src/vimgtools/_blockdiff.c .pytest_cache .mypy_cache
+	rm -rf $(VENV) build src/vimgtools/*.so src/vimgtools/_blockdiff.c src/vimgtools/_linux.c .pytest_cache .mypy_cache
