@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import json
 import logging
 import os
 import signal
@@ -149,6 +148,8 @@ _PROG = "vimgtools"
 
 
 def print_json(obj: Any) -> None:
+    import json  # here: a run without --json never loads it (~5 ms of start-up)
+
     json.dump(obj, sys.stdout, indent=None, sort_keys=True, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()

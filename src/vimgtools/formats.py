@@ -21,13 +21,11 @@ References: qemu-img(1) ``info``, ``check``, ``create``, ``resize``; qemu-block-
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vimgtools.errors import ImageError, ImageRefused, InvalidInput
 
@@ -60,8 +58,7 @@ TAIL_MAGICS = (b"conectix", b"koly")
 VDI_SIGNATURE = (0x40, b"\x7f\x10\xda\xbe")
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     """What ``qemu-img info`` says of an image (or what we know of a raw one without asking)."""
 
     path: Path
@@ -69,15 +66,14 @@ class ImageInfo:
     virtual_size: int
     cluster_size: int = 0
     encrypted: bool = False
-    chain: tuple[dict[str, Any], ...] = field(default_factory=tuple)  # the image, then its backing files
+    chain: tuple[dict[str, Any], ...] = ()  # the image, then its backing files
     bitmaps: tuple[Bitmap, ...] = ()  # a qcow2's persistent dirty bitmaps
 
     def chain_json(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self.chain]
 
 
-@dataclass(frozen=True)
-class Bitmap:
+class Bitmap(NamedTuple):
     """A persistent dirty bitmap of a qcow2 image, as ``qemu-img info`` lists it."""
 
     name: str
@@ -160,6 +156,8 @@ def inspect(path: Path, fmt: str | None, *, force_share: bool = False) -> ImageI
     p = _qemu_img([*args, str(path)], path)
     if p.returncode != 0:
         raise ImageRefused(f"{path}: {_qemu_said(p)}")
+    import json  # here, with subprocess (see _qemu_img)
+
     infos = json.loads(p.stdout)
     top = infos[0]
     found = str(top["format"])
@@ -192,6 +190,8 @@ def _check(path: Path, fmt: str, force_share: bool) -> None:
     # 0: clean; 3: leaked clusters only (harmless); 2: corruptions; 1: could not check
     if p.returncode in (0, 3):
         return
+    import json
+
     try:
         report = json.loads(p.stdout)
         detail = f"{report.get('corruptions', '?')} corruptions"

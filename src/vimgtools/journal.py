@@ -28,9 +28,8 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vimgtools.blocks import checksum64
 from vimgtools.errors import ImageError, JournalError
@@ -63,8 +62,7 @@ FLAG_SHRINK = 1  # new_size < old_size was allowed
 JOURNAL_SUFFIX = ".vimg-journal"
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """What a journal or undo file is about."""
 
     magic: bytes
@@ -75,7 +73,7 @@ class Header:
     src_size: int = 0
     src_id: tuple[int, int, int] = (0, 0, 0)  # dev, ino, mtime_ns: to resume only on the same source
     dst_id: tuple[int, int, int] = (0, 0, 0)
-    created_ns: int = field(default_factory=time.time_ns)
+    created_ns: int = 0  # 0: the time it is packed
     digest_name: bytes = b""  # deltas: how the base signature's blocks were hashed
     digest_key: bytes = b""
     base_digest: int = 0  # deltas: identifies the content the delta applies to
@@ -91,7 +89,7 @@ class Header:
             self.src_size,
             *self.src_id,
             *self.dst_id,
-            self.created_ns,
+            self.created_ns or time.time_ns(),
             HASH_NAME,
             self.digest_name,
             self.digest_key,
@@ -137,8 +135,7 @@ class Header:
         )
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     kind: int
     offset: int
     length: int
@@ -225,8 +222,7 @@ class JournalWriter:
             self.fd = -1
 
 
-@dataclass
-class JournalContents:
+class JournalContents(NamedTuple):
     """A verified journal or undo file. Its records are not held in memory (see ``iter_records``)."""
 
     path: Path

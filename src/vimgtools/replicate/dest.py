@@ -19,7 +19,6 @@ closed at the end): ssh's handshake once a run, not once a session (~0.3 s each 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shlex
@@ -220,8 +219,7 @@ class RemoteDir:
         if argv and os.path.basename(argv[0]) == "ssh":  # options the user gave come first and win
             # /tmp, not $TMPDIR: a socket's path has room for 108 bytes, less ssh's 17 of a temporary name
             self._control = f"/tmp/vimgtools-ssh-{os.getpid()}-{os.urandom(4).hex()}"
-            opts = dataclasses.replace(
-                opts,
+            opts = opts.replace(
                 rsh=f"{opts.rsh} -o ControlMaster=auto -o ControlPath={self._control} -o ControlPersist=10",
             )  # idle 10 s, it goes: a gap between sessions longer costs a handshake, a killed run's goes soon
         self.opts = opts
@@ -264,7 +262,7 @@ class RemoteDir:
                 img, Path(self._scratch.name) / file, opts, progress=progress, stop=stop, regions=regions
             )
         target = f"{self.host}:{self.path.rstrip('/')}/{file}"
-        opts = dataclasses.replace(opts, rsh=self.opts.rsh)  # this run's shared connection
+        opts = opts.replace(rsh=self.opts.rsh)  # this run's shared connection
         return push_from(img, target, opts, progress=progress, stop=stop, regions=regions)
 
     def commit(self, manifest: mf.Manifest, domain_xml: str | None) -> str | None:

@@ -23,7 +23,6 @@ holds one whole generation again, never disks of two.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -232,8 +231,8 @@ def _run(
                 mode, reason = "rescan", m.lost[d.target]
             if mode == "rescan":
                 log.warning("%s: %s: %s; comparing in full", backend.name, d.target, reason)
-            opts = dataclasses.replace(
-                base, block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True,
+            opts = base.replace(
+                block_size=block_size, dry_run=dry_run, dst_format=fmt, allow_shrink=True,
                 undo=f"{undo}/{file}.undo" if undo else None,
             )  # fmt: skip
             each = None if progress is None else (lambda done, total, t=d.target: progress(t, done, total))

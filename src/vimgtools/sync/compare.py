@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vimgtools.blocks import Run, diff_runs
 from vimgtools.image import Image
 from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, CacheGuard, block_segments, in_order
 
 
-@dataclass
-class Chunk:
+class Chunk(NamedTuple):
     """One compared chunk. ``src`` holds SRC's bytes of the changed runs (only those) until the next chunk."""
 
     offset: int
@@ -29,7 +28,7 @@ class Chunk:
     runs: list[Run]  # block indices relative to the chunk
     src: memoryview
     bytes_read: int
-    old: list[bytearray] = field(default_factory=list)  # with keep_old: DST's bytes of each run
+    old: list[bytearray]  # with keep_old: DST's bytes of each run (else empty)
 
 
 def scan(
@@ -77,7 +76,7 @@ def scan(
                 length,
             )
         if not segments:  # holes on both sides: nothing to read
-            return Chunk(offset, length, [], ZEROS[:length], 0)
+            return Chunk(offset, length, [], ZEROS[:length], 0, [])
         if not hasattr(local, "a"):  # per thread: two pieces that stay in the CPU cache
             local.a, local.b = memoryview(bytearray(piece)), memoryview(bytearray(piece))
         out = buf[:length]  # receives SRC's bytes of the changed blocks only

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from vimgtools.errors import ImageRefused, InvalidInput
@@ -36,16 +35,18 @@ from vimgtools.sync.signature import ContentDigest, Signature
 Progress = Callable[[int, int], None]
 
 
-@dataclass
 class DeltaResult:
-    blocks: int = 0
-    changed: int = 0
-    zero: int = 0
-    bytes_read: int = 0
-    delta_bytes: int = 0  # payload bytes in the delta
-    bytes_written: int = 0
-    journal_bytes: int = 0
-    seconds: float = 0.0
+    """What writing or applying a delta did; ``vars()`` of it is the ``--json`` summary."""
+
+    def __init__(self, blocks: int = 0) -> None:
+        self.blocks = blocks
+        self.changed = 0
+        self.zero = 0
+        self.bytes_read = 0
+        self.delta_bytes = 0  # payload bytes in the delta
+        self.bytes_written = 0
+        self.journal_bytes = 0
+        self.seconds = 0.0
 
 
 def write_delta(

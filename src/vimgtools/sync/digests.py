@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vimgtools.blocks import diff_runs, digest_into, digest_runs
 from vimgtools.image import Image
@@ -128,8 +128,7 @@ def hash_chunk(
     return digests, zero, read
 
 
-@dataclass
-class Changes:
+class Changes(NamedTuple):
     """What differs in one chunk, as byte ranges of the image, and our digests of all its blocks."""
 
     offset: int
@@ -206,8 +205,7 @@ def _changes(
     return Changes(offset, length, digests, ranges, changed, nzero, read)
 
 
-@dataclass
-class Hashed:
+class Hashed(NamedTuple):
     """A chunk hashed ahead of the comparison, without its bytes (``changes_of`` reads them again)."""
 
     offset: int
@@ -233,8 +231,7 @@ def changes_of(
         return out[lo:hi]
 
     c = _changes(h.offset, h.length, bs, h.digests, runs, h.read, read_again)
-    c.read += again[0]
-    return c
+    return c._replace(read=c.read + again[0])
 
 
 def hash_ahead(

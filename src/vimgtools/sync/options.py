@@ -9,8 +9,7 @@ its flag (``--block-size``).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from vimgtools.errors import InvalidInput
 from vimgtools.formats import check_format_name
@@ -20,7 +19,21 @@ from vimgtools.sync.digests import CHECKSUMS
 MIN_BLOCK_SIZE = 4096
 
 
-@dataclass(frozen=True)
+# The options the far side acts on (the rest is this side's business).
+PEER_FIELDS = (
+    "dry_run",
+    "verify",
+    "undo",
+    "allow_shrink",
+    "force",
+    "journal",
+    "keep_cache",
+    "workers",
+    "src_format",
+    "dst_format",
+)
+
+
 class SyncOptions:
     """Options of ``sync()``; the same object drives a local run, a push, a pull and the far side.
 
@@ -44,62 +57,95 @@ class SyncOptions:
             given; None: by the rule in ``vimgtools.formats``.
     """
 
-    block_size: int = 4096
-    dry_run: bool = False
-    verify: bool = False
-    undo: str | None = None
-    allow_shrink: bool = False
-    force: bool = False
-    journal: str | None = None
-    keep_cache: bool = False
-    state: str | None = None
-    workers: int = 2
-    checksum: str = "xxh128"
-    rsh: str = "ssh"
-    remote_python: str = "python3"
-    timeout: float = 300.0
-    src_format: str | None = None
-    dst_format: str | None = None
+    block_size: int
+    dry_run: bool
+    verify: bool
+    undo: str | None
+    allow_shrink: bool
+    force: bool
+    journal: str | None
+    keep_cache: bool
+    state: str | None
+    workers: int
+    checksum: str
+    rsh: str
+    remote_python: str
+    timeout: float
+    src_format: str | None
+    dst_format: str | None
 
-    def __post_init__(self) -> None:
-        for name in ("undo", "journal", "state"):  # paths as given (PathLike too), kept as str
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, os.fspath(value))
-        check_block_size(self.block_size)
-        check_checksum(self.checksum)
-        if not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
-            raise InvalidInput(f"{self.workers!r}: use 1 to 64 reader threads", option="workers")
-        if not self.timeout > 0:
-            raise InvalidInput(f"{self.timeout!r}: must be more than 0 seconds", option="timeout")
-        for name in ("src_format", "dst_format"):
-            value = getattr(self, name)
+    # A plain class, not a dataclass: the sync CLI's start-up imports no dataclasses (issue 14).
+    FIELDS = (
+        "block_size", "dry_run", "verify", "undo", "allow_shrink", "force", "journal", "keep_cache",
+        "state", "workers", "checksum", "rsh", "remote_python", "timeout", "src_format", "dst_format",
+    )  # fmt: skip
+    PEER_FIELDS = PEER_FIELDS
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 4096,
+        dry_run: bool = False,
+        verify: bool = False,
+        undo: str | os.PathLike[str] | None = None,
+        allow_shrink: bool = False,
+        force: bool = False,
+        journal: str | os.PathLike[str] | None = None,
+        keep_cache: bool = False,
+        state: str | os.PathLike[str] | None = None,
+        workers: int = 2,
+        checksum: str = "xxh128",
+        rsh: str = "ssh",
+        remote_python: str = "python3",
+        timeout: float = 300.0,
+        src_format: str | None = None,
+        dst_format: str | None = None,
+    ) -> None:
+        check_block_size(block_size)
+        check_checksum(checksum)
+        if not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise InvalidInput(f"{workers!r}: use 1 to 64 reader threads", option="workers")
+        if not timeout > 0:
+            raise InvalidInput(f"{timeout!r}: must be more than 0 seconds", option="timeout")
+        for name, value in (("src_format", src_format), ("dst_format", dst_format)):
             if value is not None:
                 check_format_name(value, name)
+        self.__dict__.update(
+            block_size=block_size, dry_run=dry_run, verify=verify, allow_shrink=allow_shrink, force=force,
+            keep_cache=keep_cache, workers=workers, checksum=checksum, rsh=rsh, remote_python=remote_python,
+            timeout=timeout, src_format=src_format, dst_format=dst_format,
+            # paths as given (PathLike too), kept as str
+            undo=_path(undo), journal=_path(journal), state=_path(state),
+        )  # fmt: skip
 
-    # The options the far side acts on (the rest is this side's business).
-    PEER_FIELDS: ClassVar[tuple[str, ...]] = (
-        "dry_run",
-        "verify",
-        "undo",
-        "allow_shrink",
-        "force",
-        "journal",
-        "keep_cache",
-        "workers",
-        "src_format",
-        "dst_format",
-    )
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"SyncOptions are frozen: use .replace({name}=...)")
+
+    def replace(self, **changes: Any) -> SyncOptions:
+        """A copy with ``changes``, validated again."""
+        return SyncOptions(**{**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SyncOptions) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.as_dict().values()))
+
+    def __repr__(self) -> str:
+        return f"SyncOptions({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
     def for_peer(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k in self.PEER_FIELDS}
+        return {k: getattr(self, k) for k in PEER_FIELDS}
 
     @classmethod
     def from_peer(cls, obj: object, *, block_size: int, checksum: str) -> SyncOptions:
         """The far side's options from HELLO; unknown keys are ignored, bad values refused."""
         given = obj if isinstance(obj, dict) else {}
         kw: dict[str, Any] = {}
-        for k in cls.PEER_FIELDS:
+        for k in PEER_FIELDS:
             if k not in given:
                 continue
             v = given[k]
@@ -126,3 +172,7 @@ def check_block_size(block_size: int) -> None:
 def check_checksum(checksum: str) -> None:
     if checksum not in CHECKSUMS:
         raise InvalidInput(f"{checksum!r}: known are {', '.join(CHECKSUMS)}", option="checksum")
+
+
+def _path(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else os.fspath(value)

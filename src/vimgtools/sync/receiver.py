@@ -6,7 +6,6 @@ hostile or broken peer cannot make us write outside the image.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -26,6 +25,7 @@ from vimgtools.sync.wire import (
     RANGE,
     ZERO,
     Channel,
+    loads_object,
     send_error,
 )  # fmt: skip
 
@@ -100,12 +100,7 @@ def run_receiver(
         if ftype == DONE:
             if chunk < sess.end:
                 raise TransportError(f"{ch.peer}: DONE before the end ({chunk} of {sess.end} bytes)")
-            try:
-                done = json.loads(bytes(payload))
-            except ValueError:
-                done = None
-            if not isinstance(done, dict):
-                raise TransportError(f"{ch.peer}: malformed DONE message")
+            done = loads_object(payload, f"{ch.peer}: malformed DONE message")
             break
         chunk_end = min(chunk + CHUNK_SIZE, sess.end)
         if chunk >= sess.end:

@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +298,7 @@ def _pull(
 
 def _compare_with_far_side(ch: Channel, img: Image, sess: Session, keep_cache: bool) -> bool:
     """--verify: our digests of ``img`` against the ones the far side sends of its image, chunk by chunk."""
-    whole = replace(sess, start=0, regions=None)  # the whole image
+    whole = sess.whole()
     img.drop_cache(0, 0)  # read back what reached the disk, not cached writes
     same = True
     for offset, length, mine, _, _ in digest_stream(
@@ -397,7 +396,7 @@ def _serve_sender(ch: Channel, sess: Session, opts: SyncOptions, path: Path) -> 
 
 def _send_for_verify(ch: Channel, path: Path, fmt: str | None, sess: Session, keep_cache: bool) -> None:
     """--verify: read our image again (from the disk, not our cached writes) and send its digests."""
-    whole = replace(sess, start=0, regions=None)  # the whole image
+    whole = sess.whole()
     with open_image(path, fmt=fmt) as img:
         img.drop_cache(0, 0)
         stream_digests(ch, img, whole, keep_cache=keep_cache, size=min(img.size, whole.end))

@@ -18,9 +18,8 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vimgtools.errors import ImageError, ImageRefused, Interrupted, InvalidInput, JournalError, TransportError
 from vimgtools.formats import check_format_name, create, format_by_name
@@ -58,8 +57,7 @@ REPLICA_FIGURES = (
 RESIZABLE = ("raw", "qcow2", "qed")  # formats whose virtual size qemu-img resize changes
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     """What the replica needs to know of the source (which may be on another host)."""
 
     size: int  # the guest's view: a qcow2's virtual size
@@ -69,8 +67,7 @@ class Source:
     cluster_size: int = 0  # a qcow2 source's: a qcow2 replica is created with it
 
 
-@dataclass(frozen=True)
-class Expect:
+class Expect(NamedTuple):
     """What a replica looked like right after a sync: if it still does, nobody changed it since."""
 
     dev: int

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 
 from vimgtools.blocks import Run
 from vimgtools.image import Image
@@ -12,43 +11,47 @@ from vimgtools.sync.replica import REPLICA_FIGURES
 log = logging.getLogger("vimgtools.sync")
 
 
-@dataclass
 class SyncResult:
-    """What a sync did. ``to_dict()`` is the ``--json`` summary."""
+    """What a sync did. ``to_dict()`` is the ``--json`` summary, its keys in this order."""
 
-    src: str
-    dst: str
-    block_size: int
-    size: int = 0
-    blocks: int = 0
-    changed: int = 0  # blocks whose content differed
-    zero: int = 0  # of those, blocks now all zero: punched (files) or zeroed (devices)
-    bytes_read: int = 0  # from the image(s) on this host; with a remote peer, its reads are added
-    bytes_written: int = 0  # into dst itself (punched holes count 0)
-    journal_bytes: int = 0  # written to the redo journal
-    undo_bytes: int = 0  # written to the undo file
-    seconds: float = 0.0
-    seconds_flush: float = 0.0  # of those, committing, writing in place and fsyncing (the rest is comparing)
-    dry_run: bool = False
-    created: bool = False  # dst did not exist
-    resized_from: int | None = None  # dst's old size when it was resized
-    resumed_from: int = 0  # an interrupted run's scan position this run started at
-    recovered: bool = False  # a committed journal from an interrupted run was replayed first
-    dst_extra_bytes: int = 0  # a block device dst larger than src: this tail was left alone
-    verified: bool | None = None
-    warnings: list[str] = field(default_factory=list)
-    bytes_sent: int | None = None  # remote sync only: bytes this side wrote to / read from the pipe
-    bytes_received: int | None = None
-    seconds_connect: float | None = None  # remote sync only: starting the far side (ssh) until it answered
-    state: str | None = (
-        None  # --state: "trusted" (SRC alone was read), "none yet", "replica changed since", ...
-    )
-    src_format: str = "raw"  # how SRC was read (vimgtools.formats)
-    dst_format: str = "raw"
-    src_chain: list[dict[str, str]] = field(default_factory=list)  # SRC, then its backing files
+    def __init__(self, src: str, dst: str, block_size: int, *, dry_run: bool = False) -> None:
+        self.src = src
+        self.dst = dst
+        self.block_size = block_size
+        self.size = 0
+        self.blocks = 0
+        self.changed = 0  # blocks whose content differed
+        self.zero = 0  # of those, blocks now all zero: punched (files) or zeroed (devices)
+        self.bytes_read = 0  # from the image(s) on this host; with a remote peer, its reads are added
+        self.bytes_written = 0  # into dst itself (punched holes count 0)
+        self.journal_bytes = 0  # written to the redo journal
+        self.undo_bytes = 0  # written to the undo file
+        self.seconds = 0.0
+        self.seconds_flush = (
+            0.0  # of those, committing, writing in place and fsyncing (the rest is comparing)
+        )
+        self.dry_run = dry_run
+        self.created = False  # dst did not exist
+        self.resized_from: int | None = None  # dst's old size when it was resized
+        self.resumed_from = 0  # an interrupted run's scan position this run started at
+        self.recovered = False  # a committed journal from an interrupted run was replayed first
+        self.dst_extra_bytes = 0  # a block device dst larger than src: this tail was left alone
+        self.verified: bool | None = None
+        self.warnings: list[str] = []
+        self.bytes_sent: int | None = None  # remote sync only: bytes this side wrote to / read from the pipe
+        self.bytes_received: int | None = None
+        self.seconds_connect: float | None = (
+            None  # remote sync only: starting the far side (ssh) until it answered
+        )
+        self.state: str | None = (
+            None  # --state: "trusted" (SRC alone was read), "none yet", "replica changed since", ...
+        )
+        self.src_format = "raw"  # how SRC was read (vimgtools.formats)
+        self.dst_format = "raw"
+        self.src_chain: list[dict[str, str]] = []  # SRC, then its backing files
 
     def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
+        d: dict[str, object] = dict(vars(self))
         d["seconds"] = round(self.seconds, 3)
         d["seconds_flush"] = round(self.seconds_flush, 3)
         if self.bytes_sent is None:

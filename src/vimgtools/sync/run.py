@@ -6,7 +6,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ def sync(
     """
     opts = options or SyncOptions()
     if option_values:
-        opts = replace(opts, **option_values)  # validated again by SyncOptions.__post_init__
+        opts = opts.replace(**option_values)  # validated again
     t0 = time.monotonic()
     if split_remote(os.fspath(src))[0] or split_remote(os.fspath(dst))[0]:
         res = sync_remote(os.fspath(src), os.fspath(dst), opts, progress=progress, stop=stop)

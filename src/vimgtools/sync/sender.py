@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vimgtools.errors import Interrupted, TransportError
@@ -25,24 +24,34 @@ if TYPE_CHECKING:
     from vimgtools.sync.signature import Signature
 
 
-@dataclass
 class Session:
-    """What both ends agreed on in HELLO/READY."""
+    """What both ends agreed on in HELLO/READY (``start``, ``end``, ``regions`` settle as they go on)."""
 
-    block_size: int
-    checksum: str
-    key: bytes
-    start: int
-    end: int
-    workers: int = 2  # reader threads on this end
-    regions: Extents | None = None  # the only extents compared (a dirty bitmap's); None: all
+    def __init__(
+        self,
+        block_size: int,
+        checksum: str,
+        key: bytes,
+        start: int,
+        end: int,
+        workers: int = 2,  # reader threads on this end
+        regions: Extents | None = None,  # the only extents compared (a dirty bitmap's); None: all
+    ) -> None:
+        self.block_size, self.checksum, self.key = block_size, checksum, key
+        self.start, self.end, self.workers, self.regions = start, end, workers, regions
+
+    def whole(self) -> Session:
+        """The same session over the whole image."""
+        return Session(self.block_size, self.checksum, self.key, 0, self.end, self.workers)
 
 
-@dataclass
 class Figures:
-    bytes_read: int = 0
-    changed: int = 0
-    zero: int = 0
+    """A sending or receiving end's counts."""
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.changed = 0
+        self.zero = 0
 
 
 class Sink(Protocol):

@@ -18,7 +18,6 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from vimgtools.blocks import checksum64
@@ -48,15 +47,21 @@ _SUM = struct.Struct("<Q")
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
 class SignatureInfo:
-    path: Path
-    block_size: int
-    checksum: str
-    key: bytes
-    size: int  # of the image it describes
-    count: int
-    digest: int  # content digest (see module docstring)
+    """What ``write_signature`` wrote."""
+
+    def __init__(
+        self,
+        path: Path,
+        block_size: int,
+        checksum: str,
+        key: bytes,
+        size: int,  # of the image it describes
+        count: int,  # blocks
+        digest: int,  # content digest (see module docstring)
+    ) -> None:
+        self.path, self.block_size, self.checksum, self.key = path, block_size, checksum, key
+        self.size, self.count, self.digest = size, count, digest
 
 
 class ContentDigest:

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vimgtools.errors import InvalidInput, TransportError
@@ -44,14 +43,12 @@ def split_remote(spec: str) -> tuple[str | None, str]:
     return host, path
 
 
-@dataclass
 class Peer:
     """The far side: a process speaking the protocol on its stdin/stdout."""
 
-    host: str
-    proc: subprocess.Popen[bytes]
-    channel: Channel
-    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    def __init__(self, host: str, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+        self.host, self.proc, self.channel = host, proc, channel
+        self.stderr_tail: deque[str] = deque(maxlen=20)
 
     @classmethod
     def start(

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import select
 import struct
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vimgtools import errors
@@ -62,10 +60,12 @@ OFFSET = struct.Struct("<Q")
 RANGE = struct.Struct("<QQ")
 
 
-@dataclass
 class Counters:
-    sent: int = 0
-    received: int = 0
+    """Bytes through a channel."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
 
 
 class Channel:
@@ -97,6 +97,8 @@ class Channel:
             self.counters.sent += len(frame)
 
     def send_json(self, ftype: int, obj: dict[str, Any]) -> None:
+        import json  # here, as in loads_object
+
         self.send(ftype, json.dumps(obj, sort_keys=True).encode())
 
     def _write_all(self, data: Buffer) -> None:
@@ -181,13 +183,20 @@ class Channel:
 
     def recv_json(self, *expected: int) -> tuple[int, dict[str, Any]]:
         ftype, payload = self.recv(*expected)
-        try:
-            obj = json.loads(bytes(payload))
-        except ValueError as e:
-            raise TransportError(f"{self.peer}: malformed {NAMES.get(ftype, ftype)} message") from e
-        if not isinstance(obj, dict):
-            raise TransportError(f"{self.peer}: malformed {NAMES.get(ftype, ftype)} message")
-        return ftype, obj
+        return ftype, loads_object(payload, f"{self.peer}: malformed {NAMES.get(ftype, ftype)} message")
+
+
+def loads_object(payload: Buffer, malformed: str) -> dict[str, Any]:
+    """A JSON object from a frame's payload; TransportError(malformed) if it is not one."""
+    import json  # here: a local run speaks no JSON (~5 ms of start-up)
+
+    try:
+        obj = json.loads(bytes(memoryview(payload)))
+    except ValueError as e:
+        raise TransportError(malformed) from e
+    if not isinstance(obj, dict):
+        raise TransportError(malformed)
+    return obj
 
 
 def recv_hello(ch: Channel) -> dict[str, Any]:
@@ -204,11 +213,11 @@ def recv_hello(ch: Channel) -> dict[str, Any]:
 def remote_error(peer: str, payload: Buffer) -> Exception:
     """An ERROR frame becomes the same exception class on this side, named after the peer."""
     try:
-        obj = json.loads(bytes(memoryview(payload)))
+        obj = loads_object(payload, "unreadable error message")
         cls = getattr(errors, str(obj.get("class", "")), None)
         message = str(obj.get("message", "unknown error"))
         option = obj.get("option")
-    except (ValueError, AttributeError):
+    except TransportError:
         cls, message, option = None, "unreadable error message", None
     if not (isinstance(cls, type) and issubclass(cls, errors.VimgError)):
         cls = TransportError
