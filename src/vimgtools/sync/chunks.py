@@ -49,11 +49,19 @@ T = TypeVar("T")
 
 
 def fresh_buffer(size: int) -> memoryview:
-    """``size`` zero bytes of new memory: an anonymous mapping, whose pages the kernel zeroes when
-    first touched. ``bytearray(size)`` writes every page first (4.5 ms for a chunk here, paid for
-    each of a pipeline's buffers before its first chunk), and a buffer of changed blocks is mostly
-    never touched."""
-    return memoryview(mmap.mmap(-1, size))
+    """``size`` zero bytes of new, page-aligned memory: what every read lands in.
+
+    Aligned: the kernel's copy out of the page cache into a buffer 16 bytes past a page boundary
+    (where a ``bytearray`` of 1 MiB starts: malloc's header) ran at 1.7 GB/s here, into an
+    aligned one at 7.5 GB/s (4 GiB read in 1 MiB pieces, warm). An anonymous mapping, whose pages
+    the kernel zeroes when first touched: ``bytearray(size)`` writes every page first, and a
+    buffer of changed blocks is mostly never touched. Private and in huge pages where the kernel
+    gives them: filling 8 MiB of a shared (shmem) mapping took 10 ms in 2048 faults, of a private
+    one 6.9 ms, in 2 MiB pages 0.8 ms (medians of 30)."""
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    with contextlib.suppress(OSError, AttributeError):  # THP off, or not Linux
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(buf)
 
 
 def in_order(
@@ -286,7 +294,7 @@ class CacheGuard:
             seen, self._seen = self._seen, {}
         if self.keep or not self.fetch:  # nothing was read ahead
             return
-        scratch = memoryview(bytearray(1 << 20))
+        scratch = fresh_buffer(1 << 20)
         for chunk, r in seen.items():
             if r is None or r is True:
                 continue
@@ -330,7 +338,7 @@ def pieces(
     piece = max(PIECE, bs, img.request_size)
     buf: memoryview | None = getattr(_local, "buf", None)
     if buf is None or len(buf) < piece:
-        buf = _local.buf = memoryview(bytearray(piece))
+        buf = _local.buf = fresh_buffer(piece)
     found = img.data_in(offset, inside) if regions is None else regions(offset, inside)
     for rel, n in block_segments(found, [], offset, bs, length):
         for p in range(rel, rel + n, piece):

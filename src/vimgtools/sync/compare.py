@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from vimgtools.blocks import Run, diff_runs
 from vimgtools.image import Image
-from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, CacheGuard, block_segments, in_order
+from vimgtools.sync.chunks import CHUNK_SIZE, PIECE, ZEROS, CacheGuard, block_segments, fresh_buffer, in_order
 
 
 class Chunk(NamedTuple):
@@ -78,7 +78,7 @@ def scan(
         if not segments:  # holes on both sides: nothing to read
             return Chunk(offset, length, [], ZEROS[:length], 0, [])
         if not hasattr(local, "a"):  # per thread: two pieces that stay in the CPU cache
-            local.a, local.b = memoryview(bytearray(piece)), memoryview(bytearray(piece))
+            local.a, local.b = fresh_buffer(piece), fresh_buffer(piece)
         out = buf[:length]  # receives SRC's bytes of the changed blocks only
         read = 0
         runs: list[Run] = []
