@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 HASH_NAME = b"xxh3-64"
 HEADER_SIZE = 4096
 MAX_RECORD = 16 << 20  # a DATA record's payload; checksum64 covers at most this
+_RELEASE_LAG = 8 << 20  # a mapped walk lets go of the pages this far behind it
 
 # magic, version, block_size, flags, old_size, new_size,
 # src_size, src_dev, src_ino, src_mtime_ns, dst_dev, dst_ino, dst_mtime_ns, created_ns, hash name,
@@ -277,8 +278,20 @@ def _reader(fd: int, size: int, mapped: bool) -> Iterator[Read]:
         return
     m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     view = memoryview(m)
+    kept = [0]  # pages before this were let go
+
+    def read(n: int, pos: int) -> Buffer:
+        # The walks go forward: let go of the pages well behind, so that the resident set does
+        # not grow with the journal (85 MiB of it mapped: peak RSS 100 MiB). A page touched again
+        # is mapped again from the page cache, so a payload still held stays readable.
+        behind = (pos - _RELEASE_LAG) // mmap.PAGESIZE * mmap.PAGESIZE
+        if behind - kept[0] >= _RELEASE_LAG:
+            m.madvise(mmap.MADV_DONTNEED, kept[0], behind - kept[0])
+            kept[0] = behind
+        return view[pos : pos + n]
+
     try:
-        yield lambda n, pos: view[pos : pos + n]
+        yield read
     finally:
         view.release()
         with contextlib.suppress(BufferError):  # a payload still held: unmapped when it goes

@@ -174,3 +174,33 @@ def test_journal_of_another_image_is_refused(tmp_path: Path) -> None:
     assert "belongs to another image" in p.stderr
     assert digest(b) == before
     os.unlink(j)
+
+
+def test_applying_a_large_journal_keeps_the_resident_set_small(tmp_path: Path) -> None:
+    """The walks read the journal through a mapping; pages they left behind are let go, so a
+    night with many changes does not grow the process (96 MiB journaled: peak RSS 111 MiB
+    before, 50 MiB now, most of it the interpreter and the pipeline's buffers)."""
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(os.urandom(96 * MiB))
+    dst.write_bytes(bytes(96 * MiB))
+    # ru_maxrss counts a child's pages from before its exec (a fork of this big worker): the CLI
+    # is started from a small interpreter that reports its child's peak.
+    code = (
+        "import os, sys\n"
+        f"pid = os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, '-m', 'vimgtools.sync', '-q', {str(src)!r}, {str(dst)!r}])\n"
+        "_, status, usage = os.wait4(pid, 0)\n"
+        "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)\n"
+    )
+    rc, kib = map(
+        int,
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split(),
+    )
+    assert rc == 0
+    assert digest(src) == digest(dst)
+    peak = kib << 10
+    assert peak < 90 * MiB, f"peak RSS {peak / MiB:.0f} MiB"
