@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from synchelp import REMOTE, MiB, cli, cli_json, digest, qemu_holding, write_image
 
+from vimgtools.image import Image
 from vimgtools.journal import committed_journal
 
 SIZE = 64 * MiB
@@ -235,6 +236,7 @@ def test_kill_9_into_a_qcow2_then_recover(tmp_path: Path) -> None:
         time.sleep(full * k / 12)
         p.send_signal(signal.SIGKILL)
         p.wait()
+        _until_unlocked(dst)
         j = dst.with_name(dst.name + ".vimg-journal")
         states.add("committed" if committed_journal(j) is not None else "other")
         cli("--recover", dst)
@@ -242,6 +244,17 @@ def test_kill_9_into_a_qcow2_then_recover(tmp_path: Path) -> None:
         cli(src, dst)
         assert same(dst, src)
     assert states, "never killed"
+
+
+def _until_unlocked(path: Path, timeout: float = 30) -> None:
+    """The killed run's qemu-storage-daemon gets SIGKILL when its parent dies (PR_SET_PDEATHSIG),
+    and lets go of the image's locks a moment later (under load, after the next run had started:
+    "a running VM holds this image open"). Wait for that, as a user retrying would."""
+    deadline = time.monotonic() + timeout
+    with Image(path) as img:
+        while img.qemu_lock() is not None:
+            assert time.monotonic() < deadline, f"{path}: still locked {timeout} s after the kill"
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("direction", ["push", "pull"])
