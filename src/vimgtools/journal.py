@@ -278,16 +278,17 @@ def _reader(fd: int, size: int, mapped: bool) -> Iterator[Read]:
         return
     m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     view = memoryview(m)
-    kept = [0]  # pages before this were let go
+    kept = 0  # the pages before this were let go
 
     def read(n: int, pos: int) -> Buffer:
         # The walks go forward: let go of the pages well behind, so that the resident set does
         # not grow with the journal (85 MiB of it mapped: peak RSS 100 MiB). A page touched again
         # is mapped again from the page cache, so a payload still held stays readable.
+        nonlocal kept
         behind = (pos - _RELEASE_LAG) // mmap.PAGESIZE * mmap.PAGESIZE
-        if behind - kept[0] >= _RELEASE_LAG:
-            m.madvise(mmap.MADV_DONTNEED, kept[0], behind - kept[0])
-            kept[0] = behind
+        if behind - kept >= _RELEASE_LAG:
+            m.madvise(mmap.MADV_DONTNEED, kept, behind - kept)
+            kept = behind
         return view[pos : pos + n]
 
     try:

@@ -19,21 +19,6 @@ from vimgtools.sync.digests import CHECKSUMS
 MIN_BLOCK_SIZE = 4096
 
 
-# The options the far side acts on (the rest is this side's business).
-PEER_FIELDS = (
-    "dry_run",
-    "verify",
-    "undo",
-    "allow_shrink",
-    "force",
-    "journal",
-    "keep_cache",
-    "workers",
-    "src_format",
-    "dst_format",
-)
-
-
 class SyncOptions:
     """Options of ``sync()``; the same object drives a local run, a push, a pull and the far side.
 
@@ -75,11 +60,19 @@ class SyncOptions:
     dst_format: str | None
 
     # A plain class, not a dataclass: the sync CLI's start-up imports no dataclasses (issue 14).
-    FIELDS = (
-        "block_size", "dry_run", "verify", "undo", "allow_shrink", "force", "journal", "keep_cache",
-        "state", "workers", "checksum", "rsh", "remote_python", "timeout", "src_format", "dst_format",
-    )  # fmt: skip
-    PEER_FIELDS = PEER_FIELDS
+    # The options the far side acts on (the rest is this side's business).
+    PEER_FIELDS = (
+        "dry_run",
+        "verify",
+        "undo",
+        "allow_shrink",
+        "force",
+        "journal",
+        "keep_cache",
+        "workers",
+        "src_format",
+        "dst_format",
+    )
 
     def __init__(
         self,
@@ -110,12 +103,11 @@ class SyncOptions:
         for name, value in (("src_format", src_format), ("dst_format", dst_format)):
             if value is not None:
                 check_format_name(value, name)
-        self.__dict__.update(
-            block_size=block_size, dry_run=dry_run, verify=verify, allow_shrink=allow_shrink, force=force,
-            keep_cache=keep_cache, workers=workers, checksum=checksum, rsh=rsh, remote_python=remote_python,
-            timeout=timeout, src_format=src_format, dst_format=dst_format,
-            # paths as given (PathLike too), kept as str
-            undo=_path(undo), journal=_path(journal), state=_path(state),
+        self.__dict__.update(  # __setattr__ refuses; in the order above (as_dict, repr)
+            block_size=block_size, dry_run=dry_run, verify=verify, undo=_path(undo), allow_shrink=allow_shrink,
+            force=force, journal=_path(journal), keep_cache=keep_cache, state=_path(state), workers=workers,
+            checksum=checksum, rsh=rsh, remote_python=remote_python, timeout=timeout, src_format=src_format,
+            dst_format=dst_format,
         )  # fmt: skip
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -126,7 +118,7 @@ class SyncOptions:
         return SyncOptions(**{**self.as_dict(), **changes})
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.FIELDS}
+        return dict(vars(self))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SyncOptions) and self.as_dict() == other.as_dict()
@@ -138,14 +130,14 @@ class SyncOptions:
         return f"SyncOptions({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
     def for_peer(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in PEER_FIELDS}
+        return {k: getattr(self, k) for k in self.PEER_FIELDS}
 
     @classmethod
     def from_peer(cls, obj: object, *, block_size: int, checksum: str) -> SyncOptions:
         """The far side's options from HELLO; unknown keys are ignored, bad values refused."""
         given = obj if isinstance(obj, dict) else {}
         kw: dict[str, Any] = {}
-        for k in PEER_FIELDS:
+        for k in cls.PEER_FIELDS:
             if k not in given:
                 continue
             v = given[k]
@@ -175,4 +167,5 @@ def check_checksum(checksum: str) -> None:
 
 
 def _path(value: str | os.PathLike[str] | None) -> str | None:
+    """A path as given (PathLike too), kept as str."""
     return None if value is None else os.fspath(value)
