@@ -6,7 +6,15 @@ by this script from its public source into a temporary directory (never kept, ne
 repository): ``--blocksync-src`` names a source tree, a git directory (a bare mirror) or a git
 URL. Each timing starts from the same old replica (restored outside the timing) and, for the
 digest modes, from the previous night's digest / state describing it. "warm": both images
-read just before; "cold": ``sync; echo 3 > /proc/sys/vm/drop_caches`` just before (needs root).
+read just before. "cold": both images read (so that whatever caches this machine's disk, a VM
+host's page cache, holds the same for every tool), then ``sync; echo 3 >
+/proc/sys/vm/drop_caches`` (needs root), then a wait of ``--settle`` seconds where a virtio
+balloon reports free pages to the hypervisor: the memory drop_caches freed is handed back to
+the host within seconds, and a reader that then takes new pages pays the host's faults (here
+`cat SRC` cold took 1.6 s right after the drop, 2.8 s 2 s later, 4.5 s after 4 s, 6.8 s after
+8-15 s), as a nightly run on a long-running VM does. "dropped": right after the drop, the
+memory just freed still backed by the host (what "cold" was before; it favours a reader that
+keeps every page it reads, as cat does).
 Rounds run every tool once in turn, so that a busy machine slows all of them alike; the
 median of ``--repeat`` rounds is shown, with ratios to the peer doing the same job and to
 ``cat``, and for vimgtools the wall time beyond the ``seconds`` it reports (start-up and
@@ -16,7 +24,7 @@ once, warm. Rows with a forced residency probe ($VIMGTOOLS_CACHE_PROBE) measure 
 mincore (kernels before 6.5) and nowait (RWF_NOWAIT, no read-ahead: the reader before issue 14).
 
     .venv/bin/python benchmarks/vs_blocksync.py --blocksync-src /path/to/blocksync-fast [--repeat 3]
-        [--dir /var/tmp/vimg-bench] [--quick] [--only warm|cold] [--no-ssh] [--no-probes]
+        [--dir /var/tmp/vimg-bench] [--quick] [--only warm|cold|dropped] [--settle S] [--no-ssh] [--no-probes]
         [--no-sync-writes] [--json rows.json]
 """
 
@@ -78,9 +86,22 @@ def built_blocksync(src: str) -> Iterator[Path]:
         yield binary
 
 
+STATES = ("warm", "cold", "dropped")
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def reports_free_pages() -> bool:
+    """A virtio balloon with free page reporting (VIRTIO_BALLOON_F_REPORTING, feature bit 5):
+    free memory goes back to the hypervisor a few seconds after it is freed."""
+    for dev in Path("/sys/bus/virtio/devices").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            if int((dev / "device").read_text(), 16) == 5 and (dev / "features").read_text()[5] == "1":
+                return True
+    return False
 
 
 @dataclass
@@ -93,9 +114,9 @@ class Tool:
     writes: bool = True  # DST must equal SRC afterwards
     env: dict[str, str] = field(default_factory=dict)
     once: bool = False  # one warm run only (blocksync-fast --sync-writes: minutes, an fsync per 2 MiB buffer)
-    times: dict[str, list[float]] = field(default_factory=lambda: {"warm": [], "cold": []})
-    overhead: dict[str, list[float]] = field(default_factory=lambda: {"warm": [], "cold": []})
-    flush: dict[str, list[float]] = field(default_factory=lambda: {"warm": [], "cold": []})
+    times: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in STATES})
+    overhead: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in STATES})
+    flush: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in STATES})
 
 
 # Timed runs get the environment a user's shell has: without PYTHONDONTWRITEBYTECODE (set in some
@@ -135,7 +156,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 GiB instead of 4 GiB")
     ap.add_argument("--size-mib", type=int, help="another size (a smoke test of the script: 128)")
-    ap.add_argument("--only", choices=("warm", "cold"), help="one cache state only")
+    ap.add_argument("--only", choices=STATES, help="one cache state only")
+    ap.add_argument("--settle", type=float, help="seconds to wait after dropping the cache for \"cold\" "
+                    "(default: 15 where a virtio balloon reports free pages, else 0)")  # fmt: skip
     ap.add_argument("--no-ssh", action="store_true", help="local rows only")
     ap.add_argument(
         "--no-probes", action="store_true", help="without the rows of the fallback residency probes"
@@ -155,7 +178,8 @@ def main() -> None:
     dst = args.dir / "bsf-dst.img"
     dig0, dig = args.dir / "bsf-old.digest", args.dir / "bsf.digest"
     state = args.dir / "bsf-vimg.state"
-    states = ("warm", "cold") if args.only is None else (args.only,)
+    states = STATES if args.only is None else (args.only,)
+    settle = args.settle if args.settle is not None else 15.0 if reports_free_pages() else 0.0
     compile_package()
     busy0 = cpu_busy()
     load0 = Path("/proc/loadavg").read_text().split()[:3]
@@ -230,13 +254,14 @@ def main() -> None:
         for rnd in range(args.repeat):
             for cache in states:
                 for t in tools:
-                    if t.once and (rnd or cache == "cold" or args.no_sync_writes):
+                    if t.once and (rnd or cache != "warm" or args.no_sync_writes):
                         continue
                     t.prep()
-                    if cache == "warm":
-                        warm(src, dst)
-                    else:
+                    warm(src, dst)
+                    if cache != "warm":
                         drop_caches()
+                    if cache == "cold":
+                        time.sleep(settle)
                     dt, out = timed(t.cmd(), t.env)
                     t.times[cache].append(dt)
                     if t.name.startswith("vimgtools"):
@@ -266,22 +291,25 @@ def main() -> None:
 
     print(f"\n{size / GiB:.2g} GiB changed case, medians of {args.repeat}; load average {' '.join(load0)} at the start, "
           f"{' '.join(load1)} at the end; other processes used {others:.2f} of {os.cpu_count()} cores on average\n")  # fmt: skip
-    print(
-        "| tool | warm s | cold s | warm x peer | cold x peer | warm x cat | cold x cat | wall - seconds (warm/cold) "
-        "| seconds_flush (warm/cold) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"cold: {settle:g} s after dropping the cache; dropped: right after\n")
+    names = "/".join(states)
+    print("| tool | " + " | ".join(f"{c} s" for c in states) + " | " + " | ".join(f"{c} x peer" for c in states)
+          + " | " + " | ".join(f"{c} x cat" for c in states) + f" | wall - seconds ({names}) | seconds_flush ({names}) |")  # fmt: skip
+    print("|---|" + "---|" * (3 * len(states) + 2))
     rows = []
     for t in tools:
         over = "/".join(f"{statistics.median(t.overhead[c]):.3f}" for c in states if t.overhead[c]) or "-"
         flush = "/".join(f"{statistics.median(t.flush[c]):.3f}" for c in states if t.flush[c]) or "-"
-        print(f"| {t.name} | {fmt(med(t, 'warm'))} | {fmt(med(t, 'cold'))} | {ratio(t, t.peer, 'warm')} | "
-              f"{ratio(t, t.peer, 'cold')} | {ratio(t, t.cat, 'warm')} | {ratio(t, t.cat, 'cold')} | {over} | {flush} |")  # fmt: skip
+        cells = [fmt(med(t, c)) for c in states] + [ratio(t, t.peer, c) for c in states]
+        cells += [ratio(t, t.cat, c) for c in states]
+        print(f"| {t.name} | {' | '.join(cells)} | {over} | {flush} |")
         rows.append({"tool": t.name, "times": t.times, "overhead": t.overhead, "flush": t.flush, "peer": t.peer,
                      "cat": t.cat})  # fmt: skip
     if args.json:
         args.json.write_text(
-            json.dumps({"rows": rows, "others_cores": others, "load": [load0, load1]}, indent=1)
+            json.dumps(
+                {"rows": rows, "others_cores": others, "load": [load0, load1], "settle": settle}, indent=1
+            )
         )
     for p in (dst, dig, dig0, state):
         p.unlink(missing_ok=True)
