@@ -24,7 +24,7 @@ once, warm. Rows with a forced residency probe ($VIMGTOOLS_CACHE_PROBE) measure 
 mincore (kernels before 6.5) and nowait (RWF_NOWAIT, no read-ahead: the reader before issue 14).
 
     .venv/bin/python benchmarks/vs_blocksync.py --blocksync-src /path/to/blocksync-fast [--repeat 3]
-        [--dir /var/tmp/vimg-bench] [--quick] [--only warm|cold|dropped] [--settle S] [--no-ssh] [--no-probes]
+        [--dir /var/tmp/vimg-bench] [--quick] [--only warm|cold|dropped ...] [--settle S] [--no-ssh] [--no-probes]
         [--no-sync-writes] [--json rows.json]
 """
 
@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 GiB instead of 4 GiB")
     ap.add_argument("--size-mib", type=int, help="another size (a smoke test of the script: 128)")
-    ap.add_argument("--only", choices=STATES, help="one cache state only")
+    ap.add_argument("--only", choices=STATES, action="append", help="this cache state only (repeatable)")
     ap.add_argument("--settle", type=float, help="seconds to wait after dropping the cache for \"cold\" "
                     "(default: 15 where a virtio balloon reports free pages, else 0)")  # fmt: skip
     ap.add_argument("--no-ssh", action="store_true", help="local rows only")
@@ -178,7 +178,7 @@ def main() -> None:
     dst = args.dir / "bsf-dst.img"
     dig0, dig = args.dir / "bsf-old.digest", args.dir / "bsf.digest"
     state = args.dir / "bsf-vimg.state"
-    states = STATES if args.only is None else (args.only,)
+    states = STATES if args.only is None else tuple(c for c in STATES if c in args.only)
     settle = args.settle if args.settle is not None else 15.0 if reports_free_pages() else 0.0
     compile_package()
     busy0 = cpu_busy()
